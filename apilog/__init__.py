@@ -1,0 +1,23 @@
+"""apilog: per-user, per-stream logging for web API backends, spooled durably through Celery."""
+
+from __future__ import annotations
+
+from ._context import current_user, user
+from ._task import LogTask, Receipt, app, logger, register
+from .exceptions import ApilogError, BadInput, ConfigError, SpoolError, StreamError
+
+__all__ = [
+    "ApilogError",
+    "BadInput",
+    "ConfigError",
+    "LogTask",
+    "Receipt",
+    "SpoolError",
+    "StreamError",
+    "app",
+    "current_user",
+    "logger",
+    "register",
+    "user",
+]
+__version__ = "0.1.0"

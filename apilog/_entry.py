@@ -1,0 +1,248 @@
+"""An entry: what one `delay()` call asks to log, checked and made JSON-safe in the caller."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _streams
+from ._context import current_user
+from ._jsonsafe import jsonable, safe_str
+from ._render import dump_json
+from ._tree import SYSTEM, BadLocation, encode_user
+from .exceptions import StreamError
+
+WIRE_VERSION = 1
+CUT_MARKER = " [cut by apilog: {kept} of {total} bytes kept]"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One log entry, in the form that travels through the spool."""
+
+    id: str
+    ts: float
+    streams: list[str]
+    location: str
+    message: Any
+    heading: str | None = None
+    dict_to_string: bool = False
+    timestamp: bool = True
+    problems: list[str] = field(default_factory=list)
+    original: dict[str, Any] | None = None  # what the caller passed, kept when a problem was found
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "v": WIRE_VERSION,
+            "id": self.id,
+            "ts": self.ts,
+            "streams": self.streams,
+            "location": self.location,
+            "message": self.message,
+            "heading": self.heading,
+            "dict_to_string": self.dict_to_string,
+            "timestamp": self.timestamp,
+        }
+        if self.problems:
+            wire["problems"] = self.problems
+            wire["original"] = self.original
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> Entry:
+        """Rebuild an entry from spool data; raise ValueError if it is not one."""
+        if not isinstance(wire, dict) or wire.get("v") != WIRE_VERSION:
+            raise ValueError("not an apilog entry (unknown version)")
+        try:
+            entry = cls(
+                id=wire["id"],
+                ts=wire["ts"],
+                streams=wire["streams"],
+                location=wire["location"],
+                message=wire["message"],
+                heading=wire["heading"],
+                dict_to_string=wire["dict_to_string"],
+                timestamp=wire["timestamp"],
+                problems=wire.get("problems", []),
+                original=wire.get("original"),
+            )
+        except KeyError as exc:
+            raise ValueError(f"entry lacks the field {exc.args[0]!r}") from None
+        checks = (
+            isinstance(entry.id, str) and 0 < len(entry.id) <= 64,
+            isinstance(entry.ts, (int, float)) and not isinstance(entry.ts, bool) and 0 <= entry.ts < 1e11,
+            isinstance(entry.streams, list) and all(isinstance(s, str) for s in entry.streams),
+            isinstance(entry.location, str),
+            isinstance(entry.message, (str, dict)),
+            entry.heading is None or isinstance(entry.heading, str),
+            isinstance(entry.dict_to_string, bool),
+            isinstance(entry.timestamp, bool),
+            isinstance(entry.problems, list) and all(isinstance(p, str) for p in entry.problems),
+            entry.original is None or isinstance(entry.original, dict),
+        )
+        if not all(checks):
+            raise ValueError("entry fields have the wrong types")
+        return entry
+
+    def internal_note(self) -> tuple[str, dict[str, Any]]:
+        """Heading and body of the INTERNAL entry that reports this entry's problems, content kept."""
+        body = {"id": self.id, **(self.original or {})}
+        body.setdefault("stream", self.streams)
+        body.setdefault("location", self.location)
+        body["message"] = self.message
+        body["heading"] = self.heading
+        return "rejected input: " + "; ".join(self.problems), body
+
+
+def build(
+    stream: Any = None,
+    location: Any = None,
+    message: Any = None,
+    *,
+    timestamp: bool | None = None,
+    heading: Any = None,
+    dict_to_string: bool = False,
+    m: Any = None,
+    registry: _streams.Registry,
+    timestamps_default: bool,
+    max_entry_bytes: int,
+) -> tuple[Entry, bool]:
+    """Check one call's arguments; return the entry and whether SCREEN was asked for."""
+    ts = time.time()  # the event time is the call's, not the write's
+    problems: list[str] = []
+    original: dict[str, Any] = {"stream": jsonable(stream), "location": jsonable(location)}
+
+    if message is not None and m is not None:
+        problems.append("both message and m were given; m kept here")
+        original["m"] = jsonable(m)
+    elif message is None:
+        message = m
+    body = _message(message)
+
+    streams, screen = _targets(stream, registry, problems)
+    where = _location(location, problems)
+    if where is None:
+        streams, where = [], SYSTEM
+
+    head = None if heading is None else (heading if isinstance(heading, str) else safe_str(heading))
+    if timestamp is None:
+        timestamp = timestamps_default
+    elif not isinstance(timestamp, bool):
+        problems.append(f"timestamp must be True or False, got {safe_str(timestamp)!r}")
+        timestamp = bool(timestamp)
+    if not isinstance(dict_to_string, bool):
+        problems.append("dict_to_string must be True or False")
+        dict_to_string = bool(dict_to_string)
+
+    body, head = _cut(body, head, max_entry_bytes, problems)
+    entry = Entry(
+        id=str(uuid.uuid4()),
+        ts=ts,
+        streams=streams,
+        location=where,
+        message=body,
+        heading=head,
+        dict_to_string=dict_to_string,
+        timestamp=timestamp,
+        problems=problems,
+        original=original if problems else None,
+    )
+    return entry, screen
+
+
+def _message(message: Any) -> str | dict[str, Any]:
+    if message is None:
+        return ""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, dict):
+        return jsonable(message)
+    return safe_str(message)
+
+
+def _targets(stream: Any, registry: _streams.Registry, problems: list[str]) -> tuple[list[str], bool]:
+    if stream is None:
+        return ["INFO"], False
+    if isinstance(stream, str):
+        pieces: Iterable[Any] = stream.split(",")
+    elif isinstance(stream, (list, tuple)):
+        pieces = stream
+    else:
+        problems.append(f"stream must be a name or a list of names, got {type(stream).__name__}")
+        return [], False
+    known = registry.names()
+    streams: list[str] = []
+    screen = False
+    for piece in pieces:
+        if not isinstance(piece, str):
+            problems.append(f"stream names must be strings, got {type(piece).__name__}")
+            continue
+        if not piece.strip():
+            continue
+        try:
+            name = _streams.normalize(piece)
+        except StreamError as exc:
+            problems.append(str(exc))
+            continue
+        if name == _streams.SCREEN:
+            screen = True
+        elif name not in known:
+            problems.append(f"unknown stream {name!r}")
+        elif name not in streams:
+            streams.append(name)
+    if not streams and not screen and not problems:
+        problems.append("no stream named")
+    return streams, screen
+
+
+def _location(location: Any, problems: list[str]) -> str | None:
+    if location is None:
+        location = current_user() or SYSTEM
+    elif isinstance(location, int) and not isinstance(location, bool):
+        location = str(location)  # numeric user ids are common and unambiguous
+    if not isinstance(location, str):
+        problems.append(f"location must be a string, got {type(location).__name__}")
+        return None
+    try:
+        encode_user(location)
+    except BadLocation as exc:
+        problems.append(f"bad location: {exc}")
+        return None
+    return location
+
+
+def _cut(body: Any, heading: str | None, limit: int, problems: list[str]) -> tuple[Any, str | None]:
+    """Bound the entry's size: a heading to a quarter of the limit, the body to the rest."""
+    if heading is not None and len(heading.encode("utf-8", "surrogatepass")) > limit // 4:
+        heading, total = _cut_text(heading, limit // 4)
+        problems.append(f"heading cut to {limit // 4} of {total} bytes (APILOG_MAX_ENTRY_BYTES={limit})")
+    room = limit - (len(heading.encode("utf-8", "surrogatepass")) if heading else 0)
+    text = body if isinstance(body, str) else dump_json(body)
+    if len(text) * 4 <= room or len(text.encode("utf-8", "surrogatepass")) <= room:
+        return body, heading
+    cut, total = _cut_text(text, room)
+    problems.append(f"entry cut to {room} of {total} bytes (APILOG_MAX_ENTRY_BYTES={limit})")
+    return cut, heading
+
+
+def _cut_text(text: str, limit: int) -> tuple[str, int]:
+    raw = text.encode("utf-8", "surrogatepass")
+    kept = raw[:limit].decode("utf-8", "ignore")
+    marker = CUT_MARKER.format(kept=len(kept.encode("utf-8", "surrogatepass")), total=len(raw))
+    return kept + marker, len(raw)
+
+
+def internal(heading: str, body: dict[str, Any]) -> Entry:
+    """An entry apilog writes about itself to system INTERNAL."""
+    return Entry(
+        id=str(uuid.uuid4()),
+        ts=time.time(),
+        streams=[_streams.INTERNAL],
+        location=SYSTEM,
+        message=jsonable(body),
+        heading=heading,
+        dict_to_string=True,
+    )

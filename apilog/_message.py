@@ -1,0 +1,103 @@
+"""Celery protocol-2 task messages carrying one entry, in the JSON shape kombu's virtual transports store."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import uuid
+from typing import Any
+
+TASK_NAME = "apilog.log"
+QUEUE = "apilog"
+CONTENT_TYPE = "application/json"
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+class BadMessage(ValueError):
+    """A spool or broker message that is not a JSON apilog task message."""
+
+
+def task_body(entry_wire: dict[str, Any]) -> bytes:
+    """The Celery body `[args, kwargs, embed]` for one entry."""
+    return json.dumps([[], {"entry": entry_wire}, _EMBED], separators=(",", ":")).encode()
+
+
+def encode(entry_wire: dict[str, Any]) -> bytes:
+    """One entry as the stored form of a Celery task message (what kombu's `_put` receives, as JSON)."""
+    task_id = entry_wire["id"]
+    message = {
+        "body": base64.b64encode(task_body(entry_wire)).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": CONTENT_TYPE,
+        "headers": {
+            "lang": "py",
+            "task": TASK_NAME,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": "()",
+            "kwargsrepr": "{'entry': ...}",
+            "origin": _ORIGIN,
+            "ignore_result": True,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": QUEUE},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """The entry carried by a stored message; BadMessage for anything else (pickle included)."""
+    try:
+        message = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise BadMessage("not JSON") from None
+    if not isinstance(message, dict):
+        raise BadMessage("not a message object")
+    body = message.get("body")
+    properties = message.get("properties") or {}
+    if not isinstance(body, str) or not isinstance(properties, dict):
+        raise BadMessage("message has no body")
+    if properties.get("body_encoding") == "base64":
+        try:
+            body = base64.b64decode(body, validate=True)
+        except ValueError:
+            raise BadMessage("body is not valid base64") from None
+    return decode_body(body, message.get("content-type"), message.get("headers"))
+
+
+def decode_body(body: bytes | str, content_type: Any, headers: Any) -> dict[str, Any]:
+    """The entry in a Celery body; checks the serializer and the task name first."""
+    if content_type != CONTENT_TYPE:
+        raise BadMessage(f"content type {content_type!r} refused: only JSON is accepted")
+    task = headers.get("task") if isinstance(headers, dict) else None
+    if task != TASK_NAME:
+        raise BadMessage(f"task {task!r} is not {TASK_NAME!r}")
+    try:
+        args, kwargs, _embed = json.loads(body)
+        entry = kwargs["entry"]
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        raise BadMessage("body is not [args, {'entry': ...}, embed]") from None
+    if args or not isinstance(entry, dict):
+        raise BadMessage("body does not carry one entry")
+    return entry

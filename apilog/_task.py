@@ -1,0 +1,146 @@
+"""The logging task: `logger.delay()` checks the call, then spools one Celery message per entry."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import kombu.transport
+from celery import Celery, Task
+
+from . import _message, settings
+from ._entry import Entry, build
+from ._jsonsafe import jsonable
+from ._route import render, route
+from ._streams import Registry
+from ._tree import SYSTEM, LogTree
+from .exceptions import BadInput, ConfigError, SpoolError
+from .spool.transport import writer_for
+
+# kombu resolves "apilog://" to the embedded spool.
+kombu.transport.TRANSPORT_ALIASES.setdefault("apilog", "apilog.spool.transport:Transport")
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What `delay()` returns: the entry's id, and whether it reached the spool."""
+
+    id: str
+    spooled: bool
+
+    @property
+    def task_id(self) -> str:
+        return self.id
+
+
+class _CeleryConfig:
+    """Celery settings derived, when Celery first asks, from apilog's own."""
+
+    task_serializer = "json"
+    accept_content = ["json"]
+    task_ignore_result = True
+    task_default_queue = _message.QUEUE
+    # Features that only cost a filesystem broker (NOTES.md): no events, no remote control.
+    worker_send_task_events = False
+    worker_enable_remote_control = False
+
+    @property
+    def broker_url(self) -> str:
+        return settings.current().broker_url or "apilog://"
+
+
+_registries: dict[str, Registry] = {}
+
+
+def registry_for(conf: settings.Settings) -> Registry:
+    """One stream registry per home, shared by every call in this process."""
+    key = str(conf.home)
+    found = _registries.get(key)
+    if found is None:
+        found = _registries[key] = Registry(conf.home)
+    return found
+
+
+class LogTask(Task):  # type: ignore[misc]
+    """`logger`: a real Celery task whose `delay()` never raises into the app for a logging problem."""
+
+    name = _message.TASK_NAME
+    queue = _message.QUEUE
+    ignore_result = True
+    typing = False  # the call is checked by apilog, which routes bad input to INTERNAL
+
+    def delay(self, *args: Any, **kwargs: Any) -> Any:
+        return self._submit(args, kwargs, {})
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        return self._submit(tuple(args or ()), dict(kwargs or {}), options)
+
+    def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
+        try:
+            conf = settings.current()
+        except ConfigError as exc:
+            print(f"apilog: entry not logged: {exc}; entry: {jsonable([args, kwargs])!r}", file=sys.stderr)
+            if os.environ.get("APILOG_STRICT", "").strip() in ("1", "true", "yes", "on"):
+                raise
+            return Receipt("", spooled=False)
+        entry, screen = _checked_entry(args, kwargs, conf)
+        if entry.problems and conf.strict:
+            raise BadInput("; ".join(entry.problems))
+        if screen:
+            print(render(entry, "SCREEN", entry.location, conf, message=entry.message,
+                         heading=entry.heading, dict_to_string=entry.dict_to_string), end="", flush=True)
+        if not entry.streams and not entry.problems:
+            return Receipt(entry.id, spooled=False)
+        wire = entry.to_wire()
+        try:
+            if self.app is app and conf.uses_spool and not options:
+                writer_for(conf.spool_dir, conf.fsync == "always").append(_message.encode(wire))
+                return Receipt(entry.id, spooled=True)
+            return super().apply_async(args=(), kwargs={"entry": wire}, task_id=entry.id, **options)
+        except Exception as exc:  # the spool or broker refused: the entry must still be seen somewhere
+            print(f"apilog: entry not spooled ({exc}): {_message.task_body(wire).decode()}", file=sys.stderr)
+            if conf.strict:
+                raise SpoolError(str(exc)) from exc
+            return Receipt(entry.id, spooled=False)
+
+    def run(self, *args: Any, entry: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Write one entry now: what a stock Celery worker does with a message of this task."""
+        conf = settings.current()
+        item = Entry.from_wire(entry) if entry is not None else _checked_entry(args, kwargs, conf)[0]
+        tree = LogTree(conf.log_dir)
+        try:
+            for relpath, text in route(item, registry_for(conf), conf):
+                fd = tree.open_append(relpath)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # apilogd may append to the same file
+                    os.write(fd, text.encode("utf-8"))
+                finally:
+                    os.close(fd)
+        finally:
+            tree.close()
+
+
+def _checked_entry(args: tuple[Any, ...], kwargs: dict[str, Any], conf: settings.Settings) -> tuple[Entry, bool]:
+    registry = registry_for(conf)
+    options = {"registry": registry, "timestamps_default": conf.timestamps, "max_entry_bytes": conf.max_entry_bytes}
+    try:
+        return build(*args, **kwargs, **options)
+    except TypeError as exc:  # a call delay() does not take: keep all it was given
+        entry, _ = build(None, SYSTEM, {"args": jsonable(list(args)), "kwargs": jsonable(kwargs)}, **options)
+        entry.streams = []
+        entry.problems.append(f"bad call: {exc}")
+        entry.original = {"stream": None, "location": None}
+        return entry, False
+
+
+app = Celery("apilog", set_as_current=False)
+app.config_from_object(_CeleryConfig())
+logger: LogTask = app.register_task(LogTask())
+
+
+def register(celery_app: Celery) -> LogTask:
+    """Add the logging task to an app that already runs Celery; entries then travel on its broker."""
+    return celery_app.register_task(LogTask())

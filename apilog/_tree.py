@@ -1,0 +1,144 @@
+"""The log tree: user names encoded as one path component, and opens that never leave the tree."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+
+from ._streams import INTERNAL, file_stem
+
+SYSTEM = "system"
+USERS = "users"
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+MAX_COMPONENT = 255
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@+-")
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+
+
+class BadLocation(ValueError):
+    """A location cannot name a user directory."""
+
+
+class TreeError(OSError):
+    """An open inside the log tree met something it must not follow or create."""
+
+
+def encode_user(location: str) -> str:
+    """Encode a location reversibly as one safe path component (SPEC 3)."""
+    if not location:
+        raise BadLocation("empty location")
+    try:
+        raw = location.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadLocation("location is not valid Unicode text") from None
+    out = "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
+    if out.startswith("."):
+        out = "%2E" + out[1:]
+    if len(out.encode()) > MAX_COMPONENT:
+        raise BadLocation(f"location is over {MAX_COMPONENT} bytes once encoded")
+    return out
+
+
+def decode_user(component: str) -> str:
+    """Invert `encode_user`."""
+    raw = bytearray()
+    i = 0
+    while i < len(component):
+        match = _ESCAPE.match(component, i)
+        if match:
+            raw.append(int(match.group(1), 16))
+            i = match.end()
+        else:
+            raw.extend(component[i].encode())
+            i += 1
+    return raw.decode("utf-8", errors="replace")
+
+
+def relative_path(stream: str, location: str, suffix: str) -> str:
+    """Where an entry of `stream` for `location` lives, relative to the log root."""
+    name = file_stem(stream) + suffix
+    if location == SYSTEM or stream == INTERNAL:
+        return f"{SYSTEM}/{name}"
+    return f"{USERS}/{encode_user(location)}/{name}"
+
+
+class LogTree:
+    """Opens files below one root through directory descriptors, never following a link."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        os.makedirs(root, mode=DIR_MODE, exist_ok=True)
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self._root_fd)
+
+    def open_append(self, relpath: str) -> int:
+        """Open (creating dirs 0750 and the file 0640) `relpath` for appending."""
+        *dirs, name = relpath.split("/")
+        dir_fd = self._walk(dirs, create=True)
+        try:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(name, flags | os.O_EXCL, FILE_MODE, dir_fd=dir_fd)
+                os.fchmod(fd, FILE_MODE)  # the umask must not decide who may read logs
+            except FileExistsError:
+                fd = self._open_existing(name, os.O_WRONLY | os.O_APPEND, dir_fd, relpath)
+            return fd
+        finally:
+            if dir_fd != self._root_fd:
+                os.close(dir_fd)
+
+    def open_existing(self, relpath: str, flags: int) -> int:
+        """Open a file that must already exist inside the tree."""
+        *dirs, name = relpath.split("/")
+        dir_fd = self._walk(dirs, create=False)
+        try:
+            return self._open_existing(name, flags, dir_fd, relpath)
+        finally:
+            if dir_fd != self._root_fd:
+                os.close(dir_fd)
+
+    def _open_existing(self, name: str, flags: int, dir_fd: int, relpath: str) -> int:
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise TreeError(errno.ELOOP, f"{relpath} is a symbolic link; not followed") from None
+            raise
+        if not _is_regular(fd):
+            os.close(fd)
+            raise TreeError(errno.EINVAL, f"{relpath} is not a regular file")
+        return fd
+
+    def _walk(self, dirs: list[str], *, create: bool) -> int:
+        fd = self._root_fd
+        for part in dirs:
+            if part in ("", ".", ".."):
+                raise TreeError(errno.EINVAL, f"bad path component {part!r}")
+            if create:
+                try:
+                    os.mkdir(part, DIR_MODE, dir_fd=fd)
+                    os.chmod(part, DIR_MODE, dir_fd=fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise TreeError(exc.errno, f"{part!r} in the log tree is not a plain directory; not followed") from None
+                raise
+            finally:
+                if fd != self._root_fd:
+                    os.close(fd)
+            fd = nxt
+        return fd
+
+
+def _is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)

@@ -1,0 +1,5 @@
+"""`python -m apilogd`: the same as the `apilogd` command."""
+
+from .cli import main
+
+main()

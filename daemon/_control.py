@@ -1,0 +1,109 @@
+"""Managing a background apilogd: start it and wait for READY, stop it and wait for the exit, report status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apilog import _message
+from apilog._entry import Entry
+from apilog.settings import Settings
+from apilog.spool import layout
+from apilog.spool.ledger import read_offsets
+from apilog.spool.reader import waiting
+
+from ._instance import running_pid
+from .exceptions import StartFailed, StopFailed
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+OUTPUT_NAME = "apilogd.out"
+
+
+def start(settings: Settings) -> tuple[int, bool]:
+    """Run `apilogd run` in the background; return its pid and whether it was started now."""
+    pid = running_pid(settings.home)
+    if pid is not None:
+        return pid, False
+    settings.home.mkdir(parents=True, exist_ok=True)
+    output = settings.home / OUTPUT_NAME
+    with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        # The daemon reports readiness to us exactly as it would to systemd.
+        sock.bind(f"{tmp}/notify")
+        sock.settimeout(0.1)
+        env = {**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify"}
+        with output.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "apilogd", "run"],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                if b"READY=1" in sock.recv(4096):
+                    return proc.pid, True
+            except TimeoutError:
+                pass
+            if proc.poll() is not None:
+                raise StartFailed(f"apilogd exited with status {proc.returncode}: {_tail(output)}")
+        proc.terminate()
+        raise StartFailed(f"apilogd was not ready within {START_TIMEOUT:.0f}s: {_tail(output)}")
+
+
+def stop(settings: Settings, timeout: float = STOP_TIMEOUT) -> int | None:
+    """Ask the running daemon to stop and wait for its exit; return its pid, or None if none ran."""
+    pid = running_pid(settings.home)
+    deadline = time.monotonic() + timeout
+    while pid == -1 and time.monotonic() < deadline:  # starting: its pidfile is moments away
+        time.sleep(0.05)
+        pid = running_pid(settings.home)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    while time.monotonic() < deadline:
+        if running_pid(settings.home) is None:
+            return pid
+        time.sleep(0.05)
+    raise StopFailed(f"apilogd (pid {pid}) did not exit within {timeout:.0f}s")
+
+
+@dataclass(frozen=True)
+class Status:
+    """What `apilogd status` reports."""
+
+    pid: int | None
+    backlog: int
+    oldest_age: float | None
+    quarantined: int
+
+
+def status(settings: Settings) -> Status:
+    pid = running_pid(settings.home)
+    count, firsts = waiting(settings.spool_dir, read_offsets(settings.state_dir))
+    times = []
+    for payload in firsts:
+        try:
+            times.append(Entry.from_wire(_message.decode(payload)).ts)
+        except ValueError:
+            continue
+    oldest = time.time() - min(times) if times else None
+    try:
+        quarantined = len(os.listdir(layout(settings.spool_dir)["quarantine"]))
+    except FileNotFoundError:
+        quarantined = 0
+    return Status(pid, count, oldest, quarantined)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) or "no output"
+    except OSError:
+        return "no output"

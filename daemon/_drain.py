@@ -1,0 +1,116 @@
+"""One batch at a time: read spool records, route them, append them journaled, then commit the offsets."""
+
+from __future__ import annotations
+
+from apilog import _message
+from apilog._atomic import write_atomic
+from apilog._entry import Entry, internal
+from apilog._route import route
+from apilog._streams import Registry
+from apilog._tree import TreeError
+from apilog.settings import Settings
+from apilog.spool.ledger import Ledger
+from apilog.spool.reader import Record, SpoolReader
+
+from ._files import OpenFiles
+
+MAX_RECORDS = 4096
+MAX_BYTES = 8 * 1024 * 1024
+
+
+class Drainer:
+    """Moves records from the spool into their files, exactly once."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, reader: SpoolReader, files: OpenFiles) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.reader = reader
+        self.files = files
+        self.registry = Registry(settings.home)
+        self.durable = settings.fsync != "off"
+        self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
+
+    def recover(self) -> None:
+        """Undo a batch a crash left half written: cut its files back, keep its records in the spool."""
+        pending = self.ledger.pending
+        if pending is None:
+            return
+        for relpath, size in pending["files"].items():
+            self.files.truncate(relpath, size)
+        self.ledger.abort()
+        self.reader.rewind(self.ledger.offsets)
+
+    def step(self) -> int:
+        """Drain one batch; return how many records it committed (0 when the spool is empty)."""
+        self.recover()
+        records = self.reader.read(MAX_RECORDS, MAX_BYTES)
+        if not records and not self.notes:
+            self._remove_drained()
+            return 0
+        lines = self._lines(records)
+        sizes = self._sizes(lines)
+        advance: dict[str, int] = {}
+        for record in records:
+            advance[record.segment] = record.end
+        try:
+            self.ledger.begin(sizes, advance)
+            for relpath, texts in lines.items():
+                self.files.append(relpath, "".join(texts).encode("utf-8"))
+            if self.durable:
+                self.files.sync(list(lines))
+            self.ledger.commit()
+        except BaseException:
+            self.reader.rewind(self.ledger.offsets)  # read the batch again after recover()
+            raise
+        self.notes.clear()
+        self.reader.commit(advance)
+        self._remove_drained()
+        return len(records)
+
+    def _lines(self, records: list[Record]) -> dict[str, list[str]]:
+        lines: dict[str, list[str]] = {}
+        for record in records:
+            entry = self._entry(record)
+            if entry is not None:
+                for relpath, text in route(entry, self.registry, self.settings):
+                    lines.setdefault(relpath, []).append(text)
+        for note in self.notes:
+            for relpath, text in route(note, self.registry, self.settings):
+                lines.setdefault(relpath, []).append(text)
+        return lines
+
+    def _entry(self, record: Record) -> Entry | None:
+        if record.damaged is None:
+            try:
+                return Entry.from_wire(_message.decode(record.payload))
+            except ValueError as exc:  # BadMessage included
+                why = str(exc)
+        else:
+            why = record.damaged
+        name = f"{record.segment}.{record.start}.msg"
+        quarantine = self.reader.dirs["quarantine"] / name
+        write_atomic(quarantine, record.payload, mode=0o640, durable=self.durable)
+        return internal(
+            f"quarantined spool message: {why}",
+            {"segment": record.segment, "offset": record.start, "bytes": len(record.payload),
+             "reason": why, "moved_to": str(quarantine)},
+        )
+
+    def _sizes(self, lines: dict[str, list[str]]) -> dict[str, int]:
+        """Each target's size before the batch; a target that cannot be opened safely goes to INTERNAL."""
+        sizes: dict[str, int] = {}
+        for relpath in list(lines):
+            try:
+                sizes[relpath] = self.files.size(relpath)
+            except TreeError as exc:
+                texts = lines.pop(relpath)
+                note = internal(f"cannot write {relpath}: {exc.strerror}", {"file": relpath, "entries": "".join(texts)})
+                for target, text in route(note, self.registry, self.settings):
+                    lines.setdefault(target, []).append(text)
+                    sizes.setdefault(target, self.files.size(target))
+        return sizes
+
+    def _remove_drained(self) -> None:
+        for name in self.reader.drained():
+            self.reader.remove(name)
+            self.ledger.forget(name)

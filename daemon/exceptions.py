@@ -1,0 +1,21 @@
+"""Errors of apilogd; every one derives from `DaemonError`."""
+
+from __future__ import annotations
+
+from apilog.exceptions import ApilogError
+
+
+class DaemonError(ApilogError):
+    """Root of every error apilogd raises."""
+
+
+class AlreadyRunning(DaemonError):
+    """Another apilogd holds this APILOG_HOME."""
+
+
+class StartFailed(DaemonError):
+    """A background apilogd did not become ready."""
+
+
+class StopFailed(DaemonError):
+    """A running apilogd did not exit in time."""

@@ -1,0 +1,96 @@
+"""`apilogd run`: hold the instance lock, recover, then drain the spool until SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from apilog import spool
+from apilog._entry import internal
+from apilog._tree import LogTree
+from apilog.settings import Settings
+from apilog.spool.ledger import Ledger
+from apilog.spool.reader import SpoolReader
+
+from ._drain import Drainer
+from ._files import OpenFiles
+from ._instance import InstanceLock
+from ._notify import notify
+
+IDLE_WAIT = 0.05  # seconds between looks at an empty spool
+SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
+BACKOFF_MAX = 30.0
+
+
+def _say(text: str) -> None:
+    print(f"apilogd: {text}", file=sys.stderr, flush=True)
+
+
+class Service:
+    """The running daemon: one drain loop, stopped by SIGTERM or SIGINT after its current batch."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = threading.Event()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+
+    def run(self) -> int:
+        conf = self.settings
+        conf.home.mkdir(parents=True, exist_ok=True)
+        lock = InstanceLock(conf.home)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        spool.ensure(conf.spool_dir)
+        ledger = Ledger(conf.state_dir, durable=conf.fsync != "off")
+        tree = LogTree(conf.log_dir)
+        files = OpenFiles(tree, durable=conf.fsync != "off")
+        reader = SpoolReader(conf.spool_dir, ledger.offsets)
+        drainer = Drainer(conf, ledger, reader, files)
+        try:
+            reader.sweep_tmp()
+            reader.scan()
+            notify(f"READY=1\nMAINPID={os.getpid()}")
+            _say(f"draining {conf.spool_dir} into {conf.log_dir}")
+            self._loop(drainer, reader)
+            notify("STOPPING=1")
+        finally:
+            reader.close()
+            files.close()
+            tree.close()
+            lock.release()
+        _say("stopped")
+        return 0
+
+    def _loop(self, drainer: Drainer, reader: SpoolReader) -> None:
+        backoff = 0.0
+        failure: str | None = None
+        idle, last_scan = True, 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if idle or now - last_scan >= SCAN_EVERY:
+                reader.scan()
+                last_scan = now
+            try:
+                done = drainer.step()
+            except OSError as exc:
+                failure = f"{exc.strerror or exc} (errno {exc.errno})"
+                backoff = min(BACKOFF_MAX, max(0.5, backoff * 2))
+                _say(f"write failed, entries stay in the spool; retrying in {backoff:.1f}s: {failure}")
+                self.stopping.wait(backoff)
+                continue
+            backoff = 0.0
+            if failure is not None:
+                drainer.notes.append(internal("recovered from a write error", {"error": failure}))
+                _say(f"recovered from: {failure}")
+                failure = None
+            idle = done == 0
+            if idle:
+                self.stopping.wait(IDLE_WAIT)
