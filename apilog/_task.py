@@ -68,7 +68,6 @@ class LogTask(Task):  # type: ignore[misc]
     """`logger`: a real Celery task whose `delay()` never raises into the app for a logging problem."""
 
     name = _message.TASK_NAME
-    queue = _message.QUEUE
     ignore_result = True
     typing = False  # the call is checked by apilog, which routes bad input to INTERNAL
 
@@ -99,6 +98,7 @@ class LogTask(Task):  # type: ignore[misc]
             if self.app is app and conf.uses_spool and not options:
                 writer_for(conf.spool_dir, conf.fsync == "always").append(_message.encode(wire))
                 return Receipt(entry.id, spooled=True)
+            options.setdefault("queue", _message.QUEUE)  # apilogd consumes this queue on any broker
             return super().apply_async(args=(), kwargs={"entry": wire}, task_id=entry.id, **options)
         except Exception as exc:  # the spool or broker refused: the entry must still be seen somewhere
             print(f"apilog: entry not spooled ({exc}): {_message.task_body(wire).decode()}", file=sys.stderr)
@@ -143,4 +143,6 @@ logger: LogTask = app.register_task(LogTask())
 
 def register(celery_app: Celery) -> LogTask:
     """Add the logging task to an app that already runs Celery; entries then travel on its broker."""
-    return celery_app.register_task(LogTask())
+    # Celery binds the app to the task *class*: a subclass keeps apilog's own `logger` bound to its app.
+    bound = type("LogTask", (LogTask,), {"__module__": __name__})
+    return celery_app.register_task(bound())

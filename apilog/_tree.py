@@ -72,7 +72,9 @@ class LogTree:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        os.makedirs(root, mode=DIR_MODE, exist_ok=True)
+        if not root.is_dir():
+            os.makedirs(root, mode=DIR_MODE, exist_ok=True)
+            os.chmod(root, DIR_MODE)
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:

@@ -1,0 +1,59 @@
+"""`apilog demo`: start the daemon if needed, log the sample entries, wait for them, show the tree."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from ._task import logger
+from ._tree import USERS, decode_user
+from .settings import Settings
+
+WAIT_SECONDS = 30.0
+
+
+def log_samples() -> int:
+    """The examples of the README; returns how many calls were made."""
+    logger.delay(m="Log entry here.")
+    logger.delay("INFO", "usera1@gizzleMail.com", "Viewed the billing page.", timestamp=True)
+    logger.delay("ERROR", "system", "Payment provider timed out after 30s.")
+    data = {"email": "usera1@gizzleMail.com", "ip": "203.0.113.7", "time_in": datetime.now()}
+    logger.delay("LOGIN", "usera1@gizzleMail.com", data, dict_to_string=True, heading="New Login")
+    logger.delay("WARN", "userb2@gizzleMail.com", "Password will expire in 3 days.")
+    logger.delay("SECURITY ALERT", "userb2@gizzleMail.com", "5 failed logins from 198.51.100.23")
+    logger.delay("STRANGE ACTIVITY,INFO", "userb2@gizzleMail.com", "Exported 4,000 records at 03:12.")
+    logger.delay("SCREEN,DEBUG", "system", "The demo printed this line and also wrote it to DEBUG.")
+    return 8
+
+
+def run(settings: Settings) -> None:
+    from apilogd import _control  # noqa: PLC0415 - the daemon is only needed by the demo
+
+    pid, started = _control.start(settings)
+    click.echo(f"apilogd started (pid {pid})" if started else f"apilogd is already running (pid {pid})")
+    calls = log_samples()
+    begun = time.monotonic()
+    while _control.status(settings).backlog:
+        if time.monotonic() - begun > WAIT_SECONDS:
+            raise click.ClickException(f"apilogd has not written the entries after {WAIT_SECONDS:.0f}s")
+        time.sleep(0.05)
+    click.echo(f"logged {calls} calls; apilogd wrote them in {time.monotonic() - begun:.2f}s\n")
+    click.echo(f"{settings.log_dir}/")
+    files = sorted(p for p in settings.log_dir.rglob("*") if p.is_file())
+    for path in files:
+        click.echo(f"  {_label(path.relative_to(settings.log_dir))}")
+    for path in files:
+        lines = path.read_text(encoding="utf-8").splitlines()[-6:]
+        click.echo(f"\n==> {path.relative_to(settings.log_dir)} (last lines) <==")
+        click.echo("\n".join(lines))
+    click.echo("\napilogd keeps running; stop it with: apilogd stop")
+
+
+def _label(relpath: Path) -> str:
+    parts = relpath.parts
+    if len(parts) == 3 and parts[0] == USERS and decode_user(parts[1]) != parts[1]:
+        return f"{relpath}    (user {decode_user(parts[1])!r})"
+    return str(relpath)

@@ -1,0 +1,73 @@
+"""SPEC 2: defaults, the environment, apilog.toml, and clear errors naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+import pytest
+
+from apilog import settings
+from apilog.exceptions import ConfigError
+
+
+def test_defaults(home: Path) -> None:
+    """With only APILOG_HOME set, every default of SPEC 2 holds."""
+    conf = settings.load()
+    assert conf.home == home and conf.log_dir == home / "logs" and conf.spool_dir == home / "spool"
+    assert conf.broker_url is None and conf.uses_spool
+    assert (conf.format, conf.timestamps, conf.tz_name, conf.fsync) == ("text", True, "UTC", "batch")
+    assert (conf.max_entry_bytes, conf.rotate_bytes, conf.rotate_age, conf.retain_days) == (65536, 10485760, 86400, 0)
+    assert conf.strict is False
+
+
+def test_home_defaults_to_platformdirs(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("APILOG_HOME")
+    assert settings.load().home == Path(platformdirs.user_data_dir("apilog"))
+
+
+def test_systemd_directories(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under systemd, StateDirectory= and LogsDirectory= give the defaults."""
+    monkeypatch.delenv("APILOG_HOME")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/apilog")
+    monkeypatch.setenv("LOGS_DIRECTORY", "/var/log/apilog")
+    conf = settings.load()
+    assert conf.home == Path("/var/lib/apilog") and conf.log_dir == Path("/var/log/apilog")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("APILOG_FORMAT", "xml", "APILOG_FORMAT must be one of text, jsonl"),
+        ("APILOG_TIMESTAMPS", "maybe", "APILOG_TIMESTAMPS must be 1 or 0"),
+        ("APILOG_TZ", "Nowhere/Land", "APILOG_TZ must be UTC, local or an IANA zone name"),
+        ("APILOG_FSYNC", "never", "APILOG_FSYNC must be one of off, batch, always"),
+        ("APILOG_MAX_ENTRY_BYTES", "lots", "APILOG_MAX_ENTRY_BYTES must be a whole number"),
+        ("APILOG_ROTATE_BYTES", "0", "APILOG_ROTATE_BYTES must be at least 1"),
+        ("APILOG_ROTATE_AGE", "-5", "APILOG_ROTATE_AGE must be at least 0"),
+        ("APILOG_RETAIN_DAYS", "1.5", "APILOG_RETAIN_DAYS must be a whole number"),
+        ("APILOG_STRICT", "2", "APILOG_STRICT must be 1 or 0"),
+        ("APILOG_LOG_DIR", "relative/logs", "APILOG_LOG_DIR must be an absolute path"),
+        ("APILOG_BROKER_URL", "localhost:6379", "APILOG_BROKER_URL must be a Celery broker URL"),
+    ],
+)
+def test_bad_values_name_the_variable(home: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=says):
+        settings.load()
+
+
+def test_toml_file_and_environment_wins(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apilog.toml sets values; the environment overrides it; unknown keys are refused."""
+    home.mkdir()
+    (home / "apilog.toml").write_text('format = "jsonl"\nfsync = "always"\ntimestamps = false\n')
+    conf = settings.load()
+    assert (conf.format, conf.fsync, conf.timestamps) == ("jsonl", "always", False)
+    monkeypatch.setenv("APILOG_FORMAT", "text")
+    assert settings.load().format == "text"
+    (home / "apilog.toml").write_text("colour = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        settings.load()
+    (home / "apilog.toml").write_text("rotate_bytes = 0\n")
+    with pytest.raises(ConfigError, match="APILOG_ROTATE_BYTES must be at least 1"):
+        settings.load()
