@@ -8,7 +8,7 @@ from pathlib import Path
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, durable: bool = True) -> None:
     """Replace `path` with `data` so that readers see either the old or the new file whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # callers serialize writers of one path
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from apilog import _message
+import sys
+
+from apilog import _message, spool
 from apilog._atomic import write_atomic
 from apilog._entry import Entry, internal
 from apilog._route import route
 from apilog._streams import Registry
-from apilog._tree import TreeError
+from apilog._tree import LogTree, TreeError
 from apilog.settings import Settings
 from apilog.spool.ledger import Ledger
 from apilog.spool.reader import Record, SpoolReader
@@ -21,14 +23,21 @@ MAX_BYTES = 8 * 1024 * 1024
 class Drainer:
     """Moves records from the spool into their files, exactly once."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, reader: SpoolReader, files: OpenFiles) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ledger = ledger
-        self.reader = reader
-        self.files = files
-        self.registry = Registry(settings.home)
         self.durable = settings.fsync != "off"
+        spool.ensure(settings.spool_dir)
+        self.ledger = Ledger(settings.state_dir, durable=self.durable)
+        self.tree = LogTree(settings.log_dir)
+        self.files = OpenFiles(self.tree, durable=self.durable)
+        self.reader = SpoolReader(settings.spool_dir, self.ledger.offsets)
+        self.registry = Registry(settings.home)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
+
+    def close(self) -> None:
+        self.reader.close()
+        self.files.close()
+        self.tree.close()
 
     def recover(self) -> None:
         """Undo a batch a crash left half written: cut its files back, keep its records in the spool."""
@@ -38,6 +47,7 @@ class Drainer:
         for relpath, size in pending["files"].items():
             self.files.truncate(relpath, size)
         self.ledger.abort()
+        print(f"apilogd: undid an unfinished batch over {len(pending['files'])} files", file=sys.stderr, flush=True)
         self.reader.rewind(self.ledger.offsets)
 
     def step(self) -> int:

@@ -9,15 +9,11 @@ import threading
 import time
 from types import FrameType
 
-from apilog import spool
 from apilog._entry import internal
-from apilog._tree import LogTree
 from apilog.settings import Settings
-from apilog.spool.ledger import Ledger
 from apilog.spool.reader import SpoolReader
 
 from ._drain import Drainer
-from ._files import OpenFiles
 from ._instance import InstanceLock
 from ._notify import notify
 
@@ -48,23 +44,20 @@ class Service:
             signal.signal(signum, self._on_signal)
         # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        spool.ensure(conf.spool_dir)
-        ledger = Ledger(conf.state_dir, durable=conf.fsync != "off")
-        tree = LogTree(conf.log_dir)
-        files = OpenFiles(tree, durable=conf.fsync != "off")
-        reader = SpoolReader(conf.spool_dir, ledger.offsets)
-        drainer = Drainer(conf, ledger, reader, files)
         try:
-            reader.sweep_tmp()
-            reader.scan()
+            drainer = Drainer(conf)
+        except BaseException:
+            lock.release()
+            raise
+        try:
+            drainer.reader.sweep_tmp()
+            drainer.reader.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
             _say(f"draining {conf.spool_dir} into {conf.log_dir}")
-            self._loop(drainer, reader)
+            self._loop(drainer, drainer.reader)
             notify("STOPPING=1")
         finally:
-            reader.close()
-            files.close()
-            tree.close()
+            drainer.close()
             lock.release()
         _say("stopped")
         return 0

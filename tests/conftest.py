@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,6 +45,14 @@ def wait_written(timeout: float = 20.0) -> None:
     while _control.status(conf).backlog:
         assert time.monotonic() < deadline, "apilogd did not drain the spool in time"
         time.sleep(0.02)
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `check` until it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def log_file(home: Path, relpath: str) -> str:

@@ -1,0 +1,212 @@
+"""SPEC 8 D1-D6 at fixed points: crashes between journal steps, torn and garbage spool files, a full disk."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import multiprocessing
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from apilog import _message, logger, settings
+from apilog.spool._frame import frame
+from apilog.spool.transport import writer_for
+from apilogd import _control
+from apilogd._drain import Drainer
+
+from .conftest import log_file, wait_for, wait_written
+
+USERS = [f"crash{n}" for n in range(5)]
+
+
+def _log_batch(count: int) -> list[tuple[str, str, str]]:
+    """Log `count` entries over five users and two streams; return (relpath, line) expectations."""
+    expected = []
+    for n in range(count):
+        user, stream = USERS[n % 5], ("INFO", "WARN")[n % 2]
+        logger.delay(stream, user, f"entry {n:04d}", timestamp=False)
+        expected.append((f"users/{user}/{stream}.log", f"{stream}:  entry {n:04d}\n"))
+    return expected
+
+
+def _seal_producer() -> None:
+    writer_for(settings.current().spool_dir, False).close()
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _crash_child(point: str) -> None:
+    """Run one batch of the real drain code and SIGKILL this process at `point`."""
+    settings.reset()
+    drainer = Drainer(settings.load())
+
+    def wrap(obj: Any, name: str, before: Callable[..., None] | None = None, after: bool = False) -> None:
+        original = getattr(obj, name)
+
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                before(*args)
+            result = original(*args, **kwargs)
+            if after:
+                _kill_self()
+            return result
+
+        setattr(obj, name, patched)
+
+    calls = {"append": 0}
+
+    def half_then_die(relpath: str, data: bytes) -> None:
+        calls["append"] += 1
+        if calls["append"] == 3:
+            os.write(drainer.files.fd(relpath), data[: len(data) // 2])
+            _kill_self()
+
+    if point == "after-begin":
+        wrap(drainer.ledger, "begin", after=True)
+    elif point == "mid-append":
+        wrap(drainer.files, "append", before=half_then_die)
+    elif point == "before-commit":
+        wrap(drainer.ledger, "commit", before=lambda *a: _kill_self())
+    elif point == "after-commit":
+        wrap(drainer.reader, "remove", before=lambda *a: _kill_self())
+    drainer.reader.scan()
+    drainer.step()
+    os._exit(0)  # the crash point was not reached
+
+
+@pytest.mark.parametrize("point", ["after-begin", "mid-append", "before-commit", "after-commit"])
+def test_crash_at_each_journal_step(home: Path, point: str) -> None:
+    """SIGKILL at each step of a batch; after a restart every entry is in its file exactly once, whole."""
+    expected = _log_batch(60)
+    _seal_producer()
+    child = multiprocessing.get_context("fork").Process(target=_crash_child, args=(point,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    if point == "mid-append":
+        torn = [p for p in (home / "logs" / "users").rglob("*.log") if not p.read_text().endswith("\n")]
+        assert torn, "the crash left no torn line to recover from"
+    _control.start(settings.load())
+    try:
+        wait_written()
+    finally:
+        _control.stop(settings.load())
+    by_file: dict[str, str] = {}
+    for relpath, line in expected:
+        by_file[relpath] = by_file.get(relpath, "") + line
+    for relpath, text in by_file.items():
+        assert log_file(home, relpath) == text
+    assert not list((home / "spool" / "segments").iterdir())
+
+
+def _segment(home: Path, name: str, *, locked: bool) -> int:
+    """Create a segment the way a producer does: locked aside, then renamed into place."""
+    from apilog import spool
+
+    dirs = spool.ensure(home / "spool")
+    fd = os.open(dirs["tmp"] / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    if locked:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(dirs["tmp"] / name, dirs["segments"] / name)
+    return fd
+
+
+def _record(stream: str, user: str, text: str) -> bytes:
+    from apilog._entry import build
+    from apilog._streams import Registry
+
+    entry, _ = build(stream, user, text, timestamp=False, registry=Registry(Path("/nonexistent")),
+                     timestamps_default=False, max_entry_bytes=65536)
+    return frame(_message.encode(entry.to_wire()))
+
+
+def test_half_written_record_waits_for_a_live_producer(daemon: Path) -> None:
+    """A record half written by a live producer is neither taken nor quarantined; once whole, it is written."""
+    fd = _segment(daemon, "999-live.00000001.seg", locked=True)
+    record = _record("INFO", "olga", "finished later")
+    os.write(fd, record[:30])
+    time.sleep(0.5)
+    assert not (daemon / "logs" / "users" / "olga").exists()
+    os.write(fd, record[30:])
+    wait_written()
+    assert log_file(daemon, "users/olga/INFO.log") == "INFO:  finished later\n"
+    assert not list((daemon / "spool" / "quarantine").iterdir())
+    os.close(fd)
+
+
+def test_torn_tail_of_a_dead_producer_is_quarantined(daemon: Path) -> None:
+    """A producer that died mid-write leaves a torn tail: the whole records are written, the tail quarantined."""
+    fd = _segment(daemon, "998-dead.00000001.seg", locked=False)
+    os.write(fd, _record("INFO", "pat", "whole one") + _record("INFO", "pat", "torn one")[:40])
+    os.close(fd)
+    internal = daemon / "logs" / "system" / "INTERNAL.log"
+    wait_for(lambda: internal.exists() and "torn record" in internal.read_text(), what="the torn tail's report")
+    assert log_file(daemon, "users/pat/INFO.log") == "INFO:  whole one\n"
+    quarantined = list((daemon / "spool" / "quarantine").iterdir())
+    assert len(quarantined) == 1 and quarantined[0].stat().st_size == 40
+
+
+def _framed(message: dict[str, Any]) -> bytes:
+    return frame(json.dumps(message).encode())
+
+
+def test_garbage_is_quarantined_and_never_blocks(daemon: Path) -> None:
+    """Random bytes, pickle, a foreign task and non-JSON are quarantined and reported; good entries still land."""
+    good = json.loads(_record("INFO", "quinn", "after the garbage")[12:])
+    pickled = {**good, "content-type": "application/x-python-serialize",
+               "body": base64.b64encode(pickle.dumps(([], {}, {}))).decode()}
+    foreign = {**good, "headers": {**good["headers"], "task": "os.system"}}
+    fd = _segment(daemon, "997-garbage.00000001.seg", locked=False)
+    os.write(fd, b"\x00\xffnot a record at all" + _framed(pickled) + _framed(foreign)
+             + frame(b"{not json") + _record("INFO", "quinn", "after the garbage"))
+    os.close(fd)
+    (daemon / "spool" / "segments" / "dropped-by-hand.msg").write_bytes(pickle.dumps({"x": 1}))
+    spool = daemon / "spool"
+    wait_for(lambda: len(list((spool / "quarantine").iterdir())) == 5 and not list((spool / "segments").iterdir()),
+             what="the garbage to be quarantined")
+    wait_written()
+    assert log_file(daemon, "users/quinn/INFO.log") == "INFO:  after the garbage\n"
+    internal = log_file(daemon, "system/INTERNAL.log")
+    assert internal.count("INTERNAL: quarantined spool message") == 5
+    assert "only JSON is accepted" in internal and "'os.system' is not 'apilog.log'" in internal
+    assert "not JSON" in internal and "not a framed record" in internal
+
+
+def test_disk_full_then_space_back(home: Path) -> None:
+    """Past RLIMIT_FSIZE writes fail: entries wait in the spool, the daemon lives; once lifted, each lands once."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apilogd", "run"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)),
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for((home / "apilogd.pid").exists, what="apilogd to start")
+        for n in range(200):
+            logger.delay("INFO", "rita", f"entry {n:03d} " + "x" * 40, timestamp=False)
+        time.sleep(1.5)
+        assert proc.poll() is None
+        assert _control.status(settings.load()).backlog > 0
+        assert os.path.getsize(home / "logs" / "users" / "rita" / "INFO.log") <= 4096
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        wait_written(timeout=40)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+    assert "write failed, entries stay in the spool" in proc.stderr.read()
+    lines = log_file(home, "users/rita/INFO.log").splitlines()
+    assert lines == [f"INFO:  entry {n:03d} " + "x" * 40 for n in range(200)]
+    assert "recovered from a write error" in log_file(home, "system/INTERNAL.log")
