@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,12 +31,13 @@ def _target(producer: int, n: int) -> tuple[str, str]:
     return f"user{(producer * 7 + n) % USERS}", STREAMS[n % len(STREAMS)]
 
 
-def _produce(producer: int, count: int) -> None:
+def _produce(producer: int, count: int, returned: Any) -> None:
     settings.reset()
     rng = random.Random(producer)
     for n in range(count):
         user, stream = _target(producer, n)
         logger.delay(stream, user, f"p{producer} n{n:06d} {PAD}", timestamp=False)
+        returned.value = n + 1  # delay() has returned for entries 0..n
         if n % 10 == 0:
             time.sleep(rng.uniform(0, 0.01))  # spread the calls over the whole run of kills
     writer_for(settings.current().spool_dir, False).close()
@@ -50,29 +52,38 @@ def _kill_daemon(home: Path) -> None:
 
 
 def run_chaos(home: Path, producers: int, per_producer: int, kills: int, seed: int) -> dict[str, int]:
-    """Log from `producers` processes while killing apilogd `kills` times; check and count the result."""
+    """Log from `producers` processes while killing apilogd `kills` times and producer 0 once; check the result."""
     rng = random.Random(seed)
     conf = settings.load()
     _control.start(conf)
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_produce, args=(p, per_producer)) for p in range(producers)]
+    returned = [ctx.Value("q", 0, lock=False) for _ in range(producers)]
+    procs = [ctx.Process(target=_produce, args=(p, per_producer, returned[p])) for p in range(producers)]
     for proc in procs:
         proc.start()
-    for _ in range(kills):
+    producer_kill = rng.randrange(kills)
+    for k in range(kills):
         # A backlog piles up while the daemon restarts; soon after READY it is busy draining it.
         time.sleep(rng.uniform(0.0, 0.15))
         _kill_daemon(home)
+        if k == producer_kill:
+            os.kill(procs[0].pid, signal.SIGKILL)  # the app crashes too
         _control.start(conf)
     for proc in procs:
         proc.join(300)
-        assert proc.exitcode == 0
+    assert procs[0].exitcode in (0, -signal.SIGKILL)
+    assert all(proc.exitcode == 0 for proc in procs[1:])
     wait_written(timeout=120)
     _control.stop(conf)
-    return check_logs(home, producers, per_producer)
+    return check_logs(home, [r.value for r in returned], per_producer)
 
 
-def check_logs(home: Path, producers: int, per_producer: int) -> dict[str, int]:
-    """Every entry exactly once, whole, in its own file, and in its producer's order."""
+def check_logs(home: Path, returned: list[int], per_producer: int) -> dict[str, int]:
+    """Every entry whose delay() returned exactly once, whole, in its own file, in its producer's order.
+
+    `returned[p]` entries of producer p had returned from delay(); the one after may or may not
+    have reached the spool when its producer was killed, and none past it was ever called.
+    """
     seen: dict[tuple[int, int], int] = {}
     torn = misplaced = reordered = 0
     for path in sorted((home / "logs" / "users").rglob("*.log")):
@@ -90,7 +101,8 @@ def check_logs(home: Path, producers: int, per_producer: int) -> dict[str, int]:
             if n <= last.get(p, -1):
                 reordered += 1
             last[p] = n
-    expected = {(p, n) for p in range(producers) for n in range(per_producer)}
+    expected = {(p, n) for p, count in enumerate(returned) for n in range(count)}
+    in_flight = {(p, count) for p, count in enumerate(returned) if count < per_producer}
     counts = {
         "entries": len(expected),
         "lost": len(expected - seen.keys()),
@@ -98,10 +110,12 @@ def check_logs(home: Path, producers: int, per_producer: int) -> dict[str, int]:
         "torn": torn,
         "misplaced": misplaced,
         "reordered": reordered,
-        "unexpected": len(seen.keys() - expected),
+        "unexpected": len(seen.keys() - expected - in_flight),
     }
     internal = home / "logs" / "system" / "INTERNAL.log"
-    counts["internal_notes"] = internal.read_text().count("INTERNAL: ") if internal.exists() else 0
+    notes = internal.read_text() if internal.exists() else ""
+    # A producer killed inside write() may leave a torn record; that one is quarantined and reported.
+    counts["internal_notes"] = notes.count("INTERNAL: ") - notes.count("INTERNAL: quarantined spool message: torn record")
     counts["batches_undone"] = (home / "apilogd.out").read_text().count("undid an unfinished batch")
     return counts
 
@@ -114,7 +128,7 @@ def _assert_clean(counts: dict[str, int]) -> None:
 
 
 def test_chaos_kills(home: Path) -> None:
-    """4 producers, 6,000 entries, 5 SIGKILLs of the daemon at random moments."""
+    """4 producers, 6,000 entries, 5 SIGKILLs of the daemon at random moments, one of a producer."""
     seed = int(os.environ.get("APILOG_CHAOS_SEED", time.time()))
     print("seed", seed)
     _assert_clean(run_chaos(home, producers=4, per_producer=1500, kills=5, seed=seed))
@@ -122,7 +136,7 @@ def test_chaos_kills(home: Path) -> None:
 
 @pytest.mark.stress
 def test_chaos_kills_long(home: Path) -> None:
-    """The long run: 6 producers, 60,000 entries, 25 SIGKILLs."""
+    """The long run: 6 producers, 60,000 entries, 25 SIGKILLs of the daemon, one of a producer."""
     seed = int(os.environ.get("APILOG_CHAOS_SEED", time.time()))
     print("seed", seed)
     counts = run_chaos(home, producers=6, per_producer=10000, kills=25, seed=seed)
