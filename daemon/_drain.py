@@ -50,6 +50,12 @@ class Drainer:
         print(f"apilogd: undid an unfinished batch over {len(pending['files'])} files", file=sys.stderr, flush=True)
         self.reader.rewind(self.ledger.offsets)
 
+    def sweep(self) -> None:
+        """Tidy the spool's `tmp/`, reporting anything that had to be quarantined."""
+        for path in self.reader.sweep_tmp():
+            self.notes.append(internal("quarantined a file left in the spool's tmp folder",
+                                       {"moved_to": str(path), "bytes": path.stat().st_size}))
+
     def step(self) -> int:
         """Drain one batch; return how many records it committed (0 when the spool is empty)."""
         self.recover()

@@ -19,6 +19,7 @@ from ._notify import notify
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
+SWEEP_EVERY = 60.0  # seconds between tidyings of the spool's tmp folder
 BACKOFF_MAX = 30.0
 
 
@@ -50,7 +51,7 @@ class Service:
             lock.release()
             raise
         try:
-            drainer.reader.sweep_tmp()
+            drainer.sweep()
             drainer.reader.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
             _say(f"draining {conf.spool_dir} into {conf.log_dir}")
@@ -65,12 +66,15 @@ class Service:
     def _loop(self, drainer: Drainer, reader: SpoolReader) -> None:
         backoff = 0.0
         failure: str | None = None
-        idle, last_scan = True, 0.0
+        idle, last_scan, last_sweep = True, 0.0, time.monotonic()
         while not self.stopping.is_set():
             now = time.monotonic()
             if idle or now - last_scan >= SCAN_EVERY:
                 reader.scan()
                 last_scan = now
+            if now - last_sweep >= SWEEP_EVERY:
+                drainer.sweep()
+                last_sweep = now
             try:
                 done = drainer.step()
             except OSError as exc:

@@ -210,3 +210,39 @@ def test_disk_full_then_space_back(home: Path) -> None:
     lines = log_file(home, "users/rita/INFO.log").splitlines()
     assert lines == [f"INFO:  entry {n:03d} " + "x" * 40 for n in range(200)]
     assert "recovered from a write error" in log_file(home, "system/INTERNAL.log")
+
+
+def test_stale_tmp_files_are_swept(home: Path) -> None:
+    """A producer that died between creating and publishing a segment leaves it in tmp/: emptied away, or quarantined."""
+    from apilog import spool
+
+    dirs = spool.ensure(home / "spool")
+    (dirs["tmp"] / "1-dead.00000001.seg").write_bytes(b"")
+    (dirs["tmp"] / "planted").write_bytes(b"something")
+    (dirs["tmp"] / "fresh.00000001.seg").write_bytes(b"")
+    old = time.time() - 3600
+    for name in ("1-dead.00000001.seg", "planted"):
+        os.utime(dirs["tmp"] / name, (old, old))
+    _control.start(settings.load())
+    try:
+        wait_for(lambda: (home / "logs" / "system" / "INTERNAL.log").exists(), what="the sweep's report")
+    finally:
+        _control.stop(settings.load())
+    assert sorted(p.name for p in dirs["tmp"].iterdir()) == ["fresh.00000001.seg"]
+    assert (dirs["quarantine"] / "tmp.planted").read_bytes() == b"something"
+    assert "quarantined a file left in the spool's tmp folder" in log_file(home, "system/INTERNAL.log")
+
+
+@pytest.mark.parametrize("mode", ["off", "always"])
+def test_fsync_modes_write_the_same(home: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """APILOG_FSYNC=off and =always (producer fsyncs each call too) change durability, not content."""
+    monkeypatch.setenv("APILOG_FSYNC", mode)
+    settings.reset()
+    _control.start(settings.load())
+    try:
+        for n in range(20):
+            logger.delay("INFO", "sam", f"n{n}", timestamp=False)
+        wait_written()
+    finally:
+        _control.stop(settings.load())
+    assert log_file(home, "users/sam/INFO.log") == "".join(f"INFO:  n{n}\n" for n in range(20))

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import time
 import zlib
 from collections.abc import Iterator, Mapping
@@ -199,14 +200,23 @@ class SpoolReader:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dirs["segments"] / name)
 
-    def sweep_tmp(self) -> None:
-        """Remove segments a producer died creating (never renamed into place, so never written)."""
+    def sweep_tmp(self) -> list[Path]:
+        """Clear `tmp/` of segments a producer died creating; anything with content is quarantined, returned."""
         now = time.time()
+        moved = []
         with contextlib.suppress(FileNotFoundError), os.scandir(self.dirs["tmp"]) as entries:
             for item in entries:
                 with contextlib.suppress(OSError):
-                    if now - item.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
-                        os.unlink(item.path)
+                    st = item.stat(follow_symlinks=False)
+                    if now - st.st_mtime <= STALE_TMP_SECONDS:
+                        continue  # a producer may be about to rename it into place
+                    if st.st_size == 0 or not stat.S_ISREG(st.st_mode):
+                        os.unlink(item.path)  # never renamed, so never written: nothing is lost
+                    else:
+                        target = self.dirs["quarantine"] / f"tmp.{item.name}"
+                        os.rename(item.path, target)
+                        moved.append(target)
+        return moved
 
 
 def waiting(spool_dir: Path, committed: Mapping[str, int]) -> tuple[int, list[bytes]]:
