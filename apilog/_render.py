@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime, tzinfo
@@ -45,7 +46,13 @@ def dump_json(value: Any, *, indent: int | None = None) -> str:
 
 def stamp(ts: float, tz: tzinfo | None) -> str:
     """The written form of an event time: `YYYY-MM-DD HH:MM:SS` in the configured zone."""
-    return datetime.fromtimestamp(ts, tz).strftime(STAMP_FORMAT)
+    return _stamp_second(int(ts // 1), tz)
+
+
+@functools.lru_cache(maxsize=256)
+def _stamp_second(second: int, tz: tzinfo | None) -> str:
+    # Entries of one second share a stamp; a batch holds thousands of them.
+    return datetime.fromtimestamp(second, tz).strftime(STAMP_FORMAT)
 
 
 def _body(message: Any, dict_to_string: bool) -> str:

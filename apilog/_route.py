@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from . import _streams
 from ._entry import Entry
 from ._render import render_jsonl, render_text
 from ._tree import SYSTEM, BadLocation, encode_user, relative_path
-from .exceptions import StreamError
 from .settings import Settings
 
 
@@ -22,17 +22,12 @@ def render(entry: Entry, stream: str, location: str, settings: Settings, *,
                        ts=entry.ts if entry.timestamp else None, tz=settings.tz)
 
 
-def route(entry: Entry, registry: _streams.Registry, settings: Settings) -> list[tuple[str, str]]:
+def route(entry: Entry, known: Collection[str], settings: Settings) -> list[tuple[str, str]]:
     """`(relative path, text)` for every line this entry writes; checks everything again on the way."""
     problems = list(entry.problems)
-    known = registry.names()
     streams = []
     for stream in entry.streams:
-        try:
-            ok = _streams.normalize(stream) == stream and stream in known
-        except StreamError:
-            ok = False
-        if ok:
+        if stream in known:  # registry names are normalized, so this checks the spelling too
             streams.append(stream)
         else:
             problems.append(f"unknown stream {stream!r}")

@@ -112,7 +112,7 @@ class LogTask(Task):  # type: ignore[misc]
         item = Entry.from_wire(entry) if entry is not None else _checked_entry(args, kwargs, conf)[0]
         tree = LogTree(conf.log_dir)
         try:
-            for relpath, text in route(item, registry_for(conf), conf):
+            for relpath, text in route(item, registry_for(conf).names(), conf):
                 fd = tree.open_append(relpath)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)  # apilogd may append to the same file

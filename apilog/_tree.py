@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
@@ -28,6 +29,7 @@ class TreeError(OSError):
     """An open inside the log tree met something it must not follow or create."""
 
 
+@functools.lru_cache(maxsize=4096)
 def encode_user(location: str) -> str:
     """Encode a location reversibly as one safe path component (SPEC 3)."""
     if not location:

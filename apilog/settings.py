@@ -6,7 +6,7 @@ import os
 import tomllib
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any
@@ -38,14 +38,13 @@ class Settings:
     rotate_age: int
     retain_days: int
     strict: bool
+    spool_dir: Path = field(init=False)
+    state_dir: Path = field(init=False)
 
-    @property
-    def spool_dir(self) -> Path:
-        return self.home / "spool"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.home / "state"
+    def __post_init__(self) -> None:
+        # Computed once: the hot path of delay() reads spool_dir on every call.
+        object.__setattr__(self, "spool_dir", self.home / "spool")
+        object.__setattr__(self, "state_dir", self.home / "state")
 
     @property
     def uses_spool(self) -> bool:

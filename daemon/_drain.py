@@ -16,8 +16,8 @@ from apilog.spool.reader import Record, SpoolReader
 
 from ._files import OpenFiles
 
-MAX_RECORDS = 4096
-MAX_BYTES = 8 * 1024 * 1024
+MAX_RECORDS = 16384
+MAX_BYTES = 16 * 1024 * 1024
 
 
 class Drainer:
@@ -85,17 +85,16 @@ class Drainer:
 
     def _lines(self, records: list[Record]) -> dict[str, list[str]]:
         lines: dict[str, list[str]] = {}
+        known = frozenset(self.registry.names())  # one look at the registry per batch
         for record in records:
-            entry = self._entry(record)
-            if entry is not None:
-                for relpath, text in route(entry, self.registry, self.settings):
-                    lines.setdefault(relpath, []).append(text)
+            for relpath, text in route(self._entry(record), known, self.settings):
+                lines.setdefault(relpath, []).append(text)
         for note in self.notes:
-            for relpath, text in route(note, self.registry, self.settings):
+            for relpath, text in route(note, known, self.settings):
                 lines.setdefault(relpath, []).append(text)
         return lines
 
-    def _entry(self, record: Record) -> Entry | None:
+    def _entry(self, record: Record) -> Entry:
         if record.damaged is None:
             try:
                 return Entry.from_wire(_message.decode(record.payload))
@@ -121,7 +120,7 @@ class Drainer:
             except TreeError as exc:
                 texts = lines.pop(relpath)
                 note = internal(f"cannot write {relpath}: {exc.strerror}", {"file": relpath, "entries": "".join(texts)})
-                for target, text in route(note, self.registry, self.settings):
+                for target, text in route(note, self.registry.names(), self.settings):
                     lines.setdefault(target, []).append(text)
                     sizes.setdefault(target, self.files.size(target))
         return sizes

@@ -246,3 +246,28 @@ def test_fsync_modes_write_the_same(home: Path, monkeypatch: pytest.MonkeyPatch,
     finally:
         _control.stop(settings.load())
     assert log_file(home, "users/sam/INFO.log") == "".join(f"INFO:  n{n}\n" for n in range(20))
+
+
+def test_threads_share_fsyncs_without_losing_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With APILOG_FSYNC=always, threads calling delay() at once each get their entries, in their order."""
+    import threading
+
+    monkeypatch.setenv("APILOG_FSYNC", "always")
+    settings.reset()
+
+    def worker(t: int) -> None:
+        for n in range(150):
+            logger.delay("INFO", f"thread{t}", f"n{n:03d}", timestamp=False)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _control.start(settings.load())
+    try:
+        wait_written()
+    finally:
+        _control.stop(settings.load())
+    for t in range(8):
+        assert log_file(home, f"users/thread{t}/INFO.log") == "".join(f"INFO:  n{n:03d}\n" for n in range(150))

@@ -234,18 +234,29 @@ def waiting(spool_dir: Path, committed: Mapping[str, int]) -> tuple[int, list[by
         except OSError:
             continue
         try:
-            pos = committed.get(name, 0)
-            while True:
-                head = os.pread(fd, HEADER.size, pos)
-                if len(head) < HEADER.size:
-                    break
-                magic, length, _ = HEADER.unpack(head)
-                if magic != MAGIC or length > MAX_PAYLOAD:
-                    break
-                if pos == committed.get(name, 0):
-                    firsts.append(os.pread(fd, length, pos + HEADER.size))
-                count += 1
-                pos += HEADER.size + length
+            found, first = _count_records(fd, committed.get(name, 0))
         finally:
             os.close(fd)
+        count += found
+        if first is not None:
+            firsts.append(first)
     return count, firsts
+
+
+def _count_records(fd: int, pos: int) -> tuple[int, bytes | None]:
+    """Whole records from `pos` on, walking headers a chunk at a time; and the first one's payload."""
+    size = os.fstat(fd).st_size
+    count, first = 0, None
+    buf, base = b"", pos
+    while pos + HEADER.size <= size:
+        if pos + HEADER.size > base + len(buf):
+            buf, base = os.pread(fd, CHUNK, pos), pos
+        magic, length, _ = HEADER.unpack_from(buf, pos - base)
+        end = pos + HEADER.size + length
+        if magic != MAGIC or length > MAX_PAYLOAD or end > size:
+            break  # garbage, or a record still being written
+        if first is None:
+            first = os.pread(fd, length, pos + HEADER.size)
+        count += 1
+        pos = end
+    return count, first
