@@ -56,6 +56,14 @@ def run_chaos(home: Path, producers: int, per_producer: int, kills: int, seed: i
     rng = random.Random(seed)
     conf = settings.load()
     _control.start(conf)
+    try:
+        return _chaos(home, conf, rng, producers, per_producer, kills)
+    finally:
+        _control.stop(conf)
+
+
+def _chaos(home: Path, conf: settings.Settings, rng: random.Random, producers: int, per_producer: int,
+           kills: int) -> dict[str, int]:
     ctx = multiprocessing.get_context("fork")
     returned = [ctx.Value("q", 0, lock=False) for _ in range(producers)]
     procs = [ctx.Process(target=_produce, args=(p, per_producer, returned[p])) for p in range(producers)]
@@ -74,7 +82,6 @@ def run_chaos(home: Path, producers: int, per_producer: int, kills: int, seed: i
     assert procs[0].exitcode in (0, -signal.SIGKILL)
     assert all(proc.exitcode == 0 for proc in procs[1:])
     wait_written(timeout=120)
-    _control.stop(conf)
     return check_logs(home, [r.value for r in returned], per_producer)
 
 

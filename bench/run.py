@@ -1,0 +1,358 @@
+"""Benchmark apilog against its peers, side by side in one run; prints one table of medians and ratios.
+
+    python bench/run.py            # the full table (a few minutes)
+    python bench/run.py --quick    # fewer calls and no 1M backlog, to try it out
+
+Every case runs in a fresh process and a fresh folder. Figures are medians over --rounds
+rounds (the 1M backlog runs once). Caller latency is per `delay()`/`log()` call; "e2e" is
+entries written per second: for the in-process peers from the first call until their
+queue is flushed to the file, for apilog the drain of a backlog written with the daemon
+stopped (from READY until the spool is empty), for stock Celery from its first written
+line to its last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MESSAGE = "User 4711 changed the shipping address of order 98-1123; old and new kept in the audit trail"
+USERS = 100
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------- cases, each in its own process
+
+
+def _latencies(call: Callable[[int], None], n: int) -> tuple[list[int], float]:
+    lat = []
+    _READY[0]()  # every process of a case starts calling at once
+    _BEGUN[0] = time.time()
+    begun = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter_ns()
+        call(i)
+        lat.append(time.perf_counter_ns() - t)
+    return lat, time.perf_counter() - begun
+
+
+_BEGUN = [0.0]  # wall clock at the first call, to add up several processes' e2e
+_READY: list[Callable[[], Any]] = [lambda: None]
+
+
+def _summary(lat: list[int], seconds: float, written: bool) -> dict[str, float]:
+    """Latency percentiles and calls/s; with `written`, the interval from first call to all written."""
+    lat.sort()
+    out = {"p50": lat[len(lat) // 2] / 1000, "p99": lat[int(len(lat) * 0.99)] / 1000, "calls": len(lat) / seconds,
+           "n": len(lat)}
+    if written:
+        out["begin"], out["end"] = _BEGUN[0], time.time()
+    return out
+
+
+def case_apilog(home: str, n: int, threads: int = 1) -> dict[str, float]:
+    """`delay()` n times into the spool (daemon stopped); the drain is timed by the caller of this case."""
+    os.environ["APILOG_HOME"] = home
+    from apilog import logger, settings
+    from apilog.spool.transport import writer_for
+
+    logger.delay("INFO", "warmup", "warm up the registry and the segment")
+    if threads == 1:
+        lat, seconds = _latencies(lambda i: logger.delay("INFO", f"user{i % USERS}", MESSAGE), n)
+    else:
+        results: list[list[int]] = []
+        _READY[0]()
+        _READY[0] = lambda: None
+        begun = time.perf_counter()
+        workers = [threading.Thread(target=lambda: results.append(
+            _latencies(lambda i: logger.delay("INFO", f"user{i % USERS}", MESSAGE), n // threads)[0]))
+            for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        seconds = time.perf_counter() - begun
+        lat = [x for r in results for x in r]
+    writer_for(settings.current().spool_dir, settings.current().fsync == "always").close()
+    return _summary(lat, seconds, False)
+
+
+def case_stdlib(folder: str, n: int) -> dict[str, float]:
+    """stdlib QueueHandler -> QueueListener -> FileHandler."""
+    import logging
+    import logging.handlers
+    import queue
+
+    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    file_handler = logging.FileHandler(f"{folder}/stdlib.log")
+    listener = logging.handlers.QueueListener(q, file_handler)
+    log = logging.getLogger("bench")
+    log.addHandler(logging.handlers.QueueHandler(q))
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    listener.start()
+    lat, seconds = _latencies(lambda i: log.info(MESSAGE), n)
+    listener.stop()  # returns once every queued record is in the file
+    file_handler.close()
+    return _summary(lat, seconds, True)
+
+
+def case_loguru(folder: str, n: int) -> dict[str, float]:
+    """loguru with enqueue=True to one file sink."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(f"{folder}/loguru.log", enqueue=True, format="{time} {level} {message}")
+    lat, seconds = _latencies(lambda i: logger.info(MESSAGE), n)
+    logger.complete()
+    logger.remove()  # stops the writer thread once the file has everything
+    return _summary(lat, seconds, True)
+
+
+def case_fsync_per_line(folder: str, n: int) -> dict[str, float]:
+    """Raw append of one line, then fsync, per entry."""
+    fd = os.open(f"{folder}/fsync.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    line = (MESSAGE + "\n").encode()
+
+    def call(i: int) -> None:
+        os.write(fd, line)
+        os.fsync(fd)
+
+    lat, seconds = _latencies(call, n)
+    os.close(fd)
+    return _summary(lat, seconds, True)
+
+
+def case_celery(folder: str, n: int) -> dict[str, float]:
+    """Stock Celery delay() over kombu's filesystem transport (the worker is timed by the caller)."""
+    sys.path.insert(0, str(HERE))
+    os.environ["BENCH_CELERY_DIR"] = folder
+    from stock_celery import write_line
+
+    lat, seconds = _latencies(lambda i: write_line.delay(f"{i} {MESSAGE}"), n)
+    return _summary(lat, seconds, False)
+
+
+CASES: dict[str, Callable[..., dict[str, float]]] = {
+    "apilog": case_apilog,
+    "stdlib": case_stdlib,
+    "loguru": case_loguru,
+    "fsync": case_fsync_per_line,
+    "celery": case_celery,
+}
+
+
+def _child(name: str, folder: str, n: int, extra: dict[str, Any], out: Any, start: Any) -> None:
+    os.environ.update(extra.pop("env", {}))
+    _READY[0] = start.wait
+    out.send(CASES[name](folder, n, **extra))
+
+
+def run_case(name: str, folder: str, n: int, procs: int = 1, **extra: Any) -> dict[str, float]:
+    """Run a case in `procs` fresh processes at once; latencies are the median of theirs, rates add up."""
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(procs)
+    pipes, workers = [], []
+    for p in range(procs):
+        sub = folder if name == "apilog" or procs == 1 else f"{folder}/p{p}"  # apilog's producers share a spool
+        os.makedirs(sub, exist_ok=True)
+        mine, theirs = ctx.Pipe()
+        workers.append(ctx.Process(target=_child, args=(name, sub, n // procs, dict(extra), theirs, start)))
+        pipes.append(mine)
+    for w in workers:
+        w.start()
+    results = [pipe.recv() for pipe in pipes]
+    for w in workers:
+        w.join()
+    merged = {k: statistics.median(r[k] for r in results) for k in ("p50", "p99")}
+    merged["calls"] = sum(r["calls"] for r in results)
+    if all("end" in r for r in results):
+        span = max(r["end"] for r in results) - min(r["begin"] for r in results)
+        merged["e2e"] = sum(r["n"] for r in results) / span
+    return merged
+
+
+# ---------------------------------------------------------------- apilog's daemon and stock Celery's worker
+
+
+def drain(home: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Start `apilogd run`, time READY -> empty spool; report entries/s and the daemon's peak memory."""
+    from apilog.spool.ledger import read_offsets
+    from apilog.spool.reader import waiting
+
+    spool = Path(home) / "spool"
+    count = waiting(spool, read_offsets(Path(home) / "state"))[0]
+    with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(f"{tmp}/n")
+        full_env = {**os.environ, **(env or {}), "APILOG_HOME": home, "NOTIFY_SOCKET": f"{tmp}/n"}
+        proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], env=full_env, stderr=subprocess.DEVNULL)
+        sock.settimeout(60)
+        while b"READY=1" not in sock.recv(4096):
+            pass
+        begun = time.perf_counter()
+        segments = spool / "segments"
+        while any(segments.iterdir()):
+            time.sleep(0.005)
+        seconds = time.perf_counter() - begun
+        peak_kb = int(next(line.split()[1] for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmHWM")))
+        proc.terminate()
+        proc.wait(30)
+    return {"entries": count, "e2e": count / seconds, "peak_mb": peak_kb / 1024}
+
+
+def celery_worker_rate(folder: str, n: int) -> float:
+    """Run a stock worker over the backlog the celery case left; entries/s from first to last line."""
+    env = {**os.environ, "BENCH_CELERY_DIR": folder, "PYTHONPATH": str(HERE)}
+    out = Path(folder) / "celery.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "stock_celery", "worker", "--pool=solo", "--loglevel=WARNING",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_text().count("\n") >= n:
+            break
+        time.sleep(0.2)
+    proc.terminate()
+    proc.wait(30)
+    stamps = [float(line.split(" ", 1)[0]) for line in out.read_text().splitlines()]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def backlog(home: str, n: int, procs: int) -> None:
+    """Write n entries into a fresh spool with `procs` producer processes (the daemon stopped)."""
+    run_case("apilog", home, n, procs=procs)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def median_of(rounds: int, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    results = [run() for _ in range(rounds)]
+    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+
+def fresh(base: Path, name: str) -> str:
+    path = base / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=100_000, help="calls per caller case")
+    parser.add_argument("--procs", type=int, default=4, help="producer processes in the several-producer rows")
+    parser.add_argument("--quick", action="store_true", help="10x fewer calls, no 1M backlog")
+    args = parser.parse_args()
+    n = args.calls // 10 if args.quick else args.calls
+    base = Path(tempfile.mkdtemp(prefix="apilog-bench-"))
+    rows: list[tuple[str, dict[str, float]]] = []
+
+    def row(label: str, result: dict[str, float]) -> dict[str, float]:
+        rows.append((label, result))
+        print(f"  done: {label}", file=sys.stderr, flush=True)
+        return result
+
+    def apilog_round(procs: int) -> dict[str, float]:
+        home = fresh(base, "apilog")
+        caller = run_case("apilog", home, n, procs=procs)
+        return {**caller, **drain(home)}
+
+    for procs in (1, args.procs):
+        tag = f"{procs} proc" + ("s" if procs > 1 else "")
+        row(f"apilog delay() + drain, {tag}", median_of(args.rounds, lambda p=procs: apilog_round(p)))
+        row(f"stdlib QueueHandler, {tag}", median_of(args.rounds, lambda p=procs: run_case("stdlib", fresh(base, "std"), n, p)))
+        row(f"loguru enqueue=True, {tag}", median_of(args.rounds, lambda p=procs: run_case("loguru", fresh(base, "lg"), n, p)))
+
+    sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
+    for size in sizes:
+        rounds = 1 if size >= 1_000_000 else args.rounds
+
+        def drained(size: int = size) -> dict[str, float]:
+            home = fresh(base, "backlog")
+            backlog(home, size, procs=args.procs)
+            return drain(home)
+
+        row(f"apilog drain, {size:,} waiting", median_of(rounds, drained))
+
+    fsync_n = max(500, n // 50)
+    row("fsync per line, 1 proc", median_of(args.rounds, lambda: run_case("fsync", fresh(base, "fs"), fsync_n)))
+    row(f"fsync per line, {args.procs * 2} procs",
+        median_of(args.rounds, lambda: run_case("fsync", fresh(base, "fs"), fsync_n, procs=args.procs * 2)))
+    always = {"env": {"APILOG_FSYNC": "always"}}
+    always_n = n // 5  # enough for the drain to be timed, not only started
+    for procs, threads in ((1, 1), (1, 8), (args.procs * 2, 1)):
+        label = f"apilog FSYNC=always, {procs} proc{'s' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+
+        def durable(procs: int = procs, threads: int = threads) -> dict[str, float]:
+            home = fresh(base, "always")
+            caller = run_case("apilog", home, always_n, procs=procs, threads=threads, **always)
+            return {**caller, **drain(home, {"APILOG_FSYNC": "always"})}
+
+        row(label, median_of(args.rounds, durable))
+
+    celery_n = 2000
+
+    def celery_round() -> dict[str, float]:
+        folder = fresh(base, "celery")
+        caller = run_case("celery", folder, celery_n)
+        return {**caller, "e2e": celery_worker_rate(folder, celery_n)}
+
+    row(f"stock Celery + kombu filesystem, {celery_n:,} waiting", median_of(args.rounds, celery_round))
+    shutil.rmtree(base, ignore_errors=True)
+    print_table(rows, args)
+
+
+def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> None:
+    by = dict(rows)
+    print(f"\nmedians of {args.rounds} rounds (1M backlog: 1 round); {os.cpu_count()} cores; Python {sys.version.split()[0]}\n")
+    print(f"| {'case':<52} | {'p50 us':>7} | {'p99 us':>7} | {'calls/s':>9} | {'e2e entries/s':>13} | {'peak MB':>7} |")
+    print(f"|{'-' * 54}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 15}|{'-' * 9}|")
+
+    def cell(r: dict[str, float], k: str, fmt: str) -> str:
+        return format(r[k], fmt) if k in r else "-"
+
+    for label, r in rows:
+        print(f"| {label:<52} | {cell(r, 'p50', '7.1f')} | {cell(r, 'p99', '7.1f')} | {cell(r, 'calls', '9,.0f')} "
+              f"| {cell(r, 'e2e', '13,.0f')} | {cell(r, 'peak_mb', '7.1f')} |")
+
+    def ratio(a: str, ka: str, b: str, kb: str) -> str:
+        try:
+            return f"{by[a][ka] / by[b][kb]:.2f}x"
+        except KeyError:
+            return "-"
+
+    procs = f"{args.procs} procs"
+    print("\nratios")
+    print(f"- delay() p50 / loguru p50, 1 proc: {ratio('apilog delay() + drain, 1 proc', 'p50', 'loguru enqueue=True, 1 proc', 'p50')}")
+    print(f"- apilog drain / loguru e2e, 1 proc: {ratio('apilog delay() + drain, 1 proc', 'e2e', 'loguru enqueue=True, 1 proc', 'e2e')}")
+    print(f"- apilog drain / stdlib queue e2e, 1 proc: {ratio('apilog delay() + drain, 1 proc', 'e2e', 'stdlib QueueHandler, 1 proc', 'e2e')}")
+    print(f"- apilog drain / stdlib queue e2e, {procs}: {ratio(f'apilog delay() + drain, {procs}', 'e2e', f'stdlib QueueHandler, {procs}', 'e2e')}")
+    print(f"- drain 100k / drain 10k: {ratio('apilog drain, 100,000 waiting', 'e2e', 'apilog drain, 10,000 waiting', 'e2e')}")
+    print(f"- drain 1M / drain 10k: {ratio('apilog drain, 1,000,000 waiting', 'e2e', 'apilog drain, 10,000 waiting', 'e2e')}")
+    for label, _ in rows:
+        if label.startswith("apilog FSYNC=always"):
+            print(f"- {label[7:]}: e2e / fsync per line {ratio(label, 'e2e', 'fsync per line, 1 proc', 'e2e')}, "
+                  f"calls/s / fsync per line {ratio(label, 'calls', 'fsync per line, 1 proc', 'calls')}")
+    print(f"- apilog drain / stock Celery worker: "
+          f"{ratio('apilog delay() + drain, 1 proc', 'e2e', 'stock Celery + kombu filesystem, 2,000 waiting', 'e2e')}")
+
+
+if __name__ == "__main__":
+    main()
