@@ -95,8 +95,7 @@ class LogTree:
                 fd = self._open_existing(name, os.O_WRONLY | os.O_APPEND, dir_fd, relpath)
             return fd
         finally:
-            if dir_fd != self._root_fd:
-                os.close(dir_fd)
+            self._close_dir(dir_fd)
 
     def open_existing(self, relpath: str, flags: int) -> int:
         """Open a file that must already exist inside the tree."""
@@ -105,8 +104,60 @@ class LogTree:
         try:
             return self._open_existing(name, flags, dir_fd, relpath)
         finally:
-            if dir_fd != self._root_fd:
-                os.close(dir_fd)
+            self._close_dir(dir_fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move `src` to `dst` inside the tree (creating dst's folders); refuses to overwrite."""
+        *src_dirs, src_name = src.split("/")
+        *dst_dirs, dst_name = dst.split("/")
+        src_fd = self._walk(src_dirs, create=False)
+        try:
+            dst_fd = self._walk(dst_dirs, create=True)
+            try:
+                if _exists(dst_name, dst_fd):
+                    raise FileExistsError(errno.EEXIST, f"{dst} exists; archives are never overwritten")
+                os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            finally:
+                self._close_dir(dst_fd)
+        finally:
+            self._close_dir(src_fd)
+
+    def exists(self, relpath: str) -> bool:
+        *dirs, name = relpath.split("/")
+        try:
+            dir_fd = self._walk(dirs, create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            return _exists(name, dir_fd)
+        finally:
+            self._close_dir(dir_fd)
+
+    def unlink(self, relpath: str) -> None:
+        """Remove a file inside the tree; a missing one is fine."""
+        *dirs, name = relpath.split("/")
+        try:
+            dir_fd = self._walk(dirs, create=False)
+        except FileNotFoundError:
+            return
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            self._close_dir(dir_fd)
+
+    def fsync_dir(self, relpath: str) -> None:
+        """Make renames and removals inside the folder `relpath` durable."""
+        dir_fd = self._walk([p for p in relpath.split("/") if p], create=False)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            self._close_dir(dir_fd)
+
+    def _close_dir(self, fd: int) -> None:
+        if fd != self._root_fd:
+            os.close(fd)
 
     def _open_existing(self, name: str, flags: int, dir_fd: int, relpath: str) -> int:
         try:
@@ -138,11 +189,43 @@ class LogTree:
                     raise TreeError(exc.errno, f"{part!r} in the log tree is not a plain directory; not followed") from None
                 raise
             finally:
-                if fd != self._root_fd:
-                    os.close(fd)
+                self._close_dir(fd)
             fd = nxt
         return fd
 
 
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _is_regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+ARCHIVE = "archive"
+_ARCHIVE_NAME = re.compile(
+    r"^(?P<stem>.+)\.(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<n>\d+))?(?P<suffix>\.log|\.jsonl)(?P<gz>\.gz)?(?P<tmp>\.tmp)?$"
+)
+
+
+def archive_name(live_name: str, stamp: str, counter: int) -> str:
+    """`INFO.log` rotated at `stamp` -> `INFO.<stamp>[-N].log` (gzip adds `.gz`)."""
+    stem, dot, suffix = live_name.rpartition(".")
+    return f"{stem}.{stamp}{f'-{counter}' if counter else ''}.{suffix}"
+
+
+def parse_archive_name(name: str) -> re.Match[str] | None:
+    """The parts of an archive's file name, or None for anything else."""
+    return _ARCHIVE_NAME.match(name)
+
+
+def archive_order(name: str) -> tuple[str, str, int]:
+    """Sort key putting a file's archives in rotation order (the counter counts numerically)."""
+    match = _ARCHIVE_NAME.match(name)
+    if match is None:
+        return (name, "", 0)
+    return (match["stem"], match["stamp"], int(match["n"] or 0))

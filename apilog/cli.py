@@ -55,6 +55,18 @@ def streams_remove(name: str) -> None:
 
 
 @main.command()
+def archive() -> None:
+    """Rotate every live log file into archive/ now (gzipped off the write path)."""
+    from apilogd import _control  # noqa: PLC0415 - rotation has one owner: the daemon's code
+
+    try:
+        rotated = _control.archive_now(_settings())
+    except ApilogError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"rotated {rotated} live file{'s' if rotated != 1 else ''} into archive/")
+
+
+@main.command()
 def demo() -> None:
     """Start apilogd if needed, log sample entries, and show what was written."""
     conf = _settings()

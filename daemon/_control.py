@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,19 +10,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from apilog import _message
+from apilog._atomic import write_atomic
 from apilog._entry import Entry
 from apilog.settings import Settings
 from apilog.spool import layout
 from apilog.spool.ledger import read_offsets
 from apilog.spool.reader import waiting
 
-from ._instance import running_pid
-from .exceptions import StartFailed, StopFailed
+from ._instance import InstanceLock, running_pid
+from .exceptions import DaemonError, StartFailed, StopFailed
 
+ARCHIVE_REQUEST = "archive.request"
+ARCHIVE_DONE = "archive.done"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 OUTPUT_NAME = "apilogd.out"
@@ -100,6 +105,50 @@ def status(settings: Settings) -> Status:
     except FileNotFoundError:
         quarantined = 0
     return Status(pid, count, oldest, quarantined)
+
+
+def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
+    """Rotate every live file now; the running daemon does it (one owner), else this process does."""
+    from ._archive import Archiver  # noqa: PLC0415 - watchdog is only needed here
+    from ._drain import Drainer  # noqa: PLC0415
+
+    pid = running_pid(settings.home)
+    if pid is None:
+        lock = InstanceLock(settings.home)  # no daemon may start while we rotate
+        try:
+            drainer = Drainer(settings)
+            try:
+                drainer.recover()  # never rotate a file holding half a batch
+                archiver = Archiver(settings, drainer.tree, drainer.files)
+                rotated = archiver.rotate_all()
+                archiver.close(wait=True)
+            finally:
+                drainer.close()
+        finally:
+            lock.release()
+        return rotated
+    token = uuid.uuid4().hex
+    write_atomic(settings.state_dir / ARCHIVE_REQUEST, token.encode())
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done = json.loads((settings.state_dir / ARCHIVE_DONE).read_text())
+            if done.get("token") == token:
+                return int(done["rotated"])
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise DaemonError(f"apilogd (pid {pid}) did not rotate within {timeout:.0f}s")
+
+
+def answer_archive_request(settings: Settings, rotated: int) -> None:
+    """Tell the waiting `apilog archive` how many files the daemon rotated for it."""
+    try:
+        token = (settings.state_dir / ARCHIVE_REQUEST).read_text()
+    except FileNotFoundError:
+        token = ""
+    write_atomic(settings.state_dir / ARCHIVE_DONE, json.dumps({"token": token, "rotated": rotated}).encode())
 
 
 def _tail(path: Path, lines: int = 5) -> str:

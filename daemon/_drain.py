@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from apilog import _message, spool
 from apilog._atomic import write_atomic
@@ -33,6 +34,7 @@ class Drainer:
         self.reader = SpoolReader(settings.spool_dir, self.ledger.offsets)
         self.registry = Registry(settings.home)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
+        self.created: dict[str, float] = {}  # files the last batch created -> their first entry's time
 
     def close(self) -> None:
         self.reader.close()
@@ -59,11 +61,12 @@ class Drainer:
     def step(self) -> int:
         """Drain one batch; return how many records it committed (0 when the spool is empty)."""
         self.recover()
+        self.created = {}
         records = self.reader.read(MAX_RECORDS, MAX_BYTES)
         if not records and not self.notes:
             self._remove_drained()
             return 0
-        lines = self._lines(records)
+        lines, firsts = self._lines(records)
         sizes = self._sizes(lines)
         advance: dict[str, int] = {}
         for record in records:
@@ -79,20 +82,22 @@ class Drainer:
             self.reader.rewind(self.ledger.offsets)  # read the batch again after recover()
             raise
         self.notes.clear()
+        self.created = {r: firsts.get(r, time.time()) for r, size in sizes.items() if size == 0}
         self.reader.commit(advance)
         self._remove_drained()
         return len(records)
 
-    def _lines(self, records: list[Record]) -> dict[str, list[str]]:
+    def _lines(self, records: list[Record]) -> tuple[dict[str, list[str]], dict[str, float]]:
+        """Rendered lines by target file, and each target's first event time in this batch."""
         lines: dict[str, list[str]] = {}
+        firsts: dict[str, float] = {}
         known = frozenset(self.registry.names())  # one look at the registry per batch
-        for record in records:
-            for relpath, text in route(self._entry(record), known, self.settings):
-                lines.setdefault(relpath, []).append(text)
-        for note in self.notes:
-            for relpath, text in route(note, known, self.settings):
-                lines.setdefault(relpath, []).append(text)
-        return lines
+        for entry in [self._entry(record) for record in records] + self.notes:
+            for relpath, text in route(entry, known, self.settings):
+                if relpath not in lines:
+                    lines[relpath], firsts[relpath] = [], entry.ts
+                lines[relpath].append(text)
+        return lines, firsts
 
     def _entry(self, record: Record) -> Entry:
         if record.damaged is None:

@@ -11,8 +11,9 @@ from types import FrameType
 
 from apilog._entry import internal
 from apilog.settings import Settings
-from apilog.spool.reader import SpoolReader
 
+from ._archive import Archiver
+from ._control import answer_archive_request
 from ._drain import Drainer
 from ._instance import InstanceLock
 from ._notify import notify
@@ -33,9 +34,13 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stopping = threading.Event()
+        self.archive_requested = False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
+
+    def _on_archive(self, signum: int, frame: FrameType | None) -> None:
+        self.archive_requested = True
 
     def run(self) -> int:
         conf = self.settings
@@ -43,10 +48,12 @@ class Service:
         lock = InstanceLock(conf.home)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_archive)  # `apilog archive`
         # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:
             drainer = Drainer(conf)
+            archiver = Archiver(conf, drainer.tree, drainer.files)
         except BaseException:
             lock.release()
             raise
@@ -55,15 +62,17 @@ class Service:
             drainer.reader.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
             _say(f"draining {conf.spool_dir} into {conf.log_dir}")
-            self._loop(drainer, drainer.reader)
+            self._loop(drainer, archiver)
             notify("STOPPING=1")
         finally:
+            archiver.close()
             drainer.close()
             lock.release()
         _say("stopped")
         return 0
 
-    def _loop(self, drainer: Drainer, reader: SpoolReader) -> None:
+    def _loop(self, drainer: Drainer, archiver: Archiver) -> None:
+        reader = drainer.reader
         backoff = 0.0
         failure: str | None = None
         idle, last_scan, last_sweep = True, 0.0, time.monotonic()
@@ -88,6 +97,23 @@ class Service:
                 drainer.notes.append(internal("recovered from a write error", {"error": failure}))
                 _say(f"recovered from: {failure}")
                 failure = None
+            archiver.written(drainer.created)
+            self._archive(drainer, archiver)
             idle = done == 0
             if idle:
                 self.stopping.wait(IDLE_WAIT)
+
+    def _archive(self, drainer: Drainer, archiver: Archiver) -> None:
+        """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""
+        try:
+            if self.archive_requested:
+                self.archive_requested = False
+                answer_archive_request(self.settings, archiver.rotate_all())
+            else:
+                archiver.tick()
+        except OSError as exc:  # rotation waits for the next tick; writing goes on
+            _say(f"rotation failed, will retry: {exc}")
+            archiver.notes.append(("rotation failed, will retry", {"error": str(exc)}))
+        while archiver.notes:
+            heading, body = archiver.notes.pop(0)
+            drainer.notes.append(internal(heading, body))

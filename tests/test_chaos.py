@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import multiprocessing
 import os
 import random
@@ -14,12 +15,12 @@ from typing import Any
 import pytest
 
 from apilog import logger, settings
-from apilog._tree import decode_user
+from apilog._tree import archive_order, decode_user
 from apilog.spool.transport import writer_for
 from apilogd import _control
 from apilogd._instance import running_pid
 
-from .conftest import wait_written
+from .conftest import wait_for, wait_written
 
 STREAMS = ("INFO", "LOGIN", "SECURITY ALERT")
 USERS = 16
@@ -93,17 +94,17 @@ def check_logs(home: Path, returned: list[int], per_producer: int) -> dict[str, 
     """
     seen: dict[tuple[int, int], int] = {}
     torn = misplaced = reordered = 0
-    for path in sorted((home / "logs" / "users").rglob("*.log")):
-        user = decode_user(path.parent.name)
+    for (user_dir, stem), text in _lineages(home).items():
+        user = decode_user(user_dir)
         last: dict[int, int] = {}
-        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+        for line in text.split("\n")[:-1]:
             match = LINE.match(line)
             if not match or match["pad"] != PAD:
                 torn += 1
                 continue
             p, n = int(match["p"]), int(match["n"])
             seen[(p, n)] = seen.get((p, n), 0) + 1
-            if _target(p, n) != (user, match["stream"]) or path.stem != match["stream"].replace(" ", "_"):
+            if _target(p, n) != (user, match["stream"]) or stem != match["stream"].replace(" ", "_"):
                 misplaced += 1
             if n <= last.get(p, -1):
                 reordered += 1
@@ -124,28 +125,54 @@ def check_logs(home: Path, returned: list[int], per_producer: int) -> dict[str, 
     # A producer killed inside write() may leave a torn record; that one is quarantined and reported.
     counts["internal_notes"] = notes.count("INTERNAL: ") - notes.count("INTERNAL: quarantined spool message: torn record")
     counts["batches_undone"] = (home / "apilogd.out").read_text().count("undid an unfinished batch")
+    counts["archives"] = len(list((home / "logs" / "archive").rglob("*.gz")))
     return counts
+
+
+def _lineages(home: Path) -> dict[tuple[str, str], str]:
+    """Each user file's whole history: its gzip archives in rotation order, then the live file."""
+    logs = home / "logs"
+    archive = logs / "archive"
+    wait_for(lambda: not [p for p in archive.rglob("*") if p.is_file() and not p.name.endswith(".gz")],
+             what="compression to finish")
+    parts: dict[tuple[str, str], list[tuple[tuple[str, str, int], str]]] = {}
+    for path in (archive / "users").rglob("*.gz"):
+        key = (path.parent.name, path.name.split(".", 1)[0])
+        parts.setdefault(key, []).append((archive_order(path.name), gzip.decompress(path.read_bytes()).decode()))
+    for path in (logs / "users").rglob("*.log"):
+        key = (path.parent.name, path.stem)
+        parts.setdefault(key, []).append((("\uffff", "", 0), path.read_text(encoding="utf-8")))
+    return {key: "".join(text for _, text in sorted(chunks)) for key, chunks in parts.items()}
 
 
 def _assert_clean(counts: dict[str, int]) -> None:
     print("chaos:", counts)
-    assert {k: v for k, v in counts.items() if k not in ("entries", "batches_undone")} == {
+    assert {k: v for k, v in counts.items() if k not in ("entries", "batches_undone", "archives")} == {
         "lost": 0, "doubled": 0, "torn": 0, "misplaced": 0, "reordered": 0, "unexpected": 0, "internal_notes": 0,
     }
 
 
-def test_chaos_kills(home: Path) -> None:
+@pytest.mark.parametrize("rotate_bytes", [None, "3000"], ids=["no-rotation", "rotation"])
+def test_chaos_kills(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str | None) -> None:
     """4 producers, 6,000 entries, 5 SIGKILLs of the daemon at random moments, one of a producer."""
+    if rotate_bytes:
+        monkeypatch.setenv("APILOG_ROTATE_BYTES", rotate_bytes)
     seed = int(os.environ.get("APILOG_CHAOS_SEED", time.time()))
     print("seed", seed)
-    _assert_clean(run_chaos(home, producers=4, per_producer=1500, kills=5, seed=seed))
+    counts = run_chaos(home, producers=4, per_producer=1500, kills=5, seed=seed)
+    _assert_clean(counts)
+    assert (counts["archives"] > 0) == bool(rotate_bytes)
 
 
 @pytest.mark.stress
-def test_chaos_kills_long(home: Path) -> None:
+@pytest.mark.parametrize("rotate_bytes", [None, "20000"], ids=["no-rotation", "rotation"])
+def test_chaos_kills_long(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str | None) -> None:
     """The long run: 6 producers, 60,000 entries, 25 SIGKILLs of the daemon, one of a producer."""
+    if rotate_bytes:
+        monkeypatch.setenv("APILOG_ROTATE_BYTES", rotate_bytes)
     seed = int(os.environ.get("APILOG_CHAOS_SEED", time.time()))
     print("seed", seed)
     counts = run_chaos(home, producers=6, per_producer=10000, kills=25, seed=seed)
     _assert_clean(counts)
+    assert (counts["archives"] > 0) == bool(rotate_bytes)
     assert counts["batches_undone"] >= 1, "no kill landed in mid-batch: the run proved little"

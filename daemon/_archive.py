@@ -1,0 +1,229 @@
+"""Rotation and compression: live files past their size or age move into archive/ and are gzipped aside.
+
+Rotation happens in the drain loop between batches (so no batch is ever split between
+two files, and the journal never names a rotated file) and is one rename. Compression
+runs in its own thread: gzip to `.gz.tmp`, fsync, rename to `.gz`, remove the plain copy.
+A crash leaves a plain archive (compressed again at start) or a `.tmp` (removed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import queue
+import re
+import shutil
+import stat
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from apilog._render import STAMP_FORMAT
+from apilog._tree import ARCHIVE, SYSTEM, USERS, LogTree, archive_name, parse_archive_name
+from apilog.settings import Settings
+
+from ._files import OpenFiles
+from ._watch import ChangeWatcher
+
+AGE_CHECK_EVERY = 1.0  # seconds between looks at live files' ages
+SWEEP_EVERY = 30.0  # seconds between walks of the whole tree (the backstop of the events)
+_TEXT_STAMP = re.compile(rb" \xc2\xa7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
+_JSONL_TS = re.compile(rb'"ts":"([^"]+)"')
+
+
+class Archiver:
+    """Decides which live files are due, rotates them, and compresses archives off the write path."""
+
+    def __init__(self, settings: Settings, tree: LogTree, files: OpenFiles) -> None:
+        self.settings = settings
+        self.tree = tree
+        self.files = files
+        self.root = settings.log_dir
+        self.first_entry: dict[str, float] = {}  # live file -> event time of its first entry
+        self.notes: list[tuple[str, dict[str, object]]] = []  # INTERNAL reports for the drainer
+        self.watcher = ChangeWatcher(self.root, settings.log_suffix)
+        if self.watcher.fallback_reason:
+            self.notes.append(("archiver falls back to polling", {"reason": self.watcher.fallback_reason}))
+        self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._compressor = threading.Thread(target=self._compress_loop, name="apilog-gzip", daemon=True)
+        self._compressor.start()
+        self._last_age_check = 0.0
+        self._last_sweep = 0.0
+
+    def close(self, *, wait: bool = False) -> None:
+        """Stop watching and compressing; `wait` finishes the queued compressions first."""
+        self.watcher.stop()
+        self._jobs.put(None)
+        # Within systemd's stop timeout; an unfinished job is redone at the next start.
+        self._compressor.join(timeout=None if wait else 5)
+
+    def written(self, first_entries: dict[str, float]) -> None:
+        """A batch created these files: remember when their first entries happened."""
+        for relpath, ts in first_entries.items():
+            self.first_entry.setdefault(relpath, ts)
+
+    def tick(self, *, now: float | None = None) -> int:
+        """Rotate what is due; return how many files were rotated. Call only between batches."""
+        now = time.time() if now is None else now
+        due = set()
+        for relpath in self.watcher.take():
+            if self._too_big(relpath):
+                due.add(relpath)
+        if self.settings.rotate_age and now - self._last_age_check >= AGE_CHECK_EVERY:
+            self._last_age_check = now
+            limit = now - self.settings.rotate_age
+            due.update(r for r, first in self.first_entry.items() if first <= limit)
+        if now - self._last_sweep >= SWEEP_EVERY:
+            self._last_sweep = now
+            due.update(self.sweep(now))
+        for relpath in sorted(due):
+            self.rotate(relpath, now)
+        return len(due)
+
+    def sweep(self, now: float) -> set[str]:
+        """Walk the tree: learn files and ages, find what is due, resume compression, apply retention."""
+        due, folders = set(), 0
+        for top in (SYSTEM, USERS):
+            for dirpath, dirnames, filenames in os.walk(self.root / top):
+                folders += 1
+                for name in filenames:
+                    relpath = os.path.relpath(os.path.join(dirpath, name), self.root)
+                    if not name.endswith(self.settings.log_suffix):
+                        continue
+                    if relpath not in self.first_entry:
+                        first = self._first_entry_time(relpath)
+                        if first is not None:
+                            self.first_entry[relpath] = first
+                    age_due = self.settings.rotate_age and self.first_entry.get(relpath, now) <= now - self.settings.rotate_age
+                    if age_due or self._too_big(relpath):
+                        due.add(relpath)
+        reason = self.watcher.check(folders + 1)  # + the root
+        if reason:
+            self.notes.append(("archiver falls back to polling", {"reason": reason}))
+        self._archives(now)
+        return due
+
+    def rotate_all(self, now: float | None = None) -> int:
+        """Rotate every live file that has anything in it (`apilog archive`)."""
+        now = time.time() if now is None else now
+        due = {r for r in self._live_files() if self._size(r)}
+        for relpath in sorted(due):
+            self.rotate(relpath, now)
+        return len(due)
+
+    def rotate(self, relpath: str, now: float) -> str | None:
+        """Move one live file into archive/ under a name never used before; queue its compression."""
+        if not self._size(relpath):
+            self.first_entry.pop(relpath, None)
+            return None
+        self.files.forget(relpath)  # the next entry opens a fresh live file
+        stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        folder, _, name = relpath.rpartition("/")
+        counter = 0
+        while True:
+            target = f"{ARCHIVE}/{folder}/{archive_name(name, stamp, counter)}"
+            if not self.tree.exists(target) and not self.tree.exists(target + ".gz"):
+                break
+            counter += 1
+        self.tree.rename(relpath, target)
+        if self.settings.fsync != "off":
+            self.tree.fsync_dir(f"{ARCHIVE}/{folder}")
+            self.tree.fsync_dir(folder)
+        self.first_entry.pop(relpath, None)
+        self._jobs.put(target)
+        return target
+
+    def _live_files(self) -> list[str]:
+        out = []
+        for top in (SYSTEM, USERS):
+            for dirpath, _dirs, filenames in os.walk(self.root / top):
+                out.extend(os.path.relpath(os.path.join(dirpath, n), self.root)
+                           for n in filenames if n.endswith(self.settings.log_suffix))
+        return out
+
+    def _size(self, relpath: str) -> int:
+        try:
+            st = os.stat(self.root / relpath, follow_symlinks=False)
+        except FileNotFoundError:
+            return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    def _too_big(self, relpath: str) -> bool:
+        return self._size(relpath) > self.settings.rotate_bytes
+
+    def _first_entry_time(self, relpath: str) -> float | None:
+        """The first entry's stamp, read from the file; its mtime when entries carry none."""
+        try:
+            with open(self.root / relpath, "rb") as handle:
+                head = handle.read(1 << 16)
+                mtime = os.fstat(handle.fileno()).st_mtime
+        except OSError:
+            return None
+        if self.settings.format == "jsonl":
+            match = _JSONL_TS.search(head)
+            if match:
+                with contextlib.suppress(ValueError):
+                    return datetime.fromisoformat(match.group(1).decode()).timestamp()
+        else:
+            match = _TEXT_STAMP.search(head)
+            if match:
+                with contextlib.suppress(ValueError):
+                    when = datetime.strptime(match.group(1).decode(), STAMP_FORMAT)
+                    return when.replace(tzinfo=self.settings.tz).timestamp() if self.settings.tz else when.timestamp()
+        return mtime
+
+    def _archives(self, now: float) -> None:
+        """Finish what a crash interrupted, and delete archives past APILOG_RETAIN_DAYS."""
+        keep_after = now - self.settings.retain_days * 86400
+        for dirpath, _dirs, filenames in os.walk(self.root / ARCHIVE):
+            for name in filenames:
+                match = parse_archive_name(name)
+                relpath = os.path.relpath(os.path.join(dirpath, name), self.root)
+                if match is None:
+                    continue
+                if match["tmp"]:
+                    self.tree.unlink(relpath)  # a compression cut short; its plain copy is still there
+                elif not match["gz"]:
+                    self._jobs.put(relpath)
+                elif self.settings.retain_days:
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(os.path.join(dirpath, name), follow_symlinks=False).st_mtime < keep_after:
+                            self.tree.unlink(relpath)
+
+    def _compress_loop(self) -> None:
+        while True:
+            relpath = self._jobs.get()
+            if relpath is None:
+                return
+            try:
+                self.compress(relpath)
+            except OSError as exc:
+                self.notes.append(("archive compression failed; will retry at the next sweep",
+                                   {"file": relpath, "error": str(exc)}))
+
+    def compress(self, relpath: str) -> None:
+        """gzip a plain archive beside itself, durably, then remove the plain copy."""
+        final = relpath + ".gz"
+        if self.tree.exists(final):  # compressed before a crash that came before the removal
+            self.tree.unlink(relpath)
+            return
+        tmp = final + ".tmp"
+        self.tree.unlink(tmp)
+        src = self.tree.open_existing(relpath, os.O_RDONLY)
+        try:
+            dst = self.tree.open_append(tmp)
+            try:
+                with os.fdopen(src, "rb", closefd=False) as plain, os.fdopen(dst, "wb", closefd=False) as raw:
+                    with gzip.GzipFile(filename=os.path.basename(relpath), mode="wb", fileobj=raw, mtime=0) as packed:
+                        shutil.copyfileobj(plain, packed, 1 << 20)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        self.tree.rename(tmp, final)
+        folder = relpath.rpartition("/")[0]
+        self.tree.fsync_dir(folder)
+        self.tree.unlink(relpath)
