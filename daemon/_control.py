@@ -25,6 +25,7 @@ from apilog.spool.reader import waiting
 from ._instance import InstanceLock, running_pid
 from .exceptions import DaemonError, StartFailed, StopFailed
 
+STATS_NAME = "stats.json"
 ARCHIVE_REQUEST = "archive.request"
 ARCHIVE_DONE = "archive.done"
 START_TIMEOUT = 30.0
@@ -88,6 +89,7 @@ class Status:
     backlog: int
     oldest_age: float | None
     quarantined: int
+    written_last_minute: int | None  # None when the daemon is not running
 
 
 def status(settings: Settings) -> Status:
@@ -104,7 +106,15 @@ def status(settings: Settings) -> Status:
         quarantined = len(os.listdir(layout(settings.spool_dir)["quarantine"]))
     except FileNotFoundError:
         quarantined = 0
-    return Status(pid, count, oldest, quarantined)
+    written = None
+    if pid is not None:
+        try:
+            stats = json.loads((settings.state_dir / STATS_NAME).read_text())
+            if stats.get("pid") == pid:
+                written = int(stats["written_last_minute"])
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+    return Status(pid, count, oldest, quarantined, written)
 
 
 def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:

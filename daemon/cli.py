@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import grp
+import os
+from pathlib import Path
+
 import click
 
 from apilog import settings as settings_module
 from apilog.exceptions import ApilogError
 from apilog.settings import Settings
 
-from . import _control
+from . import _control, _units
 from .service import Service
 
 EXIT_STOPPED = 3  # LSB: program is not running
+
+
+def _group_of(path: Path) -> str:
+    try:
+        gid = path.stat().st_gid
+    except FileNotFoundError:
+        return "- (no spool yet)"
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _settings() -> Settings:
@@ -57,6 +72,37 @@ def stop() -> None:
     click.echo("apilogd is not running" if pid is None else f"apilogd stopped (pid {pid})")
 
 
+@main.command("install-service")
+@click.option("--user", "scope", flag_value="user", help="Install a user unit (the default when not root).")
+@click.option("--system", "scope", flag_value="system", help="Install the system unit (the default as root).")
+@click.option("--dry-run", is_flag=True, help="Print the units and commands; change nothing.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the files under this folder and run no command (for packaging).")
+def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None:
+    """Install apilogd's systemd units with this installation's paths and settings."""
+    _settings()  # refuse to install settings that would not start
+    user = scope == "user" if scope else os.geteuid() != 0
+    files, commands = _units.plan(user=user, env=dict(os.environ), root=root)
+    if dry_run:
+        for unit in files:
+            click.echo(f"# {unit.path}\n{unit.text}")
+        for command in commands:
+            click.echo(f"would run: {' '.join(command)}")
+        return
+    _units.install(files)
+    for unit in files:
+        click.echo(f"wrote {unit.path}")
+    if root is not None:
+        return
+    for command in commands:
+        result = _units.run(command)
+        if result.returncode != 0:
+            raise click.ClickException(f"{' '.join(command)} failed: {(result.stderr or result.stdout).strip()}")
+        click.echo(f"ran {' '.join(command)}")
+    if not user:
+        click.echo("apps that log must be in the apilog group: usermod -aG apilog <the app's user>")
+
+
 @main.command()
 def status() -> None:
     """Say whether apilogd runs, and how much waits in the spool (exit 0 running, 3 stopped)."""
@@ -71,5 +117,8 @@ def status() -> None:
     click.echo(f"backlog:     {info.backlog} entries waiting")
     age = "-" if info.oldest_age is None else f"{info.oldest_age:.1f}s"
     click.echo(f"oldest:      {age}")
-    click.echo(f"quarantined: {info.quarantined} spool messages")
+    if info.written_last_minute is not None:
+        click.echo(f"written:     {info.written_last_minute} entries in the last minute")
+    click.echo(f"quarantined: {info.quarantined} spool messages (in {conf.spool_dir / 'quarantine'})")
+    click.echo(f"spool group: {_group_of(conf.spool_dir)} (an app's user must be in it to log: usermod -aG <group> <user>)")
     raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)

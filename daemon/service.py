@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from types import FrameType
 
+from apilog._atomic import write_atomic
 from apilog._entry import internal
 from apilog.settings import Settings
 
 from ._archive import Archiver
-from ._control import answer_archive_request
+from ._control import STATS_NAME, answer_archive_request
 from ._drain import Drainer
 from ._instance import InstanceLock
 from ._notify import notify
@@ -21,7 +24,8 @@ from ._notify import notify
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
 SWEEP_EVERY = 60.0  # seconds between tidyings of the spool's tmp folder
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 10.0  # well inside WatchdogSec=, which the loop must keep feeding
+REPORT_EVERY = 2.0  # seconds between STATUS= lines and state/stats.json updates
 
 
 def _say(text: str) -> None:
@@ -35,6 +39,12 @@ class Service:
         self.settings = settings
         self.stopping = threading.Event()
         self.archive_requested = False
+        self.written: deque[tuple[float, int]] = deque()  # (when, entries) of the last minute's batches
+        self.last_report = 0.0
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        watched = os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and watched else None
+        self.last_ping = 0.0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -84,6 +94,7 @@ class Service:
             if now - last_sweep >= SWEEP_EVERY:
                 drainer.sweep()
                 last_sweep = now
+            self._ping(now)
             try:
                 done = drainer.step()
             except OSError as exc:
@@ -93,6 +104,7 @@ class Service:
                 self.stopping.wait(backoff)
                 continue
             backoff = 0.0
+            self._report(now, done, drainer)
             if failure is not None:
                 drainer.notes.append(internal("recovered from a write error", {"error": failure}))
                 _say(f"recovered from: {failure}")
@@ -102,6 +114,26 @@ class Service:
             idle = done == 0
             if idle:
                 self.stopping.wait(IDLE_WAIT)
+
+    def _ping(self, now: float) -> None:
+        if self.watchdog_every is not None and now - self.last_ping >= self.watchdog_every:
+            notify("WATCHDOG=1")
+            self.last_ping = now
+
+    def _report(self, now: float, done: int, drainer: Drainer) -> None:
+        """Every few seconds: a STATUS= line for systemctl, and state/stats.json for `apilogd status`."""
+        if done:
+            self.written.append((now, done))
+        while self.written and self.written[0][0] < now - 60:
+            self.written.popleft()
+        if now - self.last_report < REPORT_EVERY:
+            return
+        self.last_report = now
+        last_minute = sum(n for _, n in self.written)
+        waiting = drainer.reader.waiting_bytes()
+        notify(f"STATUS=wrote {last_minute} entries in the last minute; {waiting} bytes waiting in the spool")
+        stats = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}
+        write_atomic(self.settings.state_dir / STATS_NAME, json.dumps(stats).encode(), durable=False)
 
     def _archive(self, drainer: Drainer, archiver: Archiver) -> None:
         """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""

@@ -1,4 +1,4 @@
-"""The systemd notify protocol, read from our own socket: READY=1 once consuming, STOPPING=1 on SIGTERM."""
+"""The systemd notify protocol, read from our own socket: READY=1, STATUS=, WATCHDOG=1, STOPPING=1."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from apilog import logger
@@ -14,20 +15,26 @@ from apilog import logger
 from .conftest import log_file, wait_written
 
 
-def test_ready_then_stopping(home: Path, tmp_path: Path) -> None:
-    """READY=1 arrives before an entry is logged; after SIGTERM, STOPPING=1 and exit 0, entry written."""
+def test_ready_status_watchdog_stopping(home: Path, tmp_path: Path) -> None:
+    """READY=1 before an entry is logged; STATUS= and WATCHDOG=1 while running; STOPPING=1 and exit 0 on SIGTERM."""
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(path)
         sock.settimeout(20)
-        proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], env={**os.environ, "NOTIFY_SOCKET": path})
+        env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}
+        proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], env=env)
         try:
-            assert sock.recv(4096).decode().startswith("READY=1")
+            assert sock.recv(4096).decode().startswith("READY=1\nMAINPID=")
             logger.delay("INFO", "mia", "while notified", timestamp=False)
             wait_written()
+            time.sleep(2.5)  # long enough for a STATUS= report and a few watchdog pings
             proc.send_signal(signal.SIGTERM)
-            assert sock.recv(4096) == b"STOPPING=1"
+            seen = []
+            while not seen or seen[-1] != "STOPPING=1":
+                seen.append(sock.recv(4096).decode())
             assert proc.wait(timeout=10) == 0
         finally:
             proc.kill()
+    assert any(s.startswith("STATUS=wrote 1 entries in the last minute") for s in seen), seen
+    assert seen.count("WATCHDOG=1") >= 2
     assert log_file(home, "users/mia/INFO.log") == "INFO:  while notified\n"

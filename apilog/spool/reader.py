@@ -184,6 +184,10 @@ class SpoolReader:
     def commit(self, offsets: Mapping[str, int]) -> None:
         self._committed.update(offsets)
 
+    def waiting_bytes(self) -> int:
+        """Bytes in known segments past their committed offsets."""
+        return sum(max(0, os.fstat(seg.fd).st_size - self._committed.get(seg.name, 0)) for seg in self._segments.values())
+
     def drained(self) -> list[str]:
         """Segments that are sealed and committed to their end: ready to be removed."""
         done = []

@@ -1,0 +1,174 @@
+"""The systemd side: units that verify and score well, install-service, and the two-user permission model."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import shutil
+import site
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+APILOGD = [sys.executable, "-m", "apilogd"]
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+
+
+def _render(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*APILOGD, "install-service", *args, "--root", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+
+
+@needs_analyze
+def test_rendered_units_verify(home: Path, tmp_path: Path) -> None:
+    """The system unit (with the broker drop-in) and the user unit pass `systemd-analyze verify`."""
+    assert _render(tmp_path, "--system", env={"APILOG_BROKER_URL": "redis://localhost:6379/0"}).returncode == 0
+    assert _render(tmp_path, "--user", env={"XDG_CONFIG_HOME": "/home/u/.config"}).returncode == 0
+    system = tmp_path / "etc/systemd/system/apilogd.service"
+    user = tmp_path / "home/u/.config/systemd/user/apilogd.service"
+    assert f"ExecStart={sys.executable} -m apilogd run" in system.read_text()
+    assert "Environment=APILOG_BROKER_URL=redis://localhost:6379/0" in system.read_text()
+    assert (tmp_path / "etc/systemd/system/apilogd.service.d/broker-network.conf").exists()
+    assert (tmp_path / "etc/sysusers.d/apilog.conf").read_text().strip().endswith('u apilog - "apilog log writer" /var/lib/apilog')
+    for unit in (system, user):
+        result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+@needs_analyze
+def test_system_unit_security_score(home: Path, tmp_path: Path) -> None:
+    """`systemd-analyze security --offline=yes` rates the system unit 2.0 or lower."""
+    assert _render(tmp_path, "--system").returncode == 0
+    unit = tmp_path / "etc/systemd/system/apilogd.service"
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True)
+    score = float(re.search(r"Overall exposure level for apilogd.service: ([\d.]+)", result.stdout).group(1))
+    print("exposure", score)
+    assert score <= 2.0
+
+
+def test_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:
+    """--dry-run prints the units and the commands, writes no file."""
+    result = subprocess.run([*APILOGD, "install-service", "--system", "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "# /etc/systemd/system/apilogd.service" in result.stdout
+    assert f"ExecStart={sys.executable} -m apilogd run" in result.stdout
+    assert "would run: systemctl enable --now apilogd.service" in result.stdout
+
+
+# ---------------------------------------------------------------- two users
+
+
+BOOT = """
+import runpy, site, sys
+for folder in {folders!r}:
+    site.addsitedir(folder)
+what = sys.argv.pop(1)
+if what == "-c":
+    exec(sys.argv.pop(1))
+else:
+    sys.argv[0] = what
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+"""
+
+
+def _others_can_run(path: str) -> bool:
+    path = os.path.realpath(path)
+    parents = [str(p) for p in Path(path).parents]
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in parents) and bool(os.stat(path).st_mode & stat.S_IXOTH)
+
+
+def _python_for_others(folder: Path) -> list[str] | None:
+    """A command that another user can run apilog's code with (this venv's packages, this checkout); or None."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    exe = next((e for e in (sys.executable, f"/usr/bin/{version}") if os.path.exists(e) and _others_can_run(e)), None)
+    if exe is None:
+        return None
+    folders = [p for p in sys.path if p.endswith("site-packages")] + [str(Path(__file__).resolve().parents[1])]
+    boot = folder / "boot.py"
+    boot.write_text(BOOT.format(folders=folders))
+    os.chmod(boot, 0o644)
+    return [os.path.realpath(exe), str(boot)]
+
+
+@pytest.fixture
+def two_users() -> Iterator[tuple[str, str, str]]:
+    """A daemon user and an app user sharing a group, created for this test and removed after."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd")
+    tag = str(os.getpid())[-5:]
+    group, daemon_user, app_user, other = f"alg{tag}", f"ald{tag}", f"ala{tag}", f"alo{tag}"
+    subprocess.run(["groupadd", group], check=True)
+    for name in (daemon_user, app_user, other):
+        subprocess.run(["useradd", "--no-create-home", "--user-group", name], check=True)
+    for name in (daemon_user, app_user):
+        subprocess.run(["usermod", "-aG", group, name], check=True)
+    try:
+        yield daemon_user, app_user, group
+    finally:
+        for name in (daemon_user, app_user, other):
+            subprocess.run(["userdel", name], check=False)
+        subprocess.run(["groupdel", group], check=False)
+
+
+def _as(user: str, group: str, umask: int) -> dict[str, object]:
+    return {"user": user, "group": group, "extra_groups": [group], "umask": umask}
+
+
+def test_app_and_daemon_as_two_users(two_users: tuple[str, str, str]) -> None:
+    """The app's user writes the spool through the shared group; the daemon's user writes logs others cannot read."""
+    daemon_user, app_user, group = two_users
+    root = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        python = _python_for_others(root)
+        home = root / "home"
+        home.mkdir()
+        shutil.chown(home, daemon_user, group)
+        os.chmod(home, 0o2770)  # what StateDirectoryMode=2770 gives the service
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APILOG_")} | {"APILOG_HOME": str(home)}
+        probe = python and subprocess.run([*python, "apilogd", "--help"], env=env, capture_output=True, text=True,
+                                          **_as(app_user, group, 0o022))
+        if not probe or probe.returncode != 0:
+            pytest.skip(f"no Python that other users may run here: {getattr(probe, 'stderr', '')[-300:]!r}")
+        _two_users(python, env, home, daemon_user, app_user, group)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _two_users(python: list[str], env: dict[str, str], home: Path, daemon_user: str, app_user: str, group: str) -> None:
+    daemon = subprocess.Popen([*python, "apilogd", "run"], env=env, stderr=subprocess.PIPE, text=True,
+                              **_as(daemon_user, group, 0o007))  # the unit's User=, Group= and UMask=
+    try:
+        deadline = time.monotonic() + 30
+        while not (home / "apilogd.pid").exists():
+            assert daemon.poll() is None, daemon.stderr.read()
+            assert time.monotonic() < deadline, "apilogd did not start"
+            time.sleep(0.05)
+        code = "from apilog import logger; print(logger.delay('INFO', 'uma', 'from the app user', timestamp=False).spooled)"
+        app = subprocess.run([*python, "-c", code], env=env, capture_output=True, text=True,
+                             user=app_user, group=app_user, extra_groups=[group], umask=0o022)
+        assert app.stdout.strip() == "True", app.stderr
+        log = home / "logs" / "users" / "uma" / "INFO.log"
+        while not log.exists():
+            assert time.monotonic() < deadline + 30, "the daemon did not write the app's entry"
+            time.sleep(0.05)
+        assert log.read_text() == "INFO:  from the app user\n"
+        spool = home / "spool"
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o2770 and grp.getgrgid(spool.stat().st_gid).gr_name == group
+        for path in (home / "logs", log.parent, log):
+            assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0  # closed to others
+            assert pwd.getpwuid(path.stat().st_uid).pw_name == daemon_user
+        other = f"alo{str(os.getpid())[-5:]}"
+        refused = subprocess.run(["cat", str(log)], capture_output=True, text=True, user=other, group=other)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    finally:
+        daemon.terminate()
+        daemon.wait(15)
