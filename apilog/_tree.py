@@ -78,6 +78,7 @@ class LogTree:
             os.makedirs(root, mode=DIR_MODE, exist_ok=True)
             os.chmod(root, DIR_MODE)
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.folders_created = 0  # counted so a flood of new user names can be reported
 
     def close(self) -> None:
         os.close(self._root_fd)
@@ -180,6 +181,7 @@ class LogTree:
                 try:
                     os.mkdir(part, DIR_MODE, dir_fd=fd)
                     os.chmod(part, DIR_MODE, dir_fd=fd, follow_symlinks=False)
+                    self.folders_created += 1
                 except FileExistsError:
                     pass
             try:

@@ -17,6 +17,7 @@ from apilog.spool.reader import Record, SpoolReader
 
 from ._files import OpenFiles
 
+NEW_FOLDERS_PER_MINUTE = 1000  # more new user folders than this in a minute is reported as a burst
 MAX_RECORDS = 16384
 MAX_BYTES = 16 * 1024 * 1024
 
@@ -35,6 +36,7 @@ class Drainer:
         self.registry = Registry(settings.home)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
         self.created: dict[str, float] = {}  # files the last batch created -> their first entry's time
+        self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
 
     def close(self) -> None:
         self.reader.close()
@@ -84,8 +86,22 @@ class Drainer:
         self.notes.clear()
         self.created = {r: firsts.get(r, time.time()) for r, size in sizes.items() if size == 0}
         self.reader.commit(advance)
+        self._watch_for_bursts()
         self._remove_drained()
         return len(records)
+
+    def _watch_for_bursts(self) -> None:
+        """Report (never refuse) a flood of new user folders: every entry is still written."""
+        began, before = self._burst_window
+        now = time.monotonic()
+        created = self.tree.folders_created - before
+        if created > NEW_FOLDERS_PER_MINUTE:
+            self.notes.append(internal("burst of new user folders",
+                                       {"created": created, "seconds": round(now - began, 1),
+                                        "limit_per_minute": NEW_FOLDERS_PER_MINUTE}))
+            self._burst_window = (now, self.tree.folders_created)
+        elif now - began >= 60:
+            self._burst_window = (now, self.tree.folders_created)
 
     def _lines(self, records: list[Record]) -> tuple[dict[str, list[str]], dict[str, float]]:
         """Rendered lines by target file, and each target's first event time in this batch."""
