@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._bridge import LoggingHandler
 from ._context import current_user, user
 from ._task import LogTask, Receipt, app, logger, register
 from .exceptions import ApilogError, BadInput, ConfigError, SpoolError, StreamError
@@ -11,6 +12,7 @@ __all__ = [
     "BadInput",
     "ConfigError",
     "LogTask",
+    "LoggingHandler",
     "Receipt",
     "SpoolError",
     "StreamError",

@@ -1,12 +1,20 @@
-"""The `apilog` command: streams and the demo."""
+"""The `apilog` command: streams, reading the logs, archiving, and the demo."""
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO
+
 import click
 
-from . import _demo
+from . import _demo, _reading
 from . import settings as settings_module
-from ._streams import Registry
+from ._streams import Registry, normalize
+from ._tree import SYSTEM, BadLocation
 from .exceptions import ApilogError
 from .settings import Settings
 
@@ -52,6 +60,145 @@ def streams_remove(name: str) -> None:
     except ApilogError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"removed {stream} (its files are kept)")
+
+
+_COLOURS = {"ERROR": "red", "SECURITY ALERT": "magenta", "STRANGE ACTIVITY": "yellow", "WARN": "yellow",
+            "LOGIN": "cyan", "DEBUG": "blue", "INTERNAL": "bright_black"}
+
+
+def _show(item: _reading.Written, label: bool = False) -> None:
+    """An entry as written; the stream name coloured on a terminal (click strips colour elsewhere)."""
+    text = item.text
+    if text.startswith(item.stream):  # the text format; a jsonl line is shown as it is
+        text = click.style(item.stream, fg=_COLOURS.get(item.stream, "green"), bold=True) + text[len(item.stream):]
+    prefix = click.style(f"{item.source}: ", dim=True) if label else ""
+    click.echo(prefix + text, nl=False)
+
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return _reading.since(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give an ISO date/time or an age like 30m, 2h, 7d") from None
+
+
+def _location(location: str) -> str:
+    try:
+        _reading.user_dir(location)
+    except BadLocation as exc:
+        raise click.ClickException(f"bad user name {location!r}: {exc}") from None
+    return location
+
+
+@main.command()
+def users() -> None:
+    """List the users that have logs (live or archived), by name."""
+    for name in _reading.users(_settings()):
+        click.echo(name)
+
+
+@main.command()
+@click.argument("location")
+@click.argument("stream", required=False)
+@click.option("-n", "lines", default=10, show_default=True, help="How many entries to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new entries, across rotations.")
+def tail(location: str, stream: str | None, lines: int, follow: bool) -> None:
+    """The last entries of a user (one stream, or all merged by time); archives included."""
+    conf = _settings()
+    location = _location(location)
+    stream = _stream(stream)
+    items = _reading.merged(conf, _reading.files_of(conf, location, stream))
+    for item in items[-lines:] if lines > 0 else []:
+        _show(item)
+    if follow:
+        _follow(conf, location, stream)
+
+
+def _stream(stream: str | None) -> str | None:
+    if stream is None:
+        return None
+    try:
+        return normalize(stream)
+    except ApilogError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _follow(conf: Settings, location: str, stream: str | None) -> None:
+    """Print entries as they are appended; a rotated file is read to its end before its successor."""
+    folder = conf.log_dir / _reading.user_dir(location)
+    handles: dict[Path, tuple[int, BinaryIO]] = {}
+    for path in _live(conf, folder, stream):
+        handle = path.open("rb")
+        handle.seek(0, os.SEEK_END)
+        handles[path] = (os.fstat(handle.fileno()).st_ino, handle)
+    pending = b""
+    while True:
+        for path in _live(conf, folder, stream):
+            try:
+                inode = os.stat(path).st_ino
+            except FileNotFoundError:
+                continue
+            known = handles.get(path)
+            if known is None or known[0] != inode:
+                if known is not None:  # rotated: finish the old file first
+                    pending += known[1].read()
+                    known[1].close()
+                handles[path] = (inode, path.open("rb"))
+        for path, (_, handle) in handles.items():
+            pending += handle.read()
+            if pending:
+                text, _, rest = pending.decode("utf-8", errors="replace").rpartition("\n")
+                if text or pending.endswith(b"\n"):
+                    for item in _reading.parse(text + "\n", str(path.relative_to(conf.log_dir)), conf):
+                        _show(item)
+                    pending = rest.encode()
+        sys.stdout.flush()
+        time.sleep(0.2)
+
+
+def _live(conf: Settings, folder: Path, stream: str | None) -> list[Path]:
+    if stream:
+        return [folder / (stream.replace(" ", "_") + conf.log_suffix)]
+    return sorted(folder.glob("*" + conf.log_suffix)) if folder.is_dir() else []
+
+
+@main.command()
+@click.argument("location")
+@click.option("--since", "since_", help="Only entries from then on: ISO time, or an age like 2h.")
+def show(location: str, since_: str | None) -> None:
+    """Every stream of a user merged by time, archives included."""
+    conf = _settings()
+    after = _since(since_)
+    for item in _reading.merged(conf, _reading.files_of(conf, _location(location))):
+        if after is None or (item.ts is not None and item.ts >= after):
+            _show(item)
+
+
+@main.command()
+@click.argument("pattern")
+@click.option("--user", "user_", help="Only this user's files.")
+@click.option("--stream", help="Only this stream.")
+@click.option("--since", "since_", help="Only entries from then on: ISO time, or an age like 2h.")
+def search(pattern: str, user_: str | None, stream: str | None, since_: str | None) -> None:
+    """Entries matching a regular expression, in live files and archives (exit 1 when none)."""
+    conf = _settings()
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise click.BadParameter(f"{pattern!r}: {exc}") from None
+    after = _since(since_)
+    stream = _stream(stream)
+    locations = [_location(user_)] if user_ else [SYSTEM, *_reading.users(conf)]
+    found = 0
+    for location in locations:
+        for item in _reading.entries(conf, _reading.files_of(conf, location, stream)):
+            if regex.search(item.text) and (after is None or (item.ts is not None and item.ts >= after)):
+                _show(item, label=True)
+                found += 1
+    if not found:
+        raise SystemExit(1)
 
 
 @main.command()
