@@ -45,7 +45,8 @@ def test_stock_worker_runs_lean_messages(home: Path, tmp_path: Path) -> None:
     )
     try:
         login = home / "logs" / "users" / "tess" / "LOGIN.log"
-        wait_for(login.exists, timeout=60, what="the stock worker to run the messages")
+        wait_for(lambda: login.exists() and login.stat().st_size > 0, timeout=60,
+                 what="the stock worker to run the messages")
     finally:
         worker.terminate()
         _, err = worker.communicate(timeout=30)

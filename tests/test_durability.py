@@ -225,7 +225,8 @@ def test_stale_tmp_files_are_swept(home: Path) -> None:
         os.utime(dirs["tmp"] / name, (old, old))
     _control.start(settings.load())
     try:
-        wait_for(lambda: (home / "logs" / "system" / "INTERNAL.log").exists(), what="the sweep's report")
+        internal = home / "logs" / "system" / "INTERNAL.log"
+        wait_for(lambda: internal.exists() and "tmp folder" in internal.read_text(), what="the sweep's report")
     finally:
         _control.stop(settings.load())
     assert sorted(p.name for p in dirs["tmp"].iterdir()) == ["fresh.00000001.seg"]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import wait_for
+
 APILOGD = [sys.executable, "-m", "apilogd"]
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 
@@ -157,10 +159,8 @@ def _two_users(python: list[str], env: dict[str, str], home: Path, daemon_user: 
                              user=app_user, group=app_user, extra_groups=[group], umask=0o022)
         assert app.stdout.strip() == "True", app.stderr
         log = home / "logs" / "users" / "uma" / "INFO.log"
-        while not log.exists():
-            assert time.monotonic() < deadline + 30, "the daemon did not write the app's entry"
-            time.sleep(0.05)
-        assert log.read_text() == "INFO:  from the app user\n"
+        wait_for(lambda: log.exists() and log.read_text() == "INFO:  from the app user\n",
+                 what="the daemon to write the app's entry")
         spool = home / "spool"
         assert stat.S_IMODE(spool.stat().st_mode) == 0o2770 and grp.getgrgid(spool.stat().st_gid).gr_name == group
         for path in (home / "logs", log.parent, log):
