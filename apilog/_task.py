@@ -71,6 +71,10 @@ class LogTask(Task):  # type: ignore[misc]
     name = _message.TASK_NAME
     ignore_result = True
     typing = False  # the call is checked by apilog, which routes bad input to INTERNAL
+    # For a stock Celery worker on another broker: acknowledge only once the entry is written,
+    # and hand the message back if the worker dies (at least once; apilogd's own drain is exactly once).
+    acks_late = True
+    reject_on_worker_lost = True
 
     def delay(self, *args: Any, **kwargs: Any) -> Any:
         return self._submit(args, kwargs, {})

@@ -13,20 +13,13 @@ import click
 
 from . import _demo, _reading
 from . import settings as settings_module
+from ._clitools import Group, load_settings
 from ._streams import Registry, normalize
 from ._tree import SYSTEM, BadLocation
-from .exceptions import ApilogError
 from .settings import Settings
 
 
-def _settings() -> Settings:
-    try:
-        return settings_module.load()
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@click.group()
+@click.group(cls=Group)
 def main() -> None:
     """apilog: per-user, per-stream logs for web API backends."""
 
@@ -36,7 +29,7 @@ def main() -> None:
 def streams(ctx: click.Context) -> None:
     """List the known streams (or add and remove them)."""
     if ctx.invoked_subcommand is None:
-        for name in Registry(_settings().home).names():
+        for name in Registry(load_settings().home).names():
             click.echo(name)
 
 
@@ -44,10 +37,7 @@ def streams(ctx: click.Context) -> None:
 @click.argument("name")
 def streams_add(name: str) -> None:
     """Register a stream; running apps and apilogd see it at once."""
-    try:
-        stream = Registry(_settings().home).add(name)
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
+    stream = Registry(load_settings().home).add(name)
     click.echo(f"added {stream}")
 
 
@@ -55,10 +45,7 @@ def streams_add(name: str) -> None:
 @click.argument("name")
 def streams_remove(name: str) -> None:
     """Unregister a stream; its files are kept."""
-    try:
-        stream = Registry(_settings().home).remove(name)
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
+    stream = Registry(load_settings().home).remove(name)
     click.echo(f"removed {stream} (its files are kept)")
 
 
@@ -95,7 +82,7 @@ def _location(location: str) -> str:
 @main.command()
 def users() -> None:
     """List the users that have logs (live or archived), by name."""
-    for name in _reading.users(_settings()):
+    for name in _reading.users(load_settings()):
         click.echo(name)
 
 
@@ -106,7 +93,7 @@ def users() -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new entries, across rotations.")
 def tail(location: str, stream: str | None, lines: int, follow: bool) -> None:
     """The last entries of a user (one stream, or all merged by time); archives included."""
-    conf = _settings()
+    conf = load_settings()
     location = _location(location)
     stream = _stream(stream)
     items = _reading.merged(conf, _reading.files_of(conf, location, stream))
@@ -119,10 +106,7 @@ def tail(location: str, stream: str | None, lines: int, follow: bool) -> None:
 def _stream(stream: str | None) -> str | None:
     if stream is None:
         return None
-    try:
-        return normalize(stream)
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
+    return normalize(stream)
 
 
 def _follow(conf: Settings, location: str, stream: str | None) -> None:
@@ -169,7 +153,7 @@ def _live(conf: Settings, folder: Path, stream: str | None) -> list[Path]:
 @click.option("--since", "since_", help="Only entries from then on: ISO time, or an age like 2h.")
 def show(location: str, since_: str | None) -> None:
     """Every stream of a user merged by time, archives included."""
-    conf = _settings()
+    conf = load_settings()
     after = _since(since_)
     for item in _reading.merged(conf, _reading.files_of(conf, _location(location))):
         if after is None or (item.ts is not None and item.ts >= after):
@@ -183,7 +167,7 @@ def show(location: str, since_: str | None) -> None:
 @click.option("--since", "since_", help="Only entries from then on: ISO time, or an age like 2h.")
 def search(pattern: str, user_: str | None, stream: str | None, since_: str | None) -> None:
     """Entries matching a regular expression, in live files and archives (exit 1 when none)."""
-    conf = _settings()
+    conf = load_settings()
     try:
         regex = re.compile(pattern)
     except re.error as exc:
@@ -206,19 +190,13 @@ def archive() -> None:
     """Rotate every live log file into archive/ now (gzipped off the write path)."""
     from apilogd import _control  # noqa: PLC0415 - rotation has one owner: the daemon's code
 
-    try:
-        rotated = _control.archive_now(_settings())
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
+    rotated = _control.archive_now(load_settings())
     click.echo(f"rotated {rotated} live file{'s' if rotated != 1 else ''} into archive/")
 
 
 @main.command()
 def demo() -> None:
     """Start apilogd if needed, log sample entries, and show what was written."""
-    conf = _settings()
+    conf = load_settings()
     settings_module.reset()  # the logger reads the same environment afresh
-    try:
-        _demo.run(conf)
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
+    _demo.run(conf)

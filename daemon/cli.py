@@ -1,4 +1,4 @@
-"""The `apilogd` command: run, start, stop, status."""
+"""The `apilogd` command: run, start, stop, status, install-service."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from pathlib import Path
 
 import click
 
-from apilog import settings as settings_module
-from apilog.exceptions import ApilogError
-from apilog.settings import Settings
+from apilog._clitools import Group, load_settings
 
 from . import _control, _units
 from .service import Service
@@ -29,14 +27,7 @@ def _group_of(path: Path) -> str:
         return str(gid)
 
 
-def _settings() -> Settings:
-    try:
-        return settings_module.load()
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@click.group()
+@click.group(cls=Group)
 def main() -> None:
     """apilogd: drains the apilog spool into per-user, per-stream log files."""
 
@@ -44,31 +35,21 @@ def main() -> None:
 @main.command()
 def run() -> None:
     """Run in the foreground (for systemd: Type=notify)."""
-    try:
-        code = Service(_settings()).run()
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
-    raise SystemExit(code)
+    raise SystemExit(Service(load_settings()).run())
 
 
 @main.command()
 def start() -> None:
     """Start in the background; return once it is ready."""
-    conf = _settings()
-    try:
-        pid, started = _control.start(conf)
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
+    conf = load_settings()
+    pid, started = _control.start(conf)
     click.echo(f"apilogd started (pid {pid})" if started else f"apilogd is already running (pid {pid})")
 
 
 @main.command()
 def stop() -> None:
     """Stop gracefully and wait for the exit."""
-    try:
-        pid = _control.stop(_settings())
-    except ApilogError as exc:
-        raise click.ClickException(str(exc)) from None
+    pid = _control.stop(load_settings())
     click.echo("apilogd is not running" if pid is None else f"apilogd stopped (pid {pid})")
 
 
@@ -80,7 +61,7 @@ def stop() -> None:
               help="Write the files under this folder and run no command (for packaging).")
 def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None:
     """Install apilogd's systemd units with this installation's paths and settings."""
-    _settings()  # refuse to install settings that would not start
+    load_settings()  # refuse to install settings that would not start
     user = scope == "user" if scope else os.geteuid() != 0
     files, commands = _units.plan(user=user, env=dict(os.environ), root=root)
     if dry_run:
@@ -106,7 +87,7 @@ def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None
 @main.command()
 def status() -> None:
     """Say whether apilogd runs, and how much waits in the spool (exit 0 running, 3 stopped)."""
-    conf = _settings()
+    conf = load_settings()
     info = _control.status(conf)
     if info.pid is None:
         click.echo("apilogd is stopped")

@@ -152,27 +152,27 @@ def _assert_clean(counts: dict[str, int]) -> None:
     }
 
 
-@pytest.mark.parametrize("rotate_bytes", [None, "3000"], ids=["no-rotation", "rotation"])
-def test_chaos_kills(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str | None) -> None:
-    """4 producers, 6,000 entries, 5 SIGKILLs of the daemon at random moments, one of a producer."""
+def _chaos_test(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str | None,
+                producers: int, per_producer: int, kills: int) -> dict[str, int]:
     if rotate_bytes:
         monkeypatch.setenv("APILOG_ROTATE_BYTES", rotate_bytes)
     seed = int(os.environ.get("APILOG_CHAOS_SEED", time.time()))
     print("seed", seed)
-    counts = run_chaos(home, producers=4, per_producer=1500, kills=5, seed=seed)
+    counts = run_chaos(home, producers=producers, per_producer=per_producer, kills=kills, seed=seed)
     _assert_clean(counts)
     assert (counts["archives"] > 0) == bool(rotate_bytes)
+    return counts
+
+
+@pytest.mark.parametrize("rotate_bytes", [None, "3000"], ids=["no-rotation", "rotation"])
+def test_chaos_kills(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str | None) -> None:
+    """4 producers, 6,000 entries, 5 SIGKILLs of the daemon at random moments, one of a producer."""
+    _chaos_test(home, monkeypatch, rotate_bytes, producers=4, per_producer=1500, kills=5)
 
 
 @pytest.mark.stress
 @pytest.mark.parametrize("rotate_bytes", [None, "20000"], ids=["no-rotation", "rotation"])
 def test_chaos_kills_long(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str | None) -> None:
     """The long run: 6 producers, 60,000 entries, 25 SIGKILLs of the daemon, one of a producer."""
-    if rotate_bytes:
-        monkeypatch.setenv("APILOG_ROTATE_BYTES", rotate_bytes)
-    seed = int(os.environ.get("APILOG_CHAOS_SEED", time.time()))
-    print("seed", seed)
-    counts = run_chaos(home, producers=6, per_producer=10000, kills=25, seed=seed)
-    _assert_clean(counts)
-    assert (counts["archives"] > 0) == bool(rotate_bytes)
+    counts = _chaos_test(home, monkeypatch, rotate_bytes, producers=6, per_producer=10000, kills=25)
     assert counts["batches_undone"] >= 1, "no kill landed in mid-batch: the run proved little"
