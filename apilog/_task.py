@@ -47,9 +47,7 @@ class _CeleryConfig:
     worker_send_task_events = False
     worker_enable_remote_control = False
 
-    @property
-    def broker_url(self) -> str:
-        return settings.current().broker_url or "apilog://"
+    broker_url = "apilog://"  # follows settings.current(): see _use_broker_of()
 
 
 _registries: dict[str, Registry] = {}
@@ -106,6 +104,8 @@ class LogTask(Task):  # type: ignore[misc]
             if self.app is app and conf.uses_spool and not options:
                 writer_for(conf.spool_dir, conf.fsync == "always").append(_message.encode(wire))
                 return Receipt(entry.id, spooled=True)
+            if self.app is app:
+                _use_broker_of(conf)
             options.setdefault("queue", _message.QUEUE)  # apilogd consumes this queue on any broker
             return super().apply_async(args=(), kwargs={"entry": wire}, task_id=entry.id, **options)
         except Exception as exc:  # the spool or broker refused: the entry must still be seen somewhere
@@ -129,6 +129,22 @@ class LogTask(Task):  # type: ignore[misc]
                     os.close(fd)
         finally:
             tree.close()
+
+
+_broker_for: settings.Settings | None = None
+
+
+def _use_broker_of(conf: settings.Settings) -> None:
+    """Point apilog's Celery app at the configured broker (settings are re-read when reset, as in tests)."""
+    global _broker_for
+    if _broker_for is not conf:
+        url = conf.broker_url or "apilog://"
+        if app.conf.broker_url != url:
+            app.conf.broker_url = url
+            # Celery keeps its pools for the app's life: drop them so the next publish finds the new broker.
+            app._pool = None
+            app.amqp._producer_pool = None
+        _broker_for = conf
 
 
 def _checked_entry(args: tuple[Any, ...], kwargs: dict[str, Any], conf: settings.Settings) -> tuple[Entry, bool]:

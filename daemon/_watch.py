@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -13,6 +14,8 @@ from watchdog.observers.polling import PollingObserver
 from apilog._tree import ARCHIVE
 
 POLL_SECONDS = 2.0
+# watchdog warns when a new folder's watch races its creation event; the watch is kept either way.
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
 
 class _Collector(FileSystemEventHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 from pathlib import Path
 
 import click
@@ -14,6 +15,11 @@ from . import _control, _units
 from .service import Service
 
 EXIT_STOPPED = 3  # LSB: program is not running
+
+
+def _redacted(url: str) -> str:
+    """A broker URL without its password."""
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
 def _group_of(path: Path) -> str:
@@ -95,7 +101,9 @@ def status() -> None:
         click.echo(f"apilogd is running (pid {info.pid})")
     click.echo(f"home:        {conf.home}")
     click.echo(f"logs:        {conf.log_dir}")
-    click.echo(f"backlog:     {info.backlog} entries waiting")
+    if conf.broker_url:
+        click.echo(f"broker:      {_redacted(conf.broker_url)}")
+    click.echo(f"backlog:     {'unknown' if info.backlog is None else info.backlog} entries waiting")
     age = "-" if info.oldest_age is None else f"{info.oldest_age:.1f}s"
     click.echo(f"oldest:      {age}")
     if info.written_last_minute is not None:

@@ -17,6 +17,8 @@ from apilog.settings import Settings
 
 from ._archive import Archiver
 from ._control import STATS_NAME, answer_archive_request
+from ._batch import BatchWriter
+from ._broker import BrokerDrainer
 from ._drain import Drainer
 from ._instance import InstanceLock
 from ._notify import notify
@@ -62,14 +64,14 @@ class Service:
         # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:
-            drainer = Drainer(conf)
+            drainer: BatchWriter = Drainer(conf) if conf.uses_spool else BrokerDrainer(conf)
             archiver = Archiver(conf, drainer.tree, drainer.files)
         except BaseException:
             lock.release()
             raise
         try:
             drainer.sweep()
-            drainer.reader.scan()
+            drainer.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
             _say(f"draining {conf.spool_dir} into {conf.log_dir}")
             self._loop(drainer, archiver)
@@ -81,15 +83,14 @@ class Service:
         _say("stopped")
         return 0
 
-    def _loop(self, drainer: Drainer, archiver: Archiver) -> None:
-        reader = drainer.reader
+    def _loop(self, drainer: BatchWriter, archiver: Archiver) -> None:
         backoff = 0.0
         failure: str | None = None
         idle, last_scan, last_sweep = True, 0.0, time.monotonic()
         while not self.stopping.is_set():
             now = time.monotonic()
             if idle or now - last_scan >= SCAN_EVERY:
-                reader.scan()
+                drainer.scan()
                 last_scan = now
             if now - last_sweep >= SWEEP_EVERY:
                 drainer.sweep()
@@ -120,7 +121,7 @@ class Service:
             notify("WATCHDOG=1")
             self.last_ping = now
 
-    def _report(self, now: float, done: int, drainer: Drainer) -> None:
+    def _report(self, now: float, done: int, drainer: BatchWriter) -> None:
         """Every few seconds: a STATUS= line for systemctl, and state/stats.json for `apilogd status`."""
         if done:
             self.written.append((now, done))
@@ -130,12 +131,13 @@ class Service:
             return
         self.last_report = now
         last_minute = sum(n for _, n in self.written)
-        waiting = drainer.reader.waiting_bytes()
-        notify(f"STATUS=wrote {last_minute} entries in the last minute; {waiting} bytes waiting in the spool")
+        waiting = drainer.waiting_bytes()
+        backlog = "" if waiting is None else f"; {waiting} bytes waiting in the spool"
+        notify(f"STATUS=wrote {last_minute} entries in the last minute{backlog}")
         stats = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}
         write_atomic(self.settings.state_dir / STATS_NAME, json.dumps(stats).encode(), durable=False)
 
-    def _archive(self, drainer: Drainer, archiver: Archiver) -> None:
+    def _archive(self, drainer: BatchWriter, archiver: Archiver) -> None:
         """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""
         try:
             if self.archive_requested:

@@ -44,17 +44,19 @@ class Ledger:
         data = _read(self.path)
         self.offsets: dict[str, int] = dict(data.get("offsets", {}))
         self.pending: dict[str, Any] | None = data.get("pending")
+        self.last_ids: list[str] = list(data.get("last_ids", []))  # a broker batch's ids, committed with it
 
     def begin(self, files: dict[str, int], advance: dict[str, int]) -> None:
         """Record, before appending, each target file's size and where the batch ends."""
         self.pending = {"files": files, "offsets": advance}
         self._save()
 
-    def commit(self) -> None:
-        """The batch is in its files: move the offsets, clear the journal."""
+    def commit(self, ids: list[str] | None = None) -> None:
+        """The batch is in its files: move the offsets (or record a broker batch's ids), clear the journal."""
         assert self.pending is not None
         self.offsets.update(self.pending["offsets"])
         self.pending = None
+        self.last_ids = ids or []
         self._save()
 
     def abort(self) -> None:
@@ -67,5 +69,6 @@ class Ledger:
         self.offsets.pop(segment, None)
 
     def _save(self) -> None:
-        body = json.dumps({"offsets": self.offsets, "pending": self.pending}, separators=(",", ":"))
+        state = {"offsets": self.offsets, "pending": self.pending, "last_ids": self.last_ids}
+        body = json.dumps(state, separators=(",", ":"))
         write_atomic(self.path, body.encode(), durable=self.durable)

@@ -1,0 +1,149 @@
+"""Any Celery broker as a source: messages consumed with manual acks, acked after their batch is committed.
+
+A broker may deliver a message again (a crash after the commit but before the ack, a
+visibility timeout): the ids of committed batches are kept, and a message seen again is
+acked without being written twice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+
+from kombu import Connection, Consumer, Exchange, Queue
+from kombu.message import Message
+
+from apilog import _message
+from apilog._atomic import write_atomic
+from apilog._entry import Entry, internal
+from apilog.settings import Settings
+from apilog.spool import layout
+
+from ._batch import BatchWriter
+
+MAX_MESSAGES = 2048
+GATHER_SECONDS = 0.05  # how long a batch waits to fill up
+REMEMBERED_IDS = 200_000
+DELIVERED_NAME = "delivered.ids"
+
+
+class DeliveredIds:
+    """Ids of the most recent committed entries, in memory and in an append-only file."""
+
+    def __init__(self, path: Path, *, durable: bool) -> None:
+        self.path = path
+        self.durable = durable
+        self._order: deque[str] = deque()
+        self._set: set[str] = set()
+        try:
+            known = path.read_text().split()
+        except FileNotFoundError:
+            known = []
+        self._lines = len(known)
+        self._remember(known)
+
+    def __contains__(self, entry_id: object) -> bool:
+        return entry_id in self._set
+
+    def add(self, ids: list[str]) -> None:
+        fresh = [i for i in ids if i not in self._set]
+        if not fresh:
+            return
+        with open(self.path, "a", encoding="ascii") as log:
+            log.write("".join(f"{i}\n" for i in fresh))
+            if self.durable:
+                log.flush()
+                os.fsync(log.fileno())
+        self._lines += len(fresh)
+        self._remember(fresh)
+        if self._lines > 2 * REMEMBERED_IDS:  # keep the file about as short as the memory
+            write_atomic(self.path, "".join(f"{i}\n" for i in self._order).encode(), durable=self.durable)
+            self._lines = len(self._order)
+
+    def _remember(self, ids: list[str]) -> None:
+        for entry_id in ids:
+            self._order.append(entry_id)
+            self._set.add(entry_id)
+        while len(self._order) > REMEMBERED_IDS:
+            self._set.discard(self._order.popleft())
+
+
+class BrokerDrainer(BatchWriter):
+    """Moves apilog task messages from a Celery broker (APILOG_BROKER_URL) into their files."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        assert settings.broker_url is not None
+        self.quarantine = layout(settings.spool_dir)["quarantine"]
+        self.delivered = DeliveredIds(settings.state_dir / DELIVERED_NAME, durable=self.durable)
+        self.delivered.add(self.ledger.last_ids)  # a crash may have come between the commit and this file
+        self.queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
+        self.inbox: list[Message] = []
+        self.retry: list[Message] = []  # a batch that failed to be written, tried again as it was
+        self.connection: Connection | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        self.connection = Connection(self.settings.broker_url)
+        self.connection.ensure_connection(max_retries=1)
+        self.consumer = Consumer(self.connection.channel(), queues=[self.queue], on_message=self.inbox.append,
+                                 no_ack=False, prefetch_count=MAX_MESSAGES)
+        self.consumer.consume()
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.release()  # unacked messages go back to the broker
+        super().close()
+
+    def take(self) -> list[Message]:
+        if self.retry:
+            batch, self.retry = self.retry, []
+            return batch
+        if self.connection is None:
+            self._connect()
+        deadline = time.monotonic() + GATHER_SECONDS
+        try:
+            while len(self.inbox) < MAX_MESSAGES and (left := deadline - time.monotonic()) > 0:
+                self.connection.drain_events(timeout=left)
+        except (socket.timeout, TimeoutError):
+            pass
+        except self.connection.connection_errors as exc:
+            self.connection.release()
+            self.connection, self.inbox[:] = None, []  # unacked: the broker delivers them again
+            raise OSError(f"broker connection lost: {exc}") from exc
+        batch, self.inbox[:] = list(self.inbox), []
+        fresh = []
+        for message in batch:
+            if message.headers.get("id") in self.delivered:
+                message.ack()  # written before; its ack was lost
+            else:
+                fresh.append(message)
+        return fresh
+
+    def entry(self, message: Message) -> Entry:
+        try:
+            return Entry.from_wire(_message.decode_body(message.body, message.content_type, message.headers))
+        except ValueError as exc:  # BadMessage included
+            why = str(exc)
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        quarantine = self.quarantine / f"broker.{uuid.uuid4().hex}.msg"
+        os.makedirs(self.quarantine, exist_ok=True)
+        write_atomic(quarantine, body, mode=0o640, durable=self.durable)
+        return internal(f"quarantined broker message: {why}",
+                        {"bytes": len(body), "reason": why, "moved_to": str(quarantine)})
+
+    def ids(self, batch: list[Message]) -> list[str]:
+        return [str(m.headers.get("id")) for m in batch if m.headers.get("id")]
+
+    def committed(self, batch: list[Message], consumed: dict[str, int]) -> None:
+        self.delivered.add(self.ids(batch))
+        for message in batch:
+            message.ack()
+
+    def rewind(self, batch: list[Message] | None = None) -> None:
+        if batch:
+            self.retry = batch  # still unacked: written again, as it was, on the next step

@@ -1,0 +1,79 @@
+"""APILOG_BROKER_URL: apilogd drains any Celery broker (here kombu's SQLAlchemy transport over SQLite)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apilog import _message, logger, settings
+from apilog._entry import build
+from apilog._streams import Registry
+from apilogd import _control
+
+from .conftest import log_file, wait_for
+
+pytest.importorskip("sqlalchemy")
+
+
+@pytest.fixture
+def broker(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    monkeypatch.setenv("APILOG_BROKER_URL", url)
+    settings.reset()
+    return url
+
+
+def _publish_raw(url: str, body: bytes, headers: dict[str, object], content_type: str = "application/json") -> None:
+    from kombu import Connection, Exchange, Producer, Queue
+
+    queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
+    with Connection(url) as conn:
+        Producer(conn.channel()).publish(body, routing_key=_message.QUEUE, exchange=queue.exchange, declare=[queue],
+                                         headers=headers, content_type=content_type, content_encoding="utf-8")
+
+
+def test_entries_travel_through_another_broker(broker: str, home: Path) -> None:
+    """delay() publishes through Celery to the broker; apilogd consumes, writes, and acks."""
+    for n in range(30):
+        logger.delay("INFO", "bea", f"over the broker {n:02d}", timestamp=False)
+    assert not (home / "spool" / "segments").exists()
+    status = subprocess.run([sys.executable, "-m", "apilogd", "status"], capture_output=True, text=True)
+    assert status.returncode == 3 and "backlog:     30 entries waiting" in status.stdout
+    assert "broker:      sqla+sqlite:///" in status.stdout
+    _control.start(settings.load())
+    try:
+        path = home / "logs" / "users" / "bea" / "INFO.log"
+        wait_for(lambda: path.exists() and path.read_text().count("\n") == 30, what="the broker's entries")
+        logger.delay("WARN", "bea", "while running", timestamp=False)
+        wait_for(lambda: (home / "logs" / "users" / "bea" / "WARN.log").exists(), what="a live entry")
+    finally:
+        _control.stop(settings.load())
+    assert log_file(home, "users/bea/INFO.log") == "".join(f"INFO:  over the broker {n:02d}\n" for n in range(30))
+    assert log_file(home, "users/bea/WARN.log") == "WARN:  while running\n"
+
+
+def test_redelivered_message_is_written_once(broker: str, home: Path) -> None:
+    """A message delivered twice (as a broker does after a lost ack) is written once; garbage is quarantined."""
+    entry, _ = build("INFO", "cal", "only once", timestamp=False, registry=Registry(home),
+                     timestamps_default=False, max_entry_bytes=65536)
+    body = _message.task_body(entry.to_wire())
+    headers = {"task": _message.TASK_NAME, "id": entry.id, "lang": "py"}
+    _publish_raw(broker, body, headers)
+    _control.start(settings.load())
+    try:
+        wait_for(lambda: (home / "logs" / "users" / "cal" / "INFO.log").exists(), what="the first delivery")
+        _publish_raw(broker, body, headers)  # the same message again
+        _publish_raw(broker, pickle.dumps(([], {}, {})), {**headers, "id": "pickled"}, "application/x-python-serialize")
+        logger.delay("INFO", "cal", "after", timestamp=False)
+        wait_for(lambda: "after" in (home / "logs" / "users" / "cal" / "INFO.log").read_text(), what="the later entry")
+    finally:
+        _control.stop(settings.load())
+    assert log_file(home, "users/cal/INFO.log") == "INFO:  only once\nINFO:  after\n"
+    internal = log_file(home, "system/INTERNAL.log")
+    assert "quarantined broker message: content type 'application/x-python-serialize' refused" in internal
+    assert json.loads((home / "state" / "ledger.json").read_text())["pending"] is None
