@@ -37,7 +37,7 @@ class Receipt:
 
 
 class _CeleryConfig:
-    """Celery settings derived, when Celery first asks, from apilog's own."""
+    """The Celery settings of apilog's own app; its broker follows apilog's settings (`_use_broker_of`)."""
 
     task_serializer = "json"
     accept_content = ["json"]
@@ -89,6 +89,9 @@ class LogTask(Task):  # type: ignore[misc]
                 raise
             return Receipt("", spooled=False)
         entry, screen = _checked_entry(args, kwargs, conf)
+        task_id = options.pop("task_id", None)
+        if isinstance(task_id, str) and 0 < len(task_id) <= 64:
+            entry.id = task_id  # apply_async(task_id=...) names the entry
         if entry.problems and conf.strict:
             raise BadInput("; ".join(entry.problems))
         if screen:
@@ -148,12 +151,14 @@ def _use_broker_of(conf: settings.Settings) -> None:
 
 
 def _checked_entry(args: tuple[Any, ...], kwargs: dict[str, Any], conf: settings.Settings) -> tuple[Entry, bool]:
-    registry = registry_for(conf)
-    options = {"registry": registry, "timestamps_default": conf.timestamps, "max_entry_bytes": conf.max_entry_bytes}
+    def checked(*call: Any, **named: Any) -> tuple[Entry, bool]:
+        return build(*call, **named, registry=registry_for(conf), timestamps_default=conf.timestamps,
+                     max_entry_bytes=conf.max_entry_bytes)
+
     try:
-        return build(*args, **kwargs, **options)
+        return checked(*args, **kwargs)
     except TypeError as exc:  # a call delay() does not take: keep all it was given
-        entry, _ = build(None, SYSTEM, {"args": jsonable(list(args)), "kwargs": jsonable(kwargs)}, **options)
+        entry, _ = checked(None, SYSTEM, {"args": jsonable(list(args)), "kwargs": jsonable(kwargs)})
         entry.streams = []
         entry.problems.append(f"bad call: {exc}")
         entry.original = {"stream": None, "location": None}

@@ -6,8 +6,8 @@ import os
 import re
 import sys
 import time
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
 
 import click
 
@@ -112,7 +112,7 @@ def _stream(stream: str | None) -> str | None:
 def _follow(conf: Settings, location: str, stream: str | None) -> None:
     """Print entries as they are appended; a rotated file is read to its end before its successor."""
     folder = conf.log_dir / _reading.user_dir(location)
-    handles: dict[Path, tuple[int, BinaryIO]] = {}
+    handles: dict[Path, tuple[int, BufferedReader]] = {}
     for path in _live(conf, folder, stream):
         handle = path.open("rb")
         handle.seek(0, os.SEEK_END)

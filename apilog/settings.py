@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -113,6 +114,11 @@ def _broker(name: str, raw: str) -> str | None:
     if "://" not in value:
         raise ConfigError(f"{name} must be a Celery broker URL like redis://host:6379/0; got {raw!r}")
     return value
+
+
+def redacted(url: str) -> str:
+    """A broker URL fit to print: its password replaced by ***."""
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
 def zone_of(tz_name: str) -> tzinfo | None:

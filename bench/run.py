@@ -14,7 +14,6 @@ line to its last.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shutil
@@ -296,7 +295,7 @@ def main() -> None:
     row(f"fsync per line, {args.procs * 2} procs",
         median_of(args.rounds, lambda: run_case("fsync", fresh(base, "fs"), fsync_n, procs=args.procs * 2)))
     always = {"env": {"APILOG_FSYNC": "always"}}
-    always_n = n // 5  # enough for the drain to be timed, not only started
+    always_n = n // 2  # enough for the drain to be timed, not only started
     for procs, threads in ((1, 1), (1, 8), (args.procs * 2, 1)):
         label = f"apilog FSYNC=always, {procs} proc{'s' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
 

@@ -18,10 +18,16 @@ import stat
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from apilog._render import STAMP_FORMAT
-from apilog._tree import ARCHIVE, SYSTEM, USERS, LogTree, archive_name, parse_archive_name
+from apilog._tree import (
+    ARCHIVE,
+    SYSTEM,
+    USERS,
+    LogTree,
+    archive_name,
+    parse_archive_name,
+)
 from apilog.settings import Settings
 
 from ._files import OpenFiles
@@ -47,6 +53,7 @@ class Archiver:
         if self.watcher.fallback_reason:
             self.notes.append(("archiver falls back to polling", {"reason": self.watcher.fallback_reason}))
         self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queued: set[str] = set()  # plain archives waiting for or under compression
         self._compressor = threading.Thread(target=self._compress_loop, name="apilog-gzip", daemon=True)
         self._compressor.start()
         self._last_age_check = 0.0
@@ -86,7 +93,7 @@ class Archiver:
         """Walk the tree: learn files and ages, find what is due, resume compression, apply retention."""
         due, folders = set(), 0
         for top in (SYSTEM, USERS):
-            for dirpath, dirnames, filenames in os.walk(self.root / top):
+            for dirpath, _dirnames, filenames in os.walk(self.root / top):
                 folders += 1
                 for name in filenames:
                     relpath = os.path.relpath(os.path.join(dirpath, name), self.root)
@@ -132,11 +139,16 @@ class Archiver:
             self.tree.fsync_dir(f"{ARCHIVE}/{folder}")
             self.tree.fsync_dir(folder)
         self.first_entry.pop(relpath, None)
-        self._jobs.put(target)
+        self._enqueue(target)
         return target
 
+    def _enqueue(self, relpath: str) -> None:
+        if relpath not in self._queued:
+            self._queued.add(relpath)
+            self._jobs.put(relpath)
+
     def _live_files(self) -> list[str]:
-        out = []
+        out: list[str] = []
         for top in (SYSTEM, USERS):
             for dirpath, _dirs, filenames in os.walk(self.root / top):
                 out.extend(os.path.relpath(os.path.join(dirpath, n), self.root)
@@ -183,10 +195,11 @@ class Archiver:
                 relpath = os.path.relpath(os.path.join(dirpath, name), self.root)
                 if match is None:
                     continue
-                if match["tmp"]:
+                plain = relpath.removesuffix(".gz.tmp")
+                if match["tmp"] and plain not in self._queued:
                     self.tree.unlink(relpath)  # a compression cut short; its plain copy is still there
                 elif not match["gz"]:
-                    self._jobs.put(relpath)
+                    self._enqueue(relpath)
                 elif self.settings.retain_days:
                     with contextlib.suppress(FileNotFoundError):
                         if os.stat(os.path.join(dirpath, name), follow_symlinks=False).st_mtime < keep_after:
@@ -202,6 +215,8 @@ class Archiver:
             except OSError as exc:
                 self.notes.append(("archive compression failed; will retry at the next sweep",
                                    {"file": relpath, "error": str(exc)}))
+            finally:
+                self._queued.discard(relpath)
 
     def compress(self, relpath: str) -> None:
         """gzip a plain archive beside itself, durably, then remove the plain copy."""

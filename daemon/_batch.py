@@ -39,6 +39,8 @@ class BatchWriter:
 
     # What a source provides.
 
+    source = "nothing"  # what the daemon drains, said at start-up
+
     def take(self) -> list[Any]:
         """The next batch of raw items (empty when there is nothing to do)."""
         raise NotImplementedError

@@ -15,15 +15,17 @@ from collections import deque
 from pathlib import Path
 
 from kombu import Connection, Consumer, Exchange, Queue
+from kombu.exceptions import KombuError
 from kombu.message import Message
 
 from apilog import _message
 from apilog._atomic import write_atomic
 from apilog._entry import Entry, internal
-from apilog.settings import Settings
+from apilog.settings import Settings, redacted
 from apilog.spool import layout
 
 from ._batch import BatchWriter
+from .exceptions import BrokerUnavailable
 
 MAX_MESSAGES = 2048
 GATHER_SECONDS = 0.05  # how long a batch waits to fill up
@@ -81,15 +83,27 @@ class BrokerDrainer(BatchWriter):
         self.quarantine = layout(settings.spool_dir)["quarantine"]
         self.delivered = DeliveredIds(settings.state_dir / DELIVERED_NAME, durable=self.durable)
         self.delivered.add(self.ledger.last_ids)  # a crash may have come between the commit and this file
+        self.source = redacted(settings.broker_url)
         self.queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
         self.inbox: list[Message] = []
         self.retry: list[Message] = []  # a batch that failed to be written, tried again as it was
         self.connection: Connection | None = None
-        self._connect()
+        try:
+            self._connect()
+        except OSError as exc:
+            super().close()
+            raise BrokerUnavailable(str(exc)) from None
 
     def _connect(self) -> None:
-        self.connection = Connection(self.settings.broker_url)
-        self.connection.ensure_connection(max_retries=1)
+        try:
+            self.connection = Connection(self.settings.broker_url)
+        except Exception as exc:  # kombu fails in many ways when a transport's client library is missing
+            raise OSError(f"cannot use the broker {self.source} ({exc!r}); is its client library installed?") from exc
+        try:
+            self.connection.ensure_connection(max_retries=1)
+        except (*self.connection.connection_errors, KombuError, OSError) as exc:
+            self.connection = None
+            raise OSError(f"cannot reach the broker {self.source}: {exc}") from exc
         self.consumer = Consumer(self.connection.channel(), queues=[self.queue], on_message=self.inbox.append,
                                  no_ack=False, prefetch_count=MAX_MESSAGES)
         self.consumer.consume()
@@ -105,14 +119,16 @@ class BrokerDrainer(BatchWriter):
             return batch
         if self.connection is None:
             self._connect()
+        connection = self.connection
+        assert connection is not None
         deadline = time.monotonic() + GATHER_SECONDS
         try:
             while len(self.inbox) < MAX_MESSAGES and (left := deadline - time.monotonic()) > 0:
-                self.connection.drain_events(timeout=left)
+                connection.drain_events(timeout=left)
         except (socket.timeout, TimeoutError):
             pass
-        except self.connection.connection_errors as exc:
-            self.connection.release()
+        except (*connection.connection_errors, KombuError, OSError) as exc:
+            connection.release()
             self.connection, self.inbox[:] = None, []  # unacked: the broker delivers them again
             raise OSError(f"broker connection lost: {exc}") from exc
         batch, self.inbox[:] = list(self.inbox), []

@@ -105,9 +105,10 @@ def _broker_backlog(url: str) -> int | None:
 
 def status(settings: Settings) -> Status:
     pid = running_pid(settings.home)
+    count: int | None
     count, firsts = waiting(settings.spool_dir, read_offsets(settings.state_dir))
-    if settings.broker_url:
-        count = _broker_backlog(settings.broker_url) if count == 0 else count
+    if settings.broker_url and count == 0:
+        count = _broker_backlog(settings.broker_url)
     times = []
     for payload in firsts:
         try:

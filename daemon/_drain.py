@@ -21,6 +21,7 @@ class Drainer(BatchWriter):
         spool.ensure(settings.spool_dir)
         super().__init__(settings)
         self.reader = SpoolReader(settings.spool_dir, self.ledger.offsets)
+        self.source = str(settings.spool_dir)
 
     def close(self) -> None:
         self.reader.close()

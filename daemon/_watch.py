@@ -6,7 +6,15 @@ import threading
 import warnings
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -14,6 +22,7 @@ from watchdog.observers.polling import PollingObserver
 from apilog._tree import ARCHIVE
 
 POLL_SECONDS = 2.0
+_EVENTS = [FileModifiedEvent, FileCreatedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
 # watchdog warns when a new folder's watch races its creation event; the watch is kept either way.
 warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
@@ -47,19 +56,20 @@ class ChangeWatcher:
         self.collector = _Collector(root, suffix)
         self.mode = "inotify"
         self.fallback_reason: str | None = None
-        self.observer = self._start(Observer)
+        self.observer = self._start(polling=False)
 
-    def _start(self, kind: type[BaseObserver]) -> BaseObserver:
+    def _start(self, *, polling: bool) -> BaseObserver:
         try:
-            observer = kind() if kind is Observer else PollingObserver(timeout=POLL_SECONDS)
-            observer.schedule(self.collector, str(self.root), recursive=True)
+            observer: BaseObserver = PollingObserver(timeout=POLL_SECONDS) if polling else Observer()
+            # Only what can make a live file due; opens, closes and reads would be noise per batch.
+            observer.schedule(self.collector, str(self.root), recursive=True, event_filter=_EVENTS)
             observer.start()
         except OSError as exc:  # inotify's watch or instance limit: poll instead
-            if kind is PollingObserver:
+            if polling:
                 raise
             self.fallback_reason = f"inotify unavailable ({exc.strerror or exc}); polling every {POLL_SECONDS:.0f}s"
             self.mode = "polling"
-            return self._start(PollingObserver)
+            return self._start(polling=True)
         return observer
 
     def check(self, folders: int) -> str | None:
@@ -82,7 +92,7 @@ class ChangeWatcher:
         self.stop()
         self.fallback_reason = f"{why}; polling every {POLL_SECONDS:.0f}s"
         self.mode = "polling"
-        self.observer = self._start(PollingObserver)
+        self.observer = self._start(polling=True)
         return self.fallback_reason
 
     def take(self) -> set[str]:

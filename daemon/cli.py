@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import grp
 import os
-import re
 from pathlib import Path
 
 import click
 
 from apilog._clitools import Group, load_settings
+from apilog.settings import redacted
 
 from . import _control, _units
 from .service import Service
 
 EXIT_STOPPED = 3  # LSB: program is not running
-
-
-def _redacted(url: str) -> str:
-    """A broker URL without its password."""
-    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
 def _group_of(path: Path) -> str:
@@ -102,7 +97,7 @@ def status() -> None:
     click.echo(f"home:        {conf.home}")
     click.echo(f"logs:        {conf.log_dir}")
     if conf.broker_url:
-        click.echo(f"broker:      {_redacted(conf.broker_url)}")
+        click.echo(f"broker:      {redacted(conf.broker_url)}")
     click.echo(f"backlog:     {'unknown' if info.backlog is None else info.backlog} entries waiting")
     age = "-" if info.oldest_age is None else f"{info.oldest_age:.1f}s"
     click.echo(f"oldest:      {age}")

@@ -19,3 +19,7 @@ class StartFailed(DaemonError):
 
 class StopFailed(DaemonError):
     """A running apilogd did not exit in time."""
+
+
+class BrokerUnavailable(DaemonError):
+    """The broker named by APILOG_BROKER_URL cannot be reached at start-up."""

@@ -16,9 +16,9 @@ from apilog._entry import internal
 from apilog.settings import Settings
 
 from ._archive import Archiver
-from ._control import STATS_NAME, answer_archive_request
 from ._batch import BatchWriter
 from ._broker import BrokerDrainer
+from ._control import STATS_NAME, answer_archive_request
 from ._drain import Drainer
 from ._instance import InstanceLock
 from ._notify import notify
@@ -73,7 +73,7 @@ class Service:
             drainer.sweep()
             drainer.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
-            _say(f"draining {conf.spool_dir} into {conf.log_dir}")
+            _say(f"draining {drainer.source} into {conf.log_dir}")
             self._loop(drainer, archiver)
             notify("STOPPING=1")
         finally:
@@ -99,7 +99,7 @@ class Service:
             try:
                 done = drainer.step()
             except OSError as exc:
-                failure = f"{exc.strerror or exc} (errno {exc.errno})"
+                failure = f"{exc.strerror or exc}" + (f" (errno {exc.errno})" if exc.errno else "")
                 backoff = min(BACKOFF_MAX, max(0.5, backoff * 2))
                 _say(f"write failed, entries stay in the spool; retrying in {backoff:.1f}s: {failure}")
                 self.stopping.wait(backoff)

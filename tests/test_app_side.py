@@ -25,7 +25,7 @@ def test_logging_bridge(daemon: Path) -> None:
     try:
         with apilog.user("carol"):
             try:
-                1 / 0
+                1 / 0  # noqa: B018 - the point is the exception
             except ZeroDivisionError:
                 log.exception("payment failed")
         log.warning("disk at 91%%")

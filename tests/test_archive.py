@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from apilogd import _control
 from click.testing import CliRunner
 
 from apilog import logger, settings
 from apilog._tree import archive_order
 from apilog.cli import main
 from apilog.spool.transport import writer_for
-from apilogd import _control
 
 from .conftest import log_file, wait_for, wait_written
 

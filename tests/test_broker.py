@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from apilogd import _control
 
 from apilog import _message, logger, settings
 from apilog._entry import build
 from apilog._streams import Registry
-from apilogd import _control
 
 from .conftest import log_file, wait_for
 

@@ -148,3 +148,12 @@ def test_registered_task_publishes_through_kombu(daemon: Path) -> None:
     assert result.id
     wait_written()
     assert log_file(daemon, "users/liam/WARN.log") == "WARN:  through kombu\n"
+
+
+def test_apply_async_task_id_names_the_entry(home: Path) -> None:
+    """apply_async(task_id=...) gives the entry that id, as Celery users expect."""
+    from apilog.testing import capture
+
+    with capture() as entries:
+        logger.apply_async(("INFO", "ned", "named"), task_id="order-42-shipped")
+    assert entries[0].id == "order-42-shipped"

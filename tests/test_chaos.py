@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apilogd import _control
+from apilogd._instance import running_pid
 
 from apilog import logger, settings
 from apilog._tree import archive_order, decode_user
 from apilog.spool.transport import writer_for
-from apilogd import _control
-from apilogd._instance import running_pid
 
 from .conftest import wait_for, wait_written
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apilogd import _control
+from apilogd._drain import Drainer
 
 from apilog import _message, logger, settings
 from apilog.spool._frame import frame
 from apilog.spool.transport import writer_for
-from apilogd import _control
-from apilogd._drain import Drainer
 
 from .conftest import log_file, wait_for, wait_written
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from apilog import logger
 from apilogd._files import MAX_OPEN
+
+from apilog import logger
 
 from .conftest import log_file, wait_written
 

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from apilogd import _control
 from click.testing import CliRunner
 
 from apilog import logger, settings
 from apilog.cli import main
-from apilogd import _control
 
 from .conftest import wait_for, wait_written
 

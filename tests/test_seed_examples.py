@@ -47,8 +47,9 @@ def test_timestamp_off_and_compact_dict(daemon: Path) -> None:
 
 def test_event_time_is_taken_in_the_caller(home: Path) -> None:
     """An entry logged while the daemon is stopped carries the call's time, not the write's."""
-    from apilog import settings
     from apilogd import _control
+
+    from apilog import settings
 
     logger.delay("INFO", "late", "written later")
     called = time.time()

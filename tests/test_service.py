@@ -7,7 +7,6 @@ import os
 import pwd
 import re
 import shutil
-import site
 import stat
 import subprocess
 import sys

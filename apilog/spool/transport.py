@@ -60,7 +60,6 @@ class Transport(virtual.Transport):
     """`apilog.spool.transport:Transport`: kombu's name for the embedded spool."""
 
     Channel = Channel
-    default_port = 0
     driver_type = "filesystem"
     driver_name = "apilog-spool"
 
