@@ -113,11 +113,9 @@ def build(
     """Check one call's arguments; return the entry and whether SCREEN was asked for."""
     ts = time.time()  # the event time is the call's, not the write's
     problems: list[str] = []
-    original: dict[str, Any] = {"stream": jsonable(stream), "location": jsonable(location)}
-
-    if message is not None and m is not None:
+    both = message is not None and m is not None
+    if both:
         problems.append("both message and m were given; m kept here")
-        original["m"] = jsonable(m)
     elif message is None:
         message = m
     body = _message(message)
@@ -138,6 +136,11 @@ def build(
         dict_to_string = bool(dict_to_string)
 
     body, head = _cut(body, head, max_entry_bytes, problems)
+    original = None
+    if problems:  # what the caller passed, for the INTERNAL report
+        original = {"stream": jsonable(stream), "location": jsonable(location)}
+        if both:
+            original["m"] = jsonable(m)
     entry = Entry(
         id=str(uuid.uuid4()),
         ts=ts,
@@ -148,7 +151,7 @@ def build(
         dict_to_string=dict_to_string,
         timestamp=timestamp,
         problems=problems,
-        original=original if problems else None,
+        original=original,
     )
     return entry, screen
 

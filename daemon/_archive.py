@@ -34,6 +34,7 @@ from ._files import OpenFiles
 from ._watch import ChangeWatcher
 
 AGE_CHECK_EVERY = 1.0  # seconds between looks at live files' ages
+ROTATIONS_PER_TICK = 16
 SWEEP_EVERY = 30.0  # seconds between walks of the whole tree (the backstop of the events)
 _TEXT_STAMP = re.compile(rb" \xc2\xa7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
 _JSONL_TS = re.compile(rb'"ts":"([^"]+)"')
@@ -54,6 +55,7 @@ class Archiver:
             self.notes.append(("archiver falls back to polling", {"reason": self.watcher.fallback_reason}))
         self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._queued: set[str] = set()  # plain archives waiting for or under compression
+        self._due: set[str] = set()  # live files found due, not yet rotated
         self._compressor = threading.Thread(target=self._compress_loop, name="apilog-gzip", daemon=True)
         self._compressor.start()
         self._last_age_check = 0.0
@@ -72,9 +74,9 @@ class Archiver:
             self.first_entry.setdefault(relpath, ts)
 
     def tick(self, *, now: float | None = None) -> int:
-        """Rotate what is due; return how many files were rotated. Call only between batches."""
+        """Rotate what is due, a few files per call; return how many were rotated. Call only between batches."""
         now = time.time() if now is None else now
-        due = set()
+        due = self._due
         for relpath in self.watcher.take():
             if self._too_big(relpath):
                 due.add(relpath)
@@ -85,9 +87,12 @@ class Archiver:
         if now - self._last_sweep >= SWEEP_EVERY:
             self._last_sweep = now
             due.update(self.sweep(now))
-        for relpath in sorted(due):
+        # Each rotation costs a few fsyncs: a bounded share per tick keeps the loop (and SIGTERM) responsive.
+        chosen = sorted(due)[:ROTATIONS_PER_TICK]
+        for relpath in chosen:
+            due.discard(relpath)
             self.rotate(relpath, now)
-        return len(due)
+        return len(chosen)
 
     def sweep(self, now: float) -> set[str]:
         """Walk the tree: learn files and ages, find what is due, resume compression, apply retention."""
