@@ -14,9 +14,10 @@ def notify(state: str) -> bool:
     if path.startswith("@"):
         path = "\0" + path[1:]  # an abstract socket
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Never wait on the manager: a listener that stopped reading must not stall draining or stopping.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.connect(path)
-            sock.sendall(state.encode())
-    except OSError:
+            sock.send(state.encode())
+    except OSError:  # no listener, or its queue is full (BlockingIOError)
         return False
     return True

@@ -38,3 +38,28 @@ def test_ready_status_watchdog_stopping(home: Path, tmp_path: Path) -> None:
     assert any(s.startswith("STATUS=wrote 1 entries in the last minute") for s in seen), seen
     assert seen.count("WATCHDOG=1") >= 2
     assert log_file(home, "users/mia/INFO.log") == "INFO:  while notified\n"
+
+
+def test_a_listener_that_stops_reading_never_stalls_the_daemon(home: Path, tmp_path: Path) -> None:
+    """With the notify socket's queue full, apilogd still drains and still exits promptly on SIGTERM."""
+    path = str(tmp_path / "deaf.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as filler:
+            filler.connect(path)
+            try:
+                while True:
+                    filler.send(b"x")  # fill the listener's queue, as a stuck manager would leave it
+            except BlockingIOError:
+                pass
+        proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], env={**os.environ, "NOTIFY_SOCKET": path})
+        try:
+            logger.delay("INFO", "deaf", "still written", timestamp=False)
+            wait_written()
+            begun = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert time.monotonic() - begun < 10
+        finally:
+            proc.kill()
+    assert log_file(home, "users/deaf/INFO.log") == "INFO:  still written\n"
