@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from ._streams import INTERNAL, file_stem
@@ -83,70 +85,50 @@ class LogTree:
     def close(self) -> None:
         os.close(self._root_fd)
 
-    def open_append(self, relpath: str) -> int:
-        """Open (creating dirs 0750 and the file 0640) `relpath` for appending."""
+    @contextlib.contextmanager
+    def _folder_of(self, relpath: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
+        """The descriptor of `relpath`'s folder (reached without following links) and the last name."""
         *dirs, name = relpath.split("/")
-        dir_fd = self._walk(dirs, create=True)
+        dir_fd = self._walk(dirs, create=create)
         try:
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                fd = os.open(name, flags | os.O_EXCL, FILE_MODE, dir_fd=dir_fd)
-                os.fchmod(fd, FILE_MODE)  # the umask must not decide who may read logs
-            except FileExistsError:
-                fd = self._open_existing(name, os.O_WRONLY | os.O_APPEND, dir_fd, relpath)
-            return fd
+            yield dir_fd, name
         finally:
             self._close_dir(dir_fd)
+
+    def open_append(self, relpath: str) -> int:
+        """Open (creating dirs 0750 and the file 0640) `relpath` for appending."""
+        with self._folder_of(relpath, create=True) as (dir_fd, name):
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
+            except FileExistsError:
+                return self._open_existing(name, os.O_WRONLY | os.O_APPEND, dir_fd, relpath)
+            os.fchmod(fd, FILE_MODE)  # the umask must not decide who may read logs
+            return fd
 
     def open_existing(self, relpath: str, flags: int) -> int:
         """Open a file that must already exist inside the tree."""
-        *dirs, name = relpath.split("/")
-        dir_fd = self._walk(dirs, create=False)
-        try:
+        with self._folder_of(relpath) as (dir_fd, name):
             return self._open_existing(name, flags, dir_fd, relpath)
-        finally:
-            self._close_dir(dir_fd)
 
     def rename(self, src: str, dst: str) -> None:
         """Move `src` to `dst` inside the tree (creating dst's folders); refuses to overwrite."""
-        *src_dirs, src_name = src.split("/")
-        *dst_dirs, dst_name = dst.split("/")
-        src_fd = self._walk(src_dirs, create=False)
-        try:
-            dst_fd = self._walk(dst_dirs, create=True)
-            try:
-                if _exists(dst_name, dst_fd):
-                    raise FileExistsError(errno.EEXIST, f"{dst} exists; archives are never overwritten")
-                os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-            finally:
-                self._close_dir(dst_fd)
-        finally:
-            self._close_dir(src_fd)
+        with self._folder_of(src) as (src_fd, src_name), self._folder_of(dst, create=True) as (dst_fd, dst_name):
+            if _exists(dst_name, dst_fd):
+                raise FileExistsError(errno.EEXIST, f"{dst} exists; archives are never overwritten")
+            os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
 
     def exists(self, relpath: str) -> bool:
-        *dirs, name = relpath.split("/")
         try:
-            dir_fd = self._walk(dirs, create=False)
+            with self._folder_of(relpath) as (dir_fd, name):
+                return _exists(name, dir_fd)
         except FileNotFoundError:
             return False
-        try:
-            return _exists(name, dir_fd)
-        finally:
-            self._close_dir(dir_fd)
 
     def unlink(self, relpath: str) -> None:
-        """Remove a file inside the tree; a missing one is fine."""
-        *dirs, name = relpath.split("/")
-        try:
-            dir_fd = self._walk(dirs, create=False)
-        except FileNotFoundError:
-            return
-        try:
+        """Remove a file inside the tree; a missing one (or folder) is fine."""
+        with contextlib.suppress(FileNotFoundError), self._folder_of(relpath) as (dir_fd, name):
             os.unlink(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-        finally:
-            self._close_dir(dir_fd)
 
     def fsync_dir(self, relpath: str) -> None:
         """Make renames and removals inside the folder `relpath` durable."""
