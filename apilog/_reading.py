@@ -12,7 +12,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ._render import STAMP_FORMAT
-from ._tree import ARCHIVE, SYSTEM, USERS, archive_order, decode_user, encode_user
+from ._tree import (
+    ARCHIVE,
+    SYSTEM,
+    USERS,
+    archive_order,
+    decode_user,
+    encode_user,
+    parse_archive_name,
+)
 from .settings import Settings
 
 _START = re.compile(r"^(?P<stream>[A-Z0-9_-]+(?: [A-Z0-9_-]+)*):(?: |  )")
@@ -48,16 +56,28 @@ def files_of(settings: Settings, location: str, stream: str | None = None) -> li
     """A user's files in order, oldest first: for each stream its archives by rotation, then the live file."""
     folder = user_dir(location)
     stem = stream.replace(" ", "_") if stream else None
-    found: list[Path] = []
-    archive = settings.log_dir / ARCHIVE / folder
-    if archive.is_dir():
-        names = [n for n in os.listdir(archive) if n.endswith(".gz") and (stem is None or n.split(".", 1)[0] == stem)]
-        found += [archive / n for n in sorted(names, key=archive_order)]
+    found = [p for p in archives(settings.log_dir / ARCHIVE / folder) if stem is None or p.name.split(".", 1)[0] == stem]
     live = settings.log_dir / folder
     if live.is_dir():
         found += sorted(p for p in live.iterdir() if p.suffix == settings.log_suffix
                         and (stem is None or p.stem == stem) and not p.is_symlink())
     return found
+
+
+def archives(folder: Path) -> list[Path]:
+    """A folder's archives in rotation order: gzipped ones, and plain ones not compressed yet
+    (a rotation moments ago, or a compression a crash cut short); never a `.tmp`."""
+    if not folder.is_dir():
+        return []
+    names = set(os.listdir(folder))
+    chosen = []
+    for name in names:
+        match = parse_archive_name(name)
+        if match is None or match["tmp"]:
+            continue
+        if match["gz"] or name + ".gz" not in names:  # a finished .gz wins over its plain copy
+            chosen.append(name)
+    return [folder / n for n in sorted(chosen, key=archive_order)]
 
 
 def read_text(path: Path) -> str:

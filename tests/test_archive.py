@@ -14,7 +14,7 @@ from apilogd import _control
 from click.testing import CliRunner
 
 from apilog import logger, settings
-from apilog._tree import archive_order
+from apilog._reading import archives, read_text
 from apilog.cli import main
 from apilog.spool.transport import writer_for
 
@@ -22,12 +22,11 @@ from .conftest import log_file, wait_for, wait_written
 
 
 def lineage(home: Path, relpath: str) -> str:
-    """Everything ever written to a live file: its gzip archives in rotation order, then the live file."""
+    """Everything ever written to a live file: its archives in rotation order, then the live file."""
     folder, _, name = relpath.rpartition("/")
     stem = name.rsplit(".", 1)[0]
-    archive = home / "logs" / "archive" / folder
-    parts = sorted((p for p in archive.glob(f"{stem}.*.gz")), key=lambda p: archive_order(p.name)) if archive.exists() else []
-    text = "".join(gzip.decompress(p.read_bytes()).decode() for p in parts)
+    parts = [p for p in archives(home / "logs" / "archive" / folder) if p.name.split(".", 1)[0] == stem]
+    text = "".join(read_text(p) for p in parts)
     live = home / "logs" / relpath
     return text + (live.read_text() if live.exists() else "")
 

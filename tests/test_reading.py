@@ -108,3 +108,17 @@ def test_jsonl_format_and_reading(home: Path, monkeypatch: pytest.MonkeyPatch) -
     assert record["ts"].endswith("+00:00")
     shown = CliRunner().invoke(main, ["show", "yan"], env={**os.environ})
     assert json.loads(shown.output)["id"] == receipt.id
+
+
+def test_readers_see_archives_not_yet_compressed(home: Path) -> None:
+    """A rotated file waiting for gzip (or whose gzip a crash cut short) is read, and never twice."""
+    folder = home / "logs" / "archive" / "users" / "zia"
+    folder.mkdir(parents=True)
+    (folder / "INFO.20250101T000000Z.log").write_text("INFO:  plain, not compressed yet\n")
+    (folder / "INFO.20250102T000000Z.log").write_text("INFO:  compressed, plain copy not removed yet\n")
+    import gzip
+
+    (folder / "INFO.20250102T000000Z.log.gz").write_bytes(gzip.compress(b"INFO:  compressed, plain copy not removed yet\n"))
+    (folder / "INFO.20250103T000000Z.log.gz.tmp").write_bytes(b"half")
+    out = CliRunner().invoke(main, ["show", "zia"]).output
+    assert out == "INFO:  plain, not compressed yet\nINFO:  compressed, plain copy not removed yet\n"
