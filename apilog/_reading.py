@@ -6,7 +6,7 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -120,14 +120,16 @@ def _entry(stream: str, lines: list[str], source: str, settings: Settings) -> Wr
     return Written(stream, ts, "".join(lines), source)
 
 
-def entries(settings: Settings, paths: list[Path]) -> Iterator[Written]:
+def entries(settings: Settings, paths: list[Path], texts: Mapping[Path, str] | None = None) -> Iterator[Written]:
+    """Entries of `paths` in order; `texts` gives some files' content already read."""
     for path in paths:
-        yield from parse(read_text(path), str(path.relative_to(settings.log_dir)), settings)
+        text = texts[path] if texts and path in texts else read_text(path)
+        yield from parse(text, str(path.relative_to(settings.log_dir)), settings)
 
 
-def merged(settings: Settings, paths: list[Path]) -> list[Written]:
+def merged(settings: Settings, paths: list[Path], texts: Mapping[Path, str] | None = None) -> list[Written]:
     """Entries of several files merged by event time (entries without one keep their place in their file)."""
-    by_file = [list(entries(settings, [p])) for p in paths]
+    by_file = [list(entries(settings, [p], texts)) for p in paths]
     keyed = []
     for rank, items in enumerate(by_file):
         last = float("-inf")

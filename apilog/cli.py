@@ -96,11 +96,15 @@ def tail(location: str, stream: str | None, lines: int, follow: bool) -> None:
     conf = load_settings()
     location = _location(location)
     stream = _stream(stream)
-    items = _reading.merged(conf, _reading.files_of(conf, location, stream))
+    folder = conf.log_dir / _reading.user_dir(location)
+    # Live files are opened before they are read, so following goes on exactly where the last lines ended.
+    followed = {path: _Followed(path) for path in _live(conf, folder, stream) if path.exists()} if follow else {}
+    texts = {path: f.complete_lines() for path, f in followed.items()}
+    items = _reading.merged(conf, _reading.files_of(conf, location, stream), texts)
     for item in items[-lines:] if lines > 0 else []:
         _show(item)
     if follow:
-        _follow(conf, location, stream)
+        _follow(conf, folder, stream, followed)
 
 
 def _stream(stream: str | None) -> str | None:
@@ -109,37 +113,46 @@ def _stream(stream: str | None) -> str | None:
     return normalize(stream)
 
 
-def _follow(conf: Settings, location: str, stream: str | None) -> None:
+class _Followed:
+    """A live file being followed: its handle, and the bytes of a line not yet complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle: BufferedReader = path.open("rb")
+        self.inode = os.fstat(self.handle.fileno()).st_ino
+        self.partial = b""
+
+    def complete_lines(self) -> str:
+        """What was appended since the last call, up to its last newline."""
+        data = self.partial + self.handle.read()
+        cut = data.rfind(b"\n") + 1
+        self.partial = data[cut:]
+        return data[:cut].decode("utf-8", errors="replace")
+
+
+def _follow(conf: Settings, folder: Path, stream: str | None, followed: dict[Path, _Followed]) -> None:
     """Print entries as they are appended; a rotated file is read to its end before its successor."""
-    folder = conf.log_dir / _reading.user_dir(location)
-    handles: dict[Path, tuple[int, BufferedReader]] = {}
-    for path in _live(conf, folder, stream):
-        handle = path.open("rb")
-        handle.seek(0, os.SEEK_END)
-        handles[path] = (os.fstat(handle.fileno()).st_ino, handle)
-    pending = b""
     while True:
         for path in _live(conf, folder, stream):
             try:
                 inode = os.stat(path).st_ino
             except FileNotFoundError:
                 continue
-            known = handles.get(path)
-            if known is None or known[0] != inode:
-                if known is not None:  # rotated: finish the old file first
-                    pending += known[1].read()
-                    known[1].close()
-                handles[path] = (inode, path.open("rb"))
-        for path, (_, handle) in handles.items():
-            pending += handle.read()
-            if pending:
-                text, _, rest = pending.decode("utf-8", errors="replace").rpartition("\n")
-                if text or pending.endswith(b"\n"):
-                    for item in _reading.parse(text + "\n", str(path.relative_to(conf.log_dir)), conf):
-                        _show(item)
-                    pending = rest.encode()
+            known = followed.get(path)
+            if known is not None and known.inode == inode:
+                continue
+            if known is not None:  # rotated away: finish the old file first
+                _print_lines(conf, path, known.complete_lines() + known.partial.decode("utf-8", errors="replace"))
+                known.handle.close()
+            followed[path] = _Followed(path)
+        for path, current in followed.items():
+            _print_lines(conf, path, current.complete_lines())
         sys.stdout.flush()
         time.sleep(0.2)
+
+
+def _print_lines(conf: Settings, path: Path, text: str) -> None:
+    for item in _reading.parse(text, str(path.relative_to(conf.log_dir)), conf):
+        _show(item)
 
 
 def _live(conf: Settings, folder: Path, stream: str | None) -> list[Path]:
