@@ -73,7 +73,7 @@ def archives(folder: Path) -> list[Path]:
     chosen = []
     for name in names:
         match = parse_archive_name(name)
-        if match is None or match["tmp"]:
+        if match is None or match["tmp"] or (folder / name).is_symlink():
             continue
         if match["gz"] or name + ".gz" not in names:  # a finished .gz wins over its plain copy
             chosen.append(name)

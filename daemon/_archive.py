@@ -173,11 +173,12 @@ class Archiver:
     def _first_entry_time(self, relpath: str) -> float | None:
         """The first entry's stamp, read from the file; its mtime when entries carry none."""
         try:
-            with open(self.root / relpath, "rb") as handle:
-                head = handle.read(1 << 16)
-                mtime = os.fstat(handle.fileno()).st_mtime
+            fd = self.tree.open_existing(relpath, os.O_RDONLY)  # never through a planted link
         except OSError:
             return None
+        with os.fdopen(fd, "rb") as handle:
+            head = handle.read(1 << 16)
+            mtime = os.fstat(handle.fileno()).st_mtime
         if self.settings.format == "jsonl":
             match = _JSONL_TS.search(head)
             if match:

@@ -111,7 +111,7 @@ def test_jsonl_format_and_reading(home: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_readers_see_archives_not_yet_compressed(home: Path) -> None:
-    """A rotated file waiting for gzip (or whose gzip a crash cut short) is read, and never twice."""
+    """A rotated file waiting for gzip (or whose gzip a crash cut short) is read, never twice, never through a link."""
     folder = home / "logs" / "archive" / "users" / "zia"
     folder.mkdir(parents=True)
     (folder / "INFO.20250101T000000Z.log").write_text("INFO:  plain, not compressed yet\n")
@@ -120,5 +120,8 @@ def test_readers_see_archives_not_yet_compressed(home: Path) -> None:
 
     (folder / "INFO.20250102T000000Z.log.gz").write_bytes(gzip.compress(b"INFO:  compressed, plain copy not removed yet\n"))
     (folder / "INFO.20250103T000000Z.log.gz.tmp").write_bytes(b"half")
+    secret = home / "secret.txt"
+    secret.write_text("INFO:  not a log of zia\n")
+    (folder / "INFO.20250104T000000Z.log").symlink_to(secret)  # a planted link is never read through
     out = CliRunner().invoke(main, ["show", "zia"]).output
     assert out == "INFO:  plain, not compressed yet\nINFO:  compressed, plain copy not removed yet\n"
