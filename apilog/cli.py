@@ -156,9 +156,12 @@ def _print_lines(conf: Settings, path: Path, text: str) -> None:
 
 
 def _live(conf: Settings, folder: Path, stream: str | None) -> list[Path]:
+    """The live files to follow; a planted link is never read through."""
     if stream:
-        return [folder / (stream.replace(" ", "_") + conf.log_suffix)]
-    return sorted(folder.glob("*" + conf.log_suffix)) if folder.is_dir() else []
+        paths = [folder / (stream.replace(" ", "_") + conf.log_suffix)]
+    else:
+        paths = sorted(folder.glob("*" + conf.log_suffix)) if folder.is_dir() else []
+    return [p for p in paths if not p.is_symlink()]
 
 
 @main.command()
