@@ -82,8 +82,7 @@ class Archiver:
                 due.add(relpath)
         if self.settings.rotate_age and now - self._last_age_check >= AGE_CHECK_EVERY:
             self._last_age_check = now
-            limit = now - self.settings.rotate_age
-            due.update(r for r, first in self.first_entry.items() if first <= limit)
+            due.update(r for r in self.first_entry if self._too_old(r, now))
         if now - self._last_sweep >= SWEEP_EVERY:
             self._last_sweep = now
             due.update(self.sweep(now))
@@ -96,21 +95,15 @@ class Archiver:
 
     def sweep(self, now: float) -> set[str]:
         """Walk the tree: learn files and ages, find what is due, resume compression, apply retention."""
-        due, folders = set(), 0
-        for top in (SYSTEM, USERS):
-            for dirpath, _dirnames, filenames in os.walk(self.root / top):
-                folders += 1
-                for name in filenames:
-                    relpath = os.path.relpath(os.path.join(dirpath, name), self.root)
-                    if not name.endswith(self.settings.log_suffix):
-                        continue
-                    if relpath not in self.first_entry:
-                        first = self._first_entry_time(relpath)
-                        if first is not None:
-                            self.first_entry[relpath] = first
-                    age_due = self.settings.rotate_age and self.first_entry.get(relpath, now) <= now - self.settings.rotate_age
-                    if age_due or self._too_big(relpath):
-                        due.add(relpath)
+        due = set()
+        files, folders = self._live_files()
+        for relpath in files:
+            if relpath not in self.first_entry:
+                first = self._first_entry_time(relpath)
+                if first is not None:
+                    self.first_entry[relpath] = first
+            if self._too_old(relpath, now) or self._too_big(relpath):
+                due.add(relpath)
         reason = self.watcher.check(folders + 1)  # + the root
         if reason:
             self.notes.append(("archiver falls back to polling", {"reason": reason}))
@@ -120,7 +113,7 @@ class Archiver:
     def rotate_all(self, now: float | None = None) -> int:
         """Rotate every live file that has anything in it (`apilog archive`)."""
         now = time.time() if now is None else now
-        due = {r for r in self._live_files() if self._size(r)}
+        due = {r for r in self._live_files()[0] if self._size(r)}
         for relpath in sorted(due):
             self.rotate(relpath, now)
         return len(due)
@@ -152,13 +145,16 @@ class Archiver:
             self._queued.add(relpath)
             self._jobs.put(relpath)
 
-    def _live_files(self) -> list[str]:
+    def _live_files(self) -> tuple[list[str], int]:
+        """Live files below system/ and users/, and how many folders hold them (inotify watches each)."""
         out: list[str] = []
+        folders = 0
         for top in (SYSTEM, USERS):
             for dirpath, _dirs, filenames in os.walk(self.root / top):
+                folders += 1
                 out.extend(os.path.relpath(os.path.join(dirpath, n), self.root)
                            for n in filenames if n.endswith(self.settings.log_suffix))
-        return out
+        return out, folders
 
     def _size(self, relpath: str) -> int:
         try:
@@ -166,6 +162,11 @@ class Archiver:
         except FileNotFoundError:
             return 0
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    def _too_old(self, relpath: str, now: float) -> bool:
+        """Its first entry is older than APILOG_ROTATE_AGE (a file of unknown age is not)."""
+        age = self.settings.rotate_age
+        return bool(age) and self.first_entry.get(relpath, now) <= now - age
 
     def _too_big(self, relpath: str) -> bool:
         return self._size(relpath) > self.settings.rotate_bytes

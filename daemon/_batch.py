@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from apilog._atomic import write_atomic
 from apilog._entry import Entry, internal
 from apilog._route import route
 from apilog._streams import Registry
@@ -119,6 +121,12 @@ class BatchWriter:
         self.committed(batch, consumed)
         self._watch_for_bursts()
         return len(batch)
+
+    def quarantine(self, path: Path, raw: bytes, what: str, why: str, **where: object) -> Entry:
+        """Keep bad input aside in `path` and return the INTERNAL entry that reports it."""
+        write_atomic(path, raw, mode=0o640, durable=self.durable)
+        return internal(f"quarantined {what}: {why}",
+                        {**where, "bytes": len(raw), "reason": why, "moved_to": str(path)})
 
     def _watch_for_bursts(self) -> None:
         """Report (never refuse) a flood of new user folders: every entry is still written."""

@@ -18,11 +18,10 @@ from kombu import Connection, Consumer, Exchange, Queue
 from kombu.exceptions import KombuError
 from kombu.message import Message
 
-from apilog import _message
+from apilog import _message, spool
 from apilog._atomic import write_atomic
-from apilog._entry import Entry, internal
+from apilog._entry import Entry
 from apilog.settings import Settings, redacted
-from apilog.spool import layout
 
 from ._batch import BatchWriter
 from .exceptions import BrokerUnavailable
@@ -80,7 +79,7 @@ class BrokerDrainer(BatchWriter):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         assert settings.broker_url is not None
-        self.quarantine = layout(settings.spool_dir)["quarantine"]
+        self.quarantine_dir = spool.ensure(settings.spool_dir)["quarantine"]
         self.delivered = DeliveredIds(settings.state_dir / DELIVERED_NAME, durable=self.durable)
         self.delivered.add(self.ledger.last_ids)  # a crash may have come between the commit and this file
         self.source = redacted(settings.broker_url)
@@ -146,11 +145,7 @@ class BrokerDrainer(BatchWriter):
         except ValueError as exc:  # BadMessage included
             why = str(exc)
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        quarantine = self.quarantine / f"broker.{uuid.uuid4().hex}.msg"
-        os.makedirs(self.quarantine, exist_ok=True)
-        write_atomic(quarantine, body, mode=0o640, durable=self.durable)
-        return internal(f"quarantined broker message: {why}",
-                        {"bytes": len(body), "reason": why, "moved_to": str(quarantine)})
+        return self.quarantine(self.quarantine_dir / f"broker.{uuid.uuid4().hex}.msg", body, "broker message", why)
 
     def ids(self, batch: list[Message]) -> list[str]:
         return [str(m.headers.get("id")) for m in batch if m.headers.get("id")]

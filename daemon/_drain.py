@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from apilog import _message, spool
-from apilog._atomic import write_atomic
 from apilog._entry import Entry, internal
 from apilog.settings import Settings
 from apilog.spool.reader import Record, SpoolReader
@@ -66,10 +65,6 @@ class Drainer(BatchWriter):
                 why = str(exc)
         else:
             why = record.damaged
-        quarantine = self.reader.dirs["quarantine"] / f"{record.segment}.{record.start}.msg"
-        write_atomic(quarantine, record.payload, mode=0o640, durable=self.durable)
-        return internal(
-            f"quarantined spool message: {why}",
-            {"segment": record.segment, "offset": record.start, "bytes": len(record.payload),
-             "reason": why, "moved_to": str(quarantine)},
-        )
+        path = self.reader.dirs["quarantine"] / f"{record.segment}.{record.start}.msg"
+        return self.quarantine(path, record.payload, "spool message", why,
+                               segment=record.segment, offset=record.start)
