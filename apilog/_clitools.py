@@ -18,7 +18,9 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except ApilogError as exc:
-            raise click.ClickException(str(exc)) from None
+            error = click.ClickException(str(exc))
+            error.exit_code = getattr(exc, "exit_code", 1)  # 78 for what no restart can fix
+            raise error from None
 
 
 def load_settings() -> Settings:

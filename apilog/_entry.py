@@ -16,6 +16,8 @@ from ._tree import SYSTEM, BadLocation, encode_user
 from .exceptions import StreamError
 
 WIRE_VERSION = 1
+# Event times that every zone can write: years 2 to 9998 (a clock before 1970 is still a clock).
+TS_MIN, TS_MAX = -62104060800.0, 253370764800.0
 CUT_MARKER = " [cut by apilog: {kept} of {total} bytes kept]"
 
 
@@ -79,7 +81,7 @@ class Entry:
             and (entry.heading is None or type(entry.heading) is str)
             and type(entry.dict_to_string) is bool
             and type(entry.timestamp) is bool
-            and type(entry.ts) in (int, float) and 0 <= entry.ts < 1e11
+            and type(entry.ts) in (int, float) and TS_MIN <= entry.ts <= TS_MAX
             and type(entry.streams) is list and all(type(s) is str for s in entry.streams)
             and type(entry.problems) is list and all(type(p) is str for p in entry.problems)
             and (entry.original is None or type(entry.original) is dict)

@@ -1,23 +1,47 @@
-"""The exactly-once core shared by every source: route a batch, append it journaled, commit, then let the source ack."""
+"""The exactly-once core shared by every source: route a batch, append it journaled, commit, then let the source ack.
+
+Every unit fails alone (SPEC D7): an item that cannot be read or rendered is set aside by
+its source and reported; a target file that cannot be opened sends its entries to
+INTERNAL while the rest of the batch commits; an item that crashes the daemon is found by
+the probe and set aside after its second crash. Only faults of the whole log disk (full,
+read-only, failing) stop a batch, which is then undone and tried again.
+"""
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from apilog._atomic import write_atomic
 from apilog._entry import Entry, internal
 from apilog._route import route
-from apilog._streams import Registry
-from apilog._tree import LogTree, TreeError
+from apilog._streams import INTERNAL, Registry
+from apilog._tree import SYSTEM, LogTree, relative_path
 from apilog.settings import Settings
 from apilog.spool.ledger import Ledger
 
 from ._files import OpenFiles
+from ._folders import Folders
+from ._probe import Probe
 
 NEW_FOLDERS_PER_MINUTE = 1000  # more new user folders than this in a minute is reported as a burst
+# Errors that say the log disk as a whole cannot take the batch: undo it and retry, never divert entries.
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG,
+                         errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def say(text: str) -> None:
+    print(f"apilogd: {text}", file=sys.stderr, flush=True)
+
+
+def describe(exc: BaseException) -> str:
+    """An error in a few words, for a report."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+        return str(exc)[:300]  # the reader's own words about bad input
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 class BatchWriter:
@@ -28,27 +52,40 @@ class BatchWriter:
     the next start by cutting the files back, and the source hands the batch out again.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    max_items = 16384
+
+    def __init__(self, settings: Settings, folders: Folders) -> None:
         self.settings = settings
+        self.folders = folders
         self.durable = settings.fsync != "off"
-        self.ledger = Ledger(settings.state_dir, durable=self.durable)
+        self.ledger = Ledger(folders.state, durable=self.durable)
         self.tree = LogTree(settings.log_dir)
         self.files = OpenFiles(self.tree, durable=self.durable)
         self.registry = Registry(settings.home)
+        self.probe = Probe(folders.state)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
-        self.created: dict[str, float] = {}  # files the last batch created -> their first entry's time
+        self.created: dict[str, float] = {}  # files the last batch created -> when (the daemon's clock)
+        self.one_at_a_time = 0  # items still to take singly, after a batch failed for no reason of the disk
         self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
 
     # What a source provides.
 
     source = "nothing"  # what the daemon drains, said at start-up
 
-    def take(self) -> list[Any]:
-        """The next batch of raw items (empty when there is nothing to do)."""
+    def take(self, limit: int) -> list[Any]:
+        """The next batch of at most `limit` raw items (empty when there is nothing to do)."""
+        raise NotImplementedError
+
+    def key(self, item: Any) -> str:
+        """A name for the item that stays the same when it is handed out again (for the crash probe)."""
         raise NotImplementedError
 
     def entry(self, item: Any) -> Entry:
-        """The entry an item carries, or an INTERNAL report after quarantining it."""
+        """The entry an item carries; any exception means the item is bad."""
+        raise NotImplementedError
+
+    def set_aside(self, item: Any, why: str) -> Entry:
+        """Quarantine a bad item; return the INTERNAL entry that reports it."""
         raise NotImplementedError
 
     def consumed(self, batch: list[Any]) -> dict[str, int]:
@@ -79,8 +116,13 @@ class BatchWriter:
         return None
 
     def close(self) -> None:
-        self.files.close()
+        """Release files and folders; a disk that fails now is reported, never raised (we are stopping)."""
+        try:
+            self.files.close()
+        except OSError as exc:
+            say(f"closing the log files failed ({describe(exc)}); the journal redoes any unsynced batch at the next start")
         self.tree.close()
+        self.probe.close()
 
     # The core.
 
@@ -90,21 +132,27 @@ class BatchWriter:
         if pending is None:
             return
         for relpath, size in pending["files"].items():
-            self.files.truncate(relpath, size)
+            try:
+                self.files.truncate(relpath, size)
+            except OSError as exc:
+                if exc.errno in DISK_ERRORS:
+                    raise
+                # No longer a file we may open (swapped for a folder or a link): nothing of ours to cut.
+                say(f"could not cut {relpath} back to {size} bytes: {describe(exc)}")
         self.ledger.abort()
         self.rewind()
-        print(f"apilogd: undid an unfinished batch over {len(pending['files'])} files", file=sys.stderr, flush=True)
+        say(f"undid an unfinished batch over {len(pending['files'])} files")
 
     def step(self) -> int:
         """Write one batch; return how many items it committed (0 when there was nothing)."""
         self.recover()
         self.created = {}
-        batch = self.take()
+        batch = self.take(1 if self.one_at_a_time else self.max_items)
         if not batch and not self.notes:
             self.idle()
             return 0
         try:
-            lines, firsts = self._lines([self.entry(item) for item in batch] + self.notes)
+            lines = self._lines(batch)
             sizes = self._sizes(lines)
             consumed = self.consumed(batch)
             self.ledger.begin(sizes, consumed)
@@ -113,20 +161,71 @@ class BatchWriter:
             if self.durable:
                 self.files.sync(list(lines))
             self.ledger.commit(self.ids(batch))
-        except BaseException:
+        except BaseException as exc:
             self.rewind(batch)  # written again after recover()
+            if not isinstance(exc, OSError) and isinstance(exc, Exception):
+                self._blame(batch)
             raise
         self.notes.clear()
-        self.created = {r: firsts.get(r, time.time()) for r, size in sizes.items() if size == 0}
+        now = time.time()  # the daemon's clock judges a file's age, never a producer's
+        self.created = {r: now for r, size in sizes.items() if size == 0}
+        self.probe.committed({self.key(item) for item in batch})
+        self.one_at_a_time = max(0, self.one_at_a_time - len(batch))
         self.committed(batch, consumed)
         self._watch_for_bursts()
         return len(batch)
 
-    def quarantine(self, path: Path, raw: bytes, what: str, why: str, **where: object) -> Entry:
-        """Keep bad input aside in `path` and return the INTERNAL entry that reports it."""
-        write_atomic(path, raw, mode=0o640, durable=self.durable)
-        return internal(f"quarantined {what}: {why}",
-                        {**where, "bytes": len(raw), "reason": why, "moved_to": str(path)})
+    def _blame(self, batch: list[Any]) -> None:
+        """A batch failed for no reason of the disk: take its items one at a time until the culprit is found."""
+        if len(batch) == 1:
+            self.probe.failed(self.key(batch[0]))  # set aside at its second failure
+        self.one_at_a_time = max(self.one_at_a_time, len(batch))
+
+    def _lines(self, batch: list[Any]) -> dict[str, list[str]]:
+        """Rendered lines by target file; an item that cannot be read or rendered is set aside, alone."""
+        lines: dict[str, list[str]] = {}
+        known = frozenset(self.registry.names())  # one look at the registry per batch
+        for item in batch:
+            key = self.key(item)
+            self.probe.before(key)
+            if self.probe.poisoned(key):
+                routed = route(self.set_aside(item, f"it crashed apilogd {self.probe.crashes(key)} times; "
+                                                    "set aside without being read again"), known, self.settings)
+            else:
+                try:
+                    routed = route(self.entry(item), known, self.settings)
+                except Exception as exc:  # any failure of one item is that item's alone
+                    routed = route(self.set_aside(item, describe(exc)), known, self.settings)
+            for relpath, text in routed:
+                lines.setdefault(relpath, []).append(text)
+        self.probe.between()
+        for note in self.notes:
+            for relpath, text in route(note, known, self.settings):
+                lines.setdefault(relpath, []).append(text)
+        return lines
+
+    def _sizes(self, lines: dict[str, list[str]]) -> dict[str, int]:
+        """Each target's size before the batch; a target that cannot be opened sends its entries to INTERNAL."""
+        internal_path = relative_path(INTERNAL, SYSTEM, self.settings.log_suffix)
+        sizes: dict[str, int] = {}
+        diverted: list[Entry] = []
+        for relpath in [r for r in lines if r != internal_path] + [internal_path]:
+            if relpath not in lines:
+                continue
+            try:
+                sizes[relpath] = self.files.size(relpath)
+            except OSError as exc:
+                if exc.errno in DISK_ERRORS or relpath == internal_path:
+                    raise  # nowhere else to put them: the batch waits in the source
+                texts = lines.pop(relpath)
+                diverted.append(internal(f"cannot write {relpath}: {describe(exc)}",
+                                         {"file": relpath, "error": describe(exc), "entries": "".join(texts)}))
+        if diverted:
+            for note in diverted:
+                for _, text in route(note, (INTERNAL,), self.settings):
+                    lines.setdefault(internal_path, []).append(text)
+            sizes.setdefault(internal_path, self.files.size(internal_path))
+        return sizes
 
     def _watch_for_bursts(self) -> None:
         """Report (never refuse) a flood of new user folders: every entry is still written."""
@@ -140,29 +239,3 @@ class BatchWriter:
             self._burst_window = (now, self.tree.folders_created)
         elif now - began >= 60:
             self._burst_window = (now, self.tree.folders_created)
-
-    def _lines(self, entries: list[Entry]) -> tuple[dict[str, list[str]], dict[str, float]]:
-        """Rendered lines by target file, and each target's first event time in this batch."""
-        lines: dict[str, list[str]] = {}
-        firsts: dict[str, float] = {}
-        known = frozenset(self.registry.names())  # one look at the registry per batch
-        for entry in entries:
-            for relpath, text in route(entry, known, self.settings):
-                if relpath not in lines:
-                    lines[relpath], firsts[relpath] = [], entry.ts
-                lines[relpath].append(text)
-        return lines, firsts
-
-    def _sizes(self, lines: dict[str, list[str]]) -> dict[str, int]:
-        """Each target's size before the batch; a target that cannot be opened safely goes to INTERNAL."""
-        sizes: dict[str, int] = {}
-        for relpath in list(lines):
-            try:
-                sizes[relpath] = self.files.size(relpath)
-            except TreeError as exc:
-                texts = lines.pop(relpath)
-                note = internal(f"cannot write {relpath}: {exc.strerror}", {"file": relpath, "entries": "".join(texts)})
-                for target, text in route(note, self.registry.names(), self.settings):
-                    lines.setdefault(target, []).append(text)
-                    sizes.setdefault(target, self.files.size(target))
-        return sizes

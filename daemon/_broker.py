@@ -7,43 +7,55 @@ acked without being written twice.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import socket
 import time
 import uuid
 from collections import deque
-from pathlib import Path
 
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.exceptions import KombuError
 from kombu.message import Message
 
-from apilog import _message, spool
-from apilog._atomic import write_atomic
-from apilog._entry import Entry
+from apilog import _message
+from apilog._entry import Entry, internal
+from apilog._folder import Folder
+from apilog.exceptions import StateDamaged
 from apilog.settings import Settings, redacted
+from apilog.spool.ledger import DAMAGED, REPAIR_HINT, refuse_unrepaired
 
-from ._batch import BatchWriter
+from ._batch import BatchWriter, describe, say
+from ._folders import Folders
 from .exceptions import BrokerUnavailable
 
 MAX_MESSAGES = 2048
 GATHER_SECONDS = 0.05  # how long a batch waits to fill up
 REMEMBERED_IDS = 200_000
 DELIVERED_NAME = "delivered.ids"
+_ID = re.compile(rb"[\x21-\x7e]{1,64}")
 
 
 class DeliveredIds:
-    """Ids of the most recent committed entries, in memory and in an append-only file."""
+    """Ids of the most recent committed entries, in memory and in an append-only file of the state folder."""
 
-    def __init__(self, path: Path, *, durable: bool) -> None:
-        self.path = path
+    def __init__(self, state: Folder, *, durable: bool) -> None:
+        self.state = state
         self.durable = durable
         self._order: deque[str] = deque()
         self._set: set[str] = set()
         try:
-            known = path.read_text().split()
+            raw = state.read(DELIVERED_NAME)
         except FileNotFoundError:
-            known = []
+            refuse_unrepaired(state, DELIVERED_NAME)
+            raw = b""
+        known, bad = parse_ids(raw)
+        if bad:
+            aside = state.set_aside(DELIVERED_NAME, DAMAGED)
+            raise StateDamaged(f"{state.path / DELIVERED_NAME} is damaged ({bad}); moved to {state.path / aside}; "
+                               f"nothing was written; {REPAIR_HINT}")
         self._lines = len(known)
         self._remember(known)
 
@@ -54,15 +66,18 @@ class DeliveredIds:
         fresh = [i for i in ids if i not in self._set]
         if not fresh:
             return
-        with open(self.path, "a", encoding="ascii") as log:
-            log.write("".join(f"{i}\n" for i in fresh))
+        fd = self.state.open(DELIVERED_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, "".join(f"{i}\n" for i in fresh).encode())
             if self.durable:
-                log.flush()
-                os.fsync(log.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         self._lines += len(fresh)
         self._remember(fresh)
         if self._lines > 2 * REMEMBERED_IDS:  # keep the file about as short as the memory
-            write_atomic(self.path, "".join(f"{i}\n" for i in self._order).encode(), durable=self.durable)
+            self.state.write_atomic(DELIVERED_NAME, "".join(f"{i}\n" for i in self._order).encode(),
+                                    durable=self.durable)
             self._lines = len(self._order)
 
     def _remember(self, ids: list[str]) -> None:
@@ -73,14 +88,29 @@ class DeliveredIds:
             self._set.discard(self._order.popleft())
 
 
+def parse_ids(raw: bytes) -> tuple[list[str], str | None]:
+    """The ids in a delivered-ids file, and what is wrong with it (None when nothing is)."""
+    ids: list[str] = []
+    bad = None
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line:
+            continue
+        if _ID.fullmatch(line):
+            ids.append(line.decode("ascii"))
+        elif bad is None:
+            bad = f"line {n} is not an entry id"
+    return ids, bad
+
+
 class BrokerDrainer(BatchWriter):
     """Moves apilog task messages from a Celery broker (APILOG_BROKER_URL) into their files."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    max_items = MAX_MESSAGES
+
+    def __init__(self, settings: Settings, folders: Folders) -> None:
+        super().__init__(settings, folders)
         assert settings.broker_url is not None
-        self.quarantine_dir = spool.ensure(settings.spool_dir)["quarantine"]
-        self.delivered = DeliveredIds(settings.state_dir / DELIVERED_NAME, durable=self.durable)
+        self.delivered = DeliveredIds(folders.state, durable=self.durable)
         self.delivered.add(self.ledger.last_ids)  # a crash may have come between the commit and this file
         self.source = redacted(settings.broker_url)
         self.queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
@@ -108,13 +138,12 @@ class BrokerDrainer(BatchWriter):
         self.consumer.consume()
 
     def close(self) -> None:
-        if self.connection is not None:
-            self.connection.release()  # unacked messages go back to the broker
+        self._drop_connection()  # unacked messages go back to the broker
         super().close()
 
-    def take(self) -> list[Message]:
+    def take(self, limit: int) -> list[Message]:
         if self.retry:
-            batch, self.retry = self.retry, []
+            batch, self.retry = self.retry[:limit], self.retry[limit:]
             return batch
         if self.connection is None:
             self._connect()
@@ -122,39 +151,66 @@ class BrokerDrainer(BatchWriter):
         assert connection is not None
         deadline = time.monotonic() + GATHER_SECONDS
         try:
-            while len(self.inbox) < MAX_MESSAGES and (left := deadline - time.monotonic()) > 0:
+            while len(self.inbox) < limit and (left := deadline - time.monotonic()) > 0:
                 connection.drain_events(timeout=left)
         except (socket.timeout, TimeoutError):
             pass
-        except (*connection.connection_errors, KombuError, OSError) as exc:
-            connection.release()
-            self.connection, self.inbox[:] = None, []  # unacked: the broker delivers them again
-            raise OSError(f"broker connection lost: {exc}") from exc
+        except Exception as exc:  # kombu and its clients fail in many ways: all of them mean "reconnect"
+            self._drop_connection()
+            raise OSError(f"broker connection lost: {describe(exc)}") from exc
         batch, self.inbox[:] = list(self.inbox), []
         fresh = []
         for message in batch:
             if message.headers.get("id") in self.delivered:
-                message.ack()  # written before; its ack was lost
+                self._ack(message)  # written before; its ack was lost
             else:
                 fresh.append(message)
-        return fresh
+        self.retry = fresh[limit:]
+        return fresh[:limit]
+
+    def _drop_connection(self) -> None:
+        """Forget the connection; every unacked message is delivered again (and recognised by its id)."""
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.release()
+        self.connection, self.inbox[:], self.retry = None, [], []
+
+    def _ack(self, message: Message) -> None:
+        try:
+            message.ack()
+        except Exception as exc:  # the entry is committed and its id kept: a redelivery is skipped
+            say(f"broker ack failed, reconnecting: {describe(exc)}")
+            self._drop_connection()
+
+    def key(self, message: Message) -> str:
+        return f"broker:{message.headers.get('id') if isinstance(message.headers, dict) else None}:" \
+               f"{hashlib.sha256(_body_bytes(message)).hexdigest()[:16]}"
 
     def entry(self, message: Message) -> Entry:
-        try:
-            return Entry.from_wire(_message.decode_body(message.body, message.content_type, message.headers))
-        except ValueError as exc:  # BadMessage included
-            why = str(exc)
-        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        return self.quarantine(self.quarantine_dir / f"broker.{uuid.uuid4().hex}.msg", body, "broker message", why)
+        return Entry.from_wire(_message.decode_body(message.body, message.content_type, message.headers))
+
+    def set_aside(self, message: Message, why: str) -> Entry:
+        name = f"broker.{uuid.uuid4().hex}.msg"
+        body = _body_bytes(message)
+        self.folders.quarantine.write_atomic(name, body, durable=self.durable)
+        return internal(f"quarantined broker message: {why}",
+                        {"bytes": len(body), "reason": why, "moved_to": str(self.folders.quarantine.path / name)})
 
     def ids(self, batch: list[Message]) -> list[str]:
-        return [str(m.headers.get("id")) for m in batch if m.headers.get("id")]
+        return [str(m.headers.get("id")) for m in batch if isinstance(m.headers, dict) and m.headers.get("id")]
 
     def committed(self, batch: list[Message], consumed: dict[str, int]) -> None:
         self.delivered.add(self.ids(batch))
         for message in batch:
-            message.ack()
+            if self.connection is None:
+                break  # dropped by a failed ack: the rest come back and are skipped by id
+            self._ack(message)
 
     def rewind(self, batch: list[Message] | None = None) -> None:
         if batch:
-            self.retry = batch  # still unacked: written again, as it was, on the next step
+            self.retry = batch + self.retry  # still unacked: written again, as it was, on the next step
+
+
+def _body_bytes(message: Message) -> bytes:
+    body = message.body
+    return body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogateescape")

@@ -67,8 +67,15 @@ class OpenFiles:
             self._close(relpath, fd)
 
     def close(self) -> None:
+        """Close every handle; the first failure (a disk gone read-only) is raised once all are closed."""
+        failure: OSError | None = None
         while self._fds:
-            self._close(*self._fds.popitem())
+            try:
+                self._close(*self._fds.popitem())
+            except OSError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _close(self, relpath: str, fd: int) -> None:
         # A handle closed mid-batch must not take its unsynced appends with it.

@@ -54,6 +54,15 @@ def stop() -> None:
     click.echo("apilogd is not running" if pid is None else f"apilogd stopped (pid {pid})")
 
 
+@main.command()
+def repair() -> None:
+    """Rebuild a damaged state file (apilogd must be stopped); nothing is written twice or dropped."""
+    from ._repair import repair as run_repair  # noqa: PLC0415 - only for this command
+
+    for line in run_repair(load_settings()):
+        click.echo(line)
+
+
 @main.command("install-service")
 @click.option("--user", "scope", flag_value="user", help="Install a user unit (the default when not root).")
 @click.option("--system", "scope", flag_value="system", help="Install the system unit (the default as root).")

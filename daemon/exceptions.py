@@ -23,3 +23,9 @@ class StopFailed(DaemonError):
 
 class BrokerUnavailable(DaemonError):
     """The broker named by APILOG_BROKER_URL cannot be reached at start-up."""
+
+
+class UnsafeSetup(DaemonError):
+    """A folder apilogd works in is owned by another user or is not a plain folder: refused, not followed."""
+
+    exit_code = 78  # EX_CONFIG: no restart can fix it; the unit's RestartPreventExitStatus= stops the loop

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import signal
-import sys
 import threading
 import time
+import traceback
 from collections import deque
 from types import FrameType
 
-from apilog._atomic import write_atomic
 from apilog._entry import internal
+from apilog._folder import UnsafeFolder
 from apilog.settings import Settings
 
 from ._archive import Archiver
-from ._batch import BatchWriter
+from ._batch import BatchWriter, describe, say
 from ._broker import BrokerDrainer
 from ._control import STATS_NAME, answer_archive_request
 from ._drain import Drainer
+from ._folders import Folders, open_folders, open_home
 from ._instance import InstanceLock
 from ._notify import notify
+from .exceptions import UnsafeSetup
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
@@ -30,8 +34,19 @@ BACKOFF_MAX = 10.0  # well inside WatchdogSec=, which the loop must keep feeding
 REPORT_EVERY = 2.0  # seconds between STATUS= lines and state/stats.json updates
 
 
-def _say(text: str) -> None:
-    print(f"apilogd: {text}", file=sys.stderr, flush=True)
+def _raise_descriptor_limit() -> None:
+    """Many producers and many users' files: take every descriptor the hard limit allows (systemd's soft one is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def open_drainer(settings: Settings, folders: Folders) -> BatchWriter:
+    """The source this configuration drains: the embedded spool, or the broker."""
+    if settings.uses_spool:
+        return Drainer(settings, folders)
+    return BrokerDrainer(settings, folders)
 
 
 class Service:
@@ -47,6 +62,7 @@ class Service:
         watched = os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
         self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and watched else None
         self.last_ping = 0.0
+        self.stats_failed = False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -56,31 +72,54 @@ class Service:
 
     def run(self) -> int:
         conf = self.settings
-        conf.home.mkdir(parents=True, exist_ok=True)
+        _raise_descriptor_limit()
+        try:
+            home = open_home(conf)
+        except UnsafeFolder as exc:
+            raise UnsafeSetup(str(exc)) from None
         lock = InstanceLock(conf.home)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         signal.signal(signal.SIGUSR1, self._on_archive)  # `apilog archive`
         # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        folders: Folders | None = None
         try:
-            drainer: BatchWriter = Drainer(conf) if conf.uses_spool else BrokerDrainer(conf)
-            archiver = Archiver(conf, drainer.tree, drainer.files)
-        except BaseException:
+            folders = open_folders(conf, home)
+            drainer = open_drainer(conf, folders)
+            try:
+                archiver = Archiver(conf, drainer.tree, drainer.files)
+            except BaseException:
+                drainer.close()
+                raise
+        except BaseException as exc:
+            if folders is not None:
+                folders.close()
+            home.close()
             lock.release()
+            if isinstance(exc, UnsafeFolder):
+                raise UnsafeSetup(str(exc)) from None
             raise
+        clean = False
         try:
+            if drainer.probe.start():
+                say("the last run did not stop cleanly: inputs are probed one at a time until a batch commits")
             drainer.sweep()
             drainer.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
-            _say(f"draining {drainer.source} into {conf.log_dir}")
+            say(f"draining {drainer.source} into {conf.log_dir}")
             self._loop(drainer, archiver)
             notify("STOPPING=1")
+            clean = True
         finally:
             archiver.close()
             drainer.close()
+            if clean:
+                drainer.probe.stop()
+            folders.close()
+            home.close()
             lock.release()
-        _say("stopped")
+        say("stopped")
         return 0
 
     def _loop(self, drainer: BatchWriter, archiver: Archiver) -> None:
@@ -89,26 +128,32 @@ class Service:
         idle, last_scan, last_sweep = True, 0.0, time.monotonic()
         while not self.stopping.is_set():
             now = time.monotonic()
-            if idle or now - last_scan >= SCAN_EVERY:
-                drainer.scan()
-                last_scan = now
-            if now - last_sweep >= SWEEP_EVERY:
-                drainer.sweep()
-                last_sweep = now
             self._ping(now)
             try:
+                if idle or now - last_scan >= SCAN_EVERY:
+                    last_scan = now
+                    drainer.scan()
+                if now - last_sweep >= SWEEP_EVERY:
+                    last_sweep = now
+                    drainer.sweep()
                 done = drainer.step()
-            except OSError as exc:
-                failure = f"{exc.strerror or exc}" + (f" (errno {exc.errno})" if exc.errno else "")
+            except Exception as exc:  # noqa: BLE001 - the loop outlives anything one input or one disk does
+                if isinstance(exc, OSError):
+                    failure = describe(exc) + (f" (errno {exc.errno})" if exc.errno else "")
+                    what = "write failed, entries stay in the spool"
+                else:
+                    failure = describe(exc)
+                    what = "a batch failed; its items are retried one at a time and a culprit is set aside"
+                    say("".join(traceback.format_exception(exc)).rstrip())
                 backoff = min(BACKOFF_MAX, max(0.5, backoff * 2))
-                _say(f"write failed, entries stay in the spool; retrying in {backoff:.1f}s: {failure}")
+                say(f"{what}; retrying in {backoff:.1f}s: {failure}")
                 self.stopping.wait(backoff)
                 continue
             backoff = 0.0
             self._report(now, done, drainer)
             if failure is not None:
                 drainer.notes.append(internal("recovered from a write error", {"error": failure}))
-                _say(f"recovered from: {failure}")
+                say(f"recovered from: {failure}")
                 failure = None
             archiver.written(drainer.created)
             self._archive(drainer, archiver)
@@ -135,19 +180,25 @@ class Service:
         backlog = "" if waiting is None else f"; {waiting} bytes waiting in the spool"
         notify(f"STATUS=wrote {last_minute} entries in the last minute{backlog}")
         stats = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}
-        write_atomic(self.settings.state_dir / STATS_NAME, json.dumps(stats).encode(), durable=False)
+        try:
+            drainer.folders.state.write_atomic(STATS_NAME, json.dumps(stats).encode(), durable=False)
+            self.stats_failed = False
+        except OSError as exc:
+            if not self.stats_failed:  # `apilogd status` only loses its rate; said once, not every 2 s
+                say(f"cannot update {STATS_NAME}: {describe(exc)}")
+            self.stats_failed = True
 
     def _archive(self, drainer: BatchWriter, archiver: Archiver) -> None:
         """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""
         try:
             if self.archive_requested:
                 self.archive_requested = False
-                answer_archive_request(self.settings, archiver.rotate_all())
+                answer_archive_request(drainer.folders.state, archiver.rotate_all())
             else:
                 archiver.tick()
-        except OSError as exc:  # rotation waits for the next tick; writing goes on
-            _say(f"rotation failed, will retry: {exc}")
-            archiver.notes.append(("rotation failed, will retry", {"error": str(exc)}))
+        except Exception as exc:  # noqa: BLE001 - rotation waits for the next tick; writing goes on
+            say(f"rotation failed, will retry: {describe(exc)}")
+            archiver.notes.append(("rotation failed, will retry", {"error": describe(exc)}))
         while archiver.notes:
             heading, body = archiver.notes.pop(0)
             drainer.notes.append(internal(heading, body))

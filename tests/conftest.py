@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -12,7 +17,10 @@ from pathlib import Path
 import pytest
 from apilogd import _control
 
-from apilog import settings
+from apilog import _message, settings, spool
+from apilog._entry import build
+from apilog._streams import Registry
+from apilog.spool._frame import frame
 
 STAMP = re.compile(r" \u00a7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
 
@@ -68,3 +76,71 @@ def unstamp(text: str, since: float, until: float) -> str:
         return " \u00a7 [<TS>]"
 
     return STAMP.sub(check, text)
+
+
+def segment(home: Path, name: str, *, locked: bool) -> int:
+    """Create a segment the way a producer does: locked aside, then renamed into place."""
+    dirs = spool.ensure(home / "spool")
+    fd = os.open(dirs["tmp"] / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    if locked:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(dirs["tmp"] / name, dirs["segments"] / name)
+    return fd
+
+
+def record(stream: str, user: str, text: str, *, max_entry_bytes: int = 65536) -> bytes:
+    """One framed spool record carrying an entry, as `delay()` writes it."""
+    entry, _ = build(stream, user, text, timestamp=False, registry=Registry(Path("/nonexistent")),
+                     timestamps_default=False, max_entry_bytes=max_entry_bytes)
+    return frame(_message.encode(entry.to_wire()))
+
+
+class Daemon:
+    """`apilogd run` as systemd runs it: READY=1 read from our own notify socket, SIGTERM to stop."""
+
+    def __init__(self, tmp: Path, *, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
+        self.sock_path = str(tmp / f"notify-{time.monotonic_ns()}.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.sock_path)
+        self.err_path = tmp / f"apilogd-{time.monotonic_ns()}.err"
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], stderr=err,
+                                         env={**os.environ, **(env or {}), "NOTIFY_SOCKET": self.sock_path},
+                                         preexec_fn=preexec_fn)
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def ready(self, timeout: float = 30.0) -> bool:
+        """Wait for READY=1; False when the daemon exited first."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.1)
+        while time.monotonic() < deadline:
+            try:
+                if b"READY=1" in self.sock.recv(4096):
+                    return True
+            except TimeoutError:
+                pass
+            if self.proc.poll() is not None:
+                return False
+        raise AssertionError(f"apilogd was not ready in {timeout}s: {self.stderr[-2000:]}")
+
+    def exit_code(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status (the process is killed if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.proc.kill()
+            self.sock.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self.sock.close()

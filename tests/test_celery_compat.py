@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from apilog import _message, logger, settings
+from apilog._folder import Folder
 from apilog.spool.reader import SpoolReader
 from apilog.spool.transport import writer_for
 
@@ -24,10 +25,11 @@ def test_stock_worker_runs_lean_messages(home: Path, tmp_path: Path) -> None:
     logger.delay("INFO", "tess", "first, through a stock worker", timestamp=False)
     logger.delay("LOGIN", "tess", {"ip": "203.0.113.9"}, heading="New Login", timestamp=False)
     writer_for(settings.current().spool_dir, False).close()
-    reader = SpoolReader(settings.current().spool_dir, {})
-    reader.scan()
-    records = reader.read(10, 1 << 20)
-    reader.close()
+    with Folder.at(settings.current().spool_dir / "segments") as segments:
+        reader = SpoolReader(segments, {})
+        reader.scan()
+        records = reader.read(10, 1 << 20)
+        reader.close()
     assert len(records) == 2
 
     broker = tmp_path / "broker"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import multiprocessing
 import os
@@ -20,12 +19,13 @@ from typing import Any
 import pytest
 from apilogd import _control
 from apilogd._drain import Drainer
+from apilogd._folders import open_folders, open_home
 
-from apilog import _message, logger, settings
+from apilog import logger, settings
 from apilog.spool._frame import frame
 from apilog.spool.transport import writer_for
 
-from .conftest import log_file, wait_for, wait_written
+from .conftest import log_file, record, segment, wait_for, wait_written
 
 USERS = [f"crash{n}" for n in range(5)]
 
@@ -51,7 +51,8 @@ def _kill_self() -> None:
 def _crash_child(point: str) -> None:
     """Run one batch of the real drain code and SIGKILL this process at `point`."""
     settings.reset()
-    drainer = Drainer(settings.load())
+    conf = settings.load()
+    drainer = Drainer(conf, open_folders(conf, open_home(conf)))
 
     def wrap(obj: Any, name: str, before: Callable[..., None] | None = None, after: bool = False) -> None:
         original = getattr(obj, name)
@@ -112,35 +113,14 @@ def test_crash_at_each_journal_step(home: Path, point: str) -> None:
     assert not list((home / "spool" / "segments").iterdir())
 
 
-def _segment(home: Path, name: str, *, locked: bool) -> int:
-    """Create a segment the way a producer does: locked aside, then renamed into place."""
-    from apilog import spool
-
-    dirs = spool.ensure(home / "spool")
-    fd = os.open(dirs["tmp"] / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    if locked:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    os.rename(dirs["tmp"] / name, dirs["segments"] / name)
-    return fd
-
-
-def _record(stream: str, user: str, text: str) -> bytes:
-    from apilog._entry import build
-    from apilog._streams import Registry
-
-    entry, _ = build(stream, user, text, timestamp=False, registry=Registry(Path("/nonexistent")),
-                     timestamps_default=False, max_entry_bytes=65536)
-    return frame(_message.encode(entry.to_wire()))
-
-
 def test_half_written_record_waits_for_a_live_producer(daemon: Path) -> None:
     """A record half written by a live producer is neither taken nor quarantined; once whole, it is written."""
-    fd = _segment(daemon, "999-live.00000001.seg", locked=True)
-    record = _record("INFO", "olga", "finished later")
-    os.write(fd, record[:30])
+    fd = segment(daemon, "999-live.00000001.seg", locked=True)
+    half = record("INFO", "olga", "finished later")
+    os.write(fd, half[:30])
     time.sleep(0.5)
     assert not (daemon / "logs" / "users" / "olga").exists()
-    os.write(fd, record[30:])
+    os.write(fd, half[30:])
     wait_written()
     assert log_file(daemon, "users/olga/INFO.log") == "INFO:  finished later\n"
     assert not list((daemon / "spool" / "quarantine").iterdir())
@@ -149,8 +129,8 @@ def test_half_written_record_waits_for_a_live_producer(daemon: Path) -> None:
 
 def test_torn_tail_of_a_dead_producer_is_quarantined(daemon: Path) -> None:
     """A producer that died mid-write leaves a torn tail: the whole records are written, the tail quarantined."""
-    fd = _segment(daemon, "998-dead.00000001.seg", locked=False)
-    os.write(fd, _record("INFO", "pat", "whole one") + _record("INFO", "pat", "torn one")[:40])
+    fd = segment(daemon, "998-dead.00000001.seg", locked=False)
+    os.write(fd, record("INFO", "pat", "whole one") + record("INFO", "pat", "torn one")[:40])
     os.close(fd)
     internal = daemon / "logs" / "system" / "INTERNAL.log"
     wait_for(lambda: internal.exists() and "torn record" in internal.read_text(), what="the torn tail's report")
@@ -165,13 +145,13 @@ def _framed(message: dict[str, Any]) -> bytes:
 
 def test_garbage_is_quarantined_and_never_blocks(daemon: Path) -> None:
     """Random bytes, pickle, a foreign task and non-JSON are quarantined and reported; good entries still land."""
-    good = json.loads(_record("INFO", "quinn", "after the garbage")[12:])
+    good = json.loads(record("INFO", "quinn", "after the garbage")[12:])
     pickled = {**good, "content-type": "application/x-python-serialize",
                "body": base64.b64encode(pickle.dumps(([], {}, {}))).decode()}
     foreign = {**good, "headers": {**good["headers"], "task": "os.system"}}
-    fd = _segment(daemon, "997-garbage.00000001.seg", locked=False)
+    fd = segment(daemon, "997-garbage.00000001.seg", locked=False)
     os.write(fd, b"\x00\xffnot a record at all" + _framed(pickled) + _framed(foreign)
-             + frame(b"{not json") + _record("INFO", "quinn", "after the garbage"))
+             + frame(b"{not json") + record("INFO", "quinn", "after the garbage"))
     os.close(fd)
     (daemon / "spool" / "segments" / "dropped-by-hand.msg").write_bytes(pickle.dumps({"x": 1}))
     spool = daemon / "spool"

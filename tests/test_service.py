@@ -133,7 +133,7 @@ def test_app_and_daemon_as_two_users(two_users: tuple[str, str, str]) -> None:
         home = root / "home"
         home.mkdir()
         shutil.chown(home, daemon_user, group)
-        os.chmod(home, 0o2770)  # what StateDirectoryMode=2770 gives the service
+        os.chmod(home, 0o750)  # what StateDirectoryMode=0750 gives the service
         env = {k: v for k, v in os.environ.items() if not k.startswith("APILOG_")} | {"APILOG_HOME": str(home)}
         probe = python and subprocess.run([*python, "apilogd", "--help"], env=env, capture_output=True, text=True,
                                           **_as(app_user, group, 0o022))
@@ -161,7 +161,8 @@ def _two_users(python: list[str], env: dict[str, str], home: Path, daemon_user: 
         wait_for(lambda: log.exists() and log.read_text() == "INFO:  from the app user\n",
                  what="the daemon to write the app's entry")
         spool = home / "spool"
-        assert stat.S_IMODE(spool.stat().st_mode) == 0o2770 and grp.getgrgid(spool.stat().st_gid).gr_name == group
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o2750 and grp.getgrgid(spool.stat().st_gid).gr_name == group
+        assert stat.S_IMODE((spool / "segments").stat().st_mode) == 0o3770
         for path in (home / "logs", log.parent, log):
             assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0  # closed to others
             assert pwd.getpwuid(path.stat().st_uid).pw_name == daemon_user

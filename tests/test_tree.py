@@ -59,12 +59,15 @@ def test_paths() -> None:
 
 
 def test_modes(daemon: Path) -> None:
-    """Directories 0750, files 0640, the spool 2770, whatever the umask."""
+    """Directories 0750, files 0640, the spool 2750 with its drop folders 3770 (sticky), whatever the umask."""
     logger.delay("INFO", "nina", "x")
     wait_written()
     logs = daemon / "logs"
     assert stat.S_IMODE((logs / "users" / "nina").stat().st_mode) == 0o750
     assert stat.S_IMODE((logs / "users").stat().st_mode) == 0o750
     assert stat.S_IMODE((logs / "users" / "nina" / "INFO.log").stat().st_mode) == 0o640
-    assert stat.S_IMODE((daemon / "spool").stat().st_mode) == 0o2770
-    assert stat.S_IMODE((daemon / "spool" / "segments").stat().st_mode) == 0o2770
+    assert stat.S_IMODE((daemon / "spool").stat().st_mode) == 0o2750
+    assert stat.S_IMODE((daemon / "spool" / "segments").stat().st_mode) == 0o3770
+    assert stat.S_IMODE((daemon / "spool" / "tmp").stat().st_mode) == 0o3770
+    assert stat.S_IMODE((daemon / "spool" / "quarantine").stat().st_mode) == 0o2750
+    assert stat.S_IMODE(daemon.stat().st_mode) & 0o022 == 0

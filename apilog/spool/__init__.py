@@ -1,33 +1,38 @@
-"""The durable filesystem spool: producers append framed records to segment files, apilogd drains them."""
+"""The durable filesystem spool: producers append framed records to segment files, apilogd drains them.
+
+Who may do what (SPEC D8): the app's group may only add files to `segments/` and `tmp/`,
+which carry the sticky bit so nobody removes or renames a file they do not own; `spool/`
+itself and `quarantine/` are the daemon's alone.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-SPOOL_MODE = 0o2770  # group-shared between the app's user and the daemon's, setgid
+SPOOL_MODE = 0o2750  # the group may enter, not change; setgid hands the group down
+DROP_MODE = 0o3770  # segments/ and tmp/: the group adds files; sticky: only a file's owner removes it
+QUARANTINE_MODE = 0o2750
 SEGMENT_MODE = 0o640
+
+MODES = {"segments": DROP_MODE, "tmp": DROP_MODE, "quarantine": QUARANTINE_MODE}
 
 
 def layout(spool_dir: Path) -> dict[str, Path]:
     """The spool's folders by role."""
-    return {
-        "segments": spool_dir / "segments",
-        "tmp": spool_dir / "tmp",
-        "quarantine": spool_dir / "quarantine",
-    }
+    return {name: spool_dir / name for name in MODES}
 
 
 def ensure(spool_dir: Path) -> dict[str, Path]:
-    """Create the spool's folders (2770) if missing; return them by role."""
+    """Create what is missing of the spool (the producer's side, by path); return its folders by role."""
     dirs = layout(spool_dir)
-    for path in (spool_dir, *dirs.values()):
+    for path, mode in ((spool_dir, SPOOL_MODE), *((dirs[name], MODES[name]) for name in MODES)):
         try:
-            os.mkdir(path, SPOOL_MODE)
+            os.mkdir(path, mode)
         except FileNotFoundError:
             os.makedirs(path.parent, exist_ok=True)
-            os.mkdir(path, SPOOL_MODE)
+            os.mkdir(path, mode)
         except FileExistsError:
             continue
-        os.chmod(path, SPOOL_MODE)  # mkdir's mode passes through the umask; the setgid bit too
+        os.chmod(path, mode)  # mkdir's mode passes through the umask; the setgid and sticky bits too
     return dirs

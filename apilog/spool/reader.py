@@ -1,24 +1,31 @@
-"""The consumer side of the spool: records read in order from each producer's segments."""
+"""The consumer side of the spool: records read in order from each producer's segments.
+
+Everything in `segments/` is input from other processes and is treated as such: only
+regular files with one link are read, through the folder's descriptor; a bounded number
+of segments is held open at a time, however many producers there are.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import stat
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._folder import Folder
 from . import layout
 from ._frame import HEADER, MAGIC, MAX_PAYLOAD
 
 CHUNK = 1024 * 1024
 MAX_DAMAGED = 1024 * 1024  # garbage is quarantined in pieces of at most this size
 STALE_TMP_SECONDS = 60
+MAX_OPEN_SEGMENTS = 256  # descriptors held at once; the rest are reopened by name when their turn comes
 
 
 @dataclass(slots=True)
@@ -33,11 +40,12 @@ class Record:
 
 
 class _Segment:
-    """An open segment file and how far it has been read."""
+    """A segment file, how far it has been read, and (while it is among the open ones) its descriptor."""
 
-    def __init__(self, name: str, fd: int, pos: int) -> None:
+    def __init__(self, name: str, identity: tuple[int, int], pos: int) -> None:
         self.name = name
-        self.fd = fd
+        self.identity = identity  # (device, inode) when first seen: a replaced file is not the same segment
+        self.fd = -1
         self.pos = pos
         self.sealed = False
         self.producer, self.seq = _split_name(name)
@@ -61,36 +69,90 @@ def _split_name(name: str) -> tuple[str, int]:
     return name, 0  # a foreign file: its own producer
 
 
+def rejection(st: os.stat_result) -> str | None:
+    """Why a spool entry must not be read as a segment, or None when it may."""
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_nlink != 1:
+        return f"a regular file with {st.st_nlink} links (a hard link to another file?)"
+    return None
+
+
 class SpoolReader:
     """Reads records from every producer's segments, in each producer's order."""
 
-    def __init__(self, spool_dir: Path, committed: Mapping[str, int]) -> None:
-        self.dirs = layout(spool_dir)
+    def __init__(self, segments: Folder, committed: Mapping[str, int]) -> None:
+        self.segments = segments
         self._segments: dict[str, _Segment] = {}
+        self._open: OrderedDict[str, _Segment] = OrderedDict()  # least recently used first
         self._committed = dict(committed)
         self._start = 0  # rotates which producer a batch starts with, for fairness
+        self.rejected: dict[str, str] = {}  # spool entries set aside -> why, each reported once
+        self.fresh_rejections: list[tuple[str, str]] = []  # not reported yet
 
     def close(self) -> None:
-        for seg in self._segments.values():
-            os.close(seg.fd)
+        while self._open:
+            self._close(next(iter(self._open.values())))
         self._segments.clear()
 
+    def _reject(self, name: str, why: str) -> None:
+        if name not in self.rejected:
+            self.rejected[name] = why
+            self.fresh_rejections.append((name, why))
+
     def scan(self) -> None:
-        """Pick up segments that appeared since the last scan."""
-        try:
-            names = os.listdir(self.dirs["segments"])
-        except FileNotFoundError:
-            return
+        """Pick up segments that appeared since the last scan; note (once) entries that are not segments."""
+        names = self.segments.names()
+        present = set(names)
+        for gone in [n for n in self.rejected if n not in present]:
+            del self.rejected[gone]
         for name in names:
-            if name in self._segments or name.startswith("."):
+            if name in self._segments or name in self.rejected or name.startswith("."):
                 continue
             try:
-                fd = os.open(self.dirs["segments"] / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
-                    continue  # gone already, or a link or socket: not ours to read
-                raise
-            self._segments[name] = _Segment(name, fd, self._committed.get(name, 0))
+                st = self.segments.stat(name)
+            except FileNotFoundError:
+                continue
+            why = rejection(st)
+            if why is not None:
+                self._reject(name, why)
+                continue
+            self._segments[name] = _Segment(name, (st.st_dev, st.st_ino), self._committed.get(name, 0))
+
+    def _fd(self, seg: _Segment) -> int:
+        """The segment's descriptor, reopened if it was closed to stay within the bound."""
+        if seg.fd >= 0:
+            self._open.move_to_end(seg.name)
+            return seg.fd
+        while len(self._open) >= MAX_OPEN_SEGMENTS:
+            self._close(next(iter(self._open.values())))
+        fd = self.segments.open_regular(seg.name)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != seg.identity or rejection(st) is not None:
+            os.close(fd)
+            raise OSError(errno.ESTALE, f"{seg.name} was replaced while it was being read")
+        seg.fd = fd
+        self._open[seg.name] = seg
+        return fd
+
+    def _close(self, seg: _Segment) -> None:
+        self._open.pop(seg.name, None)
+        if seg.fd >= 0:
+            os.close(seg.fd)
+            seg.fd = -1
+
+    def _usable(self, seg: _Segment) -> bool:
+        """Open the segment for this round; a file that vanished, or was swapped or closed to us, is set aside."""
+        try:
+            self._fd(seg)
+        except OSError as exc:
+            self._segments.pop(seg.name, None)
+            if exc.errno != errno.ENOENT:
+                self._reject(seg.name, f"cannot be read: {exc.strerror or exc}")
+            return False
+        return True
 
     def _by_producer(self) -> list[list[_Segment]]:
         groups: dict[str, list[_Segment]] = {}
@@ -108,6 +170,8 @@ class SpoolReader:
         size = 0
         for group in self._by_producer():
             for seg in group:
+                if not self._usable(seg):
+                    break
                 for record in self._records(seg):
                     out.append(record)
                     size += record.end - record.start
@@ -186,64 +250,98 @@ class SpoolReader:
 
     def waiting_bytes(self) -> int:
         """Bytes in known segments past their committed offsets."""
-        return sum(max(0, os.fstat(seg.fd).st_size - self._committed.get(seg.name, 0)) for seg in self._segments.values())
+        total = 0
+        for seg in self._segments.values():
+            try:
+                total += max(0, self.segments.stat(seg.name).st_size - self._committed.get(seg.name, 0))
+            except FileNotFoundError:
+                continue
+        return total
 
     def drained(self) -> list[str]:
         """Segments that are sealed and committed to their end: ready to be removed."""
         done = []
-        for seg in self._segments.values():
-            if seg.check_sealed() and self._committed.get(seg.name, 0) >= os.fstat(seg.fd).st_size:
+        for seg in list(self._segments.values()):
+            committed = self._committed.get(seg.name, 0)
+            try:
+                if seg.fd < 0 and committed < self.segments.stat(seg.name).st_size:
+                    continue  # not read to its end yet: no need to open it for this question
+            except FileNotFoundError:  # its owner removed it (the sticky bit lets a producer remove its own)
+                self._segments.pop(seg.name, None)
+                continue
+            if self._usable(seg) and seg.check_sealed() and committed >= os.fstat(seg.fd).st_size:
                 done.append(seg.name)
         return done
 
     def remove(self, name: str) -> None:
         """Delete a drained segment."""
         seg = self._segments.pop(name)
-        os.close(seg.fd)
+        self._close(seg)
         self._committed.pop(name, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dirs["segments"] / name)
+        self.segments.unlink(name)
 
-    def sweep_tmp(self) -> list[Path]:
-        """Clear `tmp/` of segments a producer died creating; anything with content is quarantined, returned."""
+    def sweep_tmp(self, tmp: Folder) -> list[tuple[str, bytes, int]]:
+        """Clear `tmp/` of what producers left there; return name, first bytes and size of anything with bytes in it.
+
+        A producer renames a segment out of `tmp/` before it writes to it, so what has bytes
+        there was never a message `delay()` accepted; it is handed back to be quarantined all the same.
+        """
         now = time.time()
-        moved = []
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.dirs["tmp"]) as entries:
-            for item in entries:
-                with contextlib.suppress(OSError):
-                    st = item.stat(follow_symlinks=False)
-                    if now - st.st_mtime <= STALE_TMP_SECONDS:
-                        continue  # a producer may be about to rename it into place
-                    if st.st_size == 0 or not stat.S_ISREG(st.st_mode):
-                        os.unlink(item.path)  # never renamed, so never written: nothing is lost
-                    else:
-                        target = self.dirs["quarantine"] / f"tmp.{item.name}"
-                        os.rename(item.path, target)
-                        moved.append(target)
-        return moved
+        found = []
+        for name in tmp.names():
+            try:
+                st = tmp.stat(name)
+                if now - st.st_mtime <= STALE_TMP_SECONDS:
+                    continue  # a producer may be about to rename it into place
+                if stat.S_ISREG(st.st_mode) and st.st_size and st.st_nlink == 1:
+                    found.append((name, tmp.read(name, MAX_DAMAGED), st.st_size))
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(name, dir_fd=tmp.fd)
+                else:
+                    tmp.unlink(name)
+            except OSError:
+                continue  # a non-empty folder, or gone already: tried again at the next sweep
+        return found
+
+
+def boundaries(fd: int, upto: int) -> int:
+    """The end of the last whole record at or before `upto`, walking headers from the segment's start."""
+    size = os.fstat(fd).st_size
+    pos, buf, base = 0, b"", 0
+    while pos + HEADER.size <= min(size, upto):
+        if pos + HEADER.size > base + len(buf):
+            buf, base = os.pread(fd, CHUNK, pos), pos
+        magic, length, _ = HEADER.unpack_from(buf, pos - base)
+        end = pos + HEADER.size + length
+        if magic != MAGIC or length > MAX_PAYLOAD or end > min(size, upto):
+            break
+        pos = end
+    return pos
 
 
 def waiting(spool_dir: Path, committed: Mapping[str, int]) -> tuple[int, list[bytes]]:
     """Records waiting past the committed offsets: their count, and each segment's first waiting payload."""
     count = 0
     firsts: list[bytes] = []
-    segments = layout(spool_dir)["segments"]
     try:
-        names = os.listdir(segments)
-    except FileNotFoundError:
+        segments = Folder.at(layout(spool_dir)["segments"])
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return 0, []
-    for name in names:
-        try:
-            fd = os.open(segments / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            found, first = _count_records(fd, committed.get(name, 0))
-        finally:
-            os.close(fd)
-        count += found
-        if first is not None:
-            firsts.append(first)
+    with segments:
+        for name in segments.names():
+            try:
+                fd = segments.open_regular(name)
+            except OSError:
+                continue  # not a segment (a link, a folder, a FIFO...), or gone
+            try:
+                if rejection(os.fstat(fd)) is not None:
+                    continue  # never read by the daemon either
+                found, first = _count_records(fd, committed.get(name, 0))
+            finally:
+                os.close(fd)
+            count += found
+            if first is not None:
+                firsts.append(first)
     return count, firsts
 
 

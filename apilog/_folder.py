@@ -1,0 +1,158 @@
+"""A folder held by descriptor: names inside it are opened relative to it and never through a link.
+
+A folder that someone renames or replaces after it was opened is not followed: the
+descriptor keeps pointing at the folder that was opened, so a planted symlink in its
+place leads nowhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class UnsafeFolder(OSError):
+    """A folder is not what it must be: a link, not a folder, or writable by others than its owner's group."""
+
+
+class Folder:
+    """One open folder; every method names things inside it."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def at(cls, path: Path, *, create_mode: int | None = None) -> Folder:
+        """Open a configured folder (following the configured path itself), creating it with `create_mode`."""
+        if create_mode is not None and not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, create_mode)
+                os.chmod(path, create_mode)  # mkdir's mode passes through the umask
+        return cls(os.open(path, _DIR_FLAGS), path)
+
+    def sub(self, name: str, *, create_mode: int | None = None) -> Folder:
+        """A folder inside this one, never reached through a link; created with `create_mode` when missing."""
+        if create_mode is not None:
+            try:
+                os.mkdir(name, create_mode, dir_fd=self.fd)
+                os.chmod(name, create_mode, dir_fd=self.fd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+        try:
+            fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeFolder(exc.errno, f"{self.path / name} is not a plain folder (a link?); not followed") from None
+            raise
+        return Folder(fd, self.path / name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Folder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stat(self, name: str | None = None) -> os.stat_result:
+        """The folder's own status, or that of `name` inside it (a link is not followed)."""
+        if name is None:
+            return os.fstat(self.fd)
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def names(self) -> list[str]:
+        return os.listdir(self.fd)
+
+    def open(self, name: str, flags: int, mode: int = 0o640) -> int:
+        """Open `name` inside; a link is refused (ELOOP); a created file gets `mode` whatever the umask."""
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
+        if flags & os.O_CREAT:
+            try:
+                os.fchmod(fd, mode)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def open_regular(self, name: str, flags: int = os.O_RDONLY) -> int:
+        """Open an existing regular file inside (no link, FIFO, socket or folder), without blocking."""
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"{self.path / name} is not a regular file")
+        return fd
+
+    def read(self, name: str, limit: int = 64 * 1024 * 1024) -> bytes:
+        """The content of a regular file inside (FileNotFoundError when missing)."""
+        fd = self.open_regular(name)
+        try:
+            chunks = []
+            size = 0
+            while size < limit and (chunk := os.read(fd, min(1 << 20, limit - size))):
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, name: str, data: bytes, *, mode: int = 0o640, durable: bool = True) -> None:
+        """Replace `name` with `data` so that readers see the old or the new file whole."""
+        tmp = f".{name}.tmp"  # callers serialize writers of one name
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=self.fd)  # a leftover (or a planted link): never written through
+        fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.fd)
+            raise
+        os.close(fd)
+        os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        if durable:
+            os.fsync(self.fd)
+
+    def unlink(self, name: str) -> None:
+        """Remove `name`; a missing one is fine."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+    def rename(self, name: str, new: str, into: Folder | None = None) -> None:
+        """Move `name` to `new` (in `into`, else here), replacing nothing: an existing target raises."""
+        target = into or self
+        try:
+            target.stat(new)
+        except FileNotFoundError:
+            os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=target.fd)
+            return
+        raise FileExistsError(errno.EEXIST, f"{target.path / new} exists; not replaced")
+
+    def set_aside(self, name: str, suffix: str) -> str:
+        """Rename `name` to `name.suffix[-N]` beside itself, never over another file; return the new name."""
+        for n in range(1000):
+            new = f"{name}.{suffix}" + (f"-{n}" if n else "")
+            try:
+                self.rename(name, new)
+                return new
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, f"too many {name}.{suffix} files in {self.path}")
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+

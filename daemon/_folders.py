@@ -1,0 +1,80 @@
+"""The daemon's own folders, opened once by descriptor and checked: home, state and the spool's parts.
+
+Every later open, write, rename or removal goes through these descriptors (SPEC D8), so a
+folder swapped for a link after start-up is never followed, and a folder the app's group
+could change is refused or closed before anything is read from it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from apilog import spool
+from apilog._folder import Folder, UnsafeFolder
+from apilog.settings import Settings
+
+HOME_MODE = 0o750  # the app's group passes through to the spool; nobody else
+STATE_MODE = 0o750
+
+
+@dataclass
+class Folders:
+    """Descriptors of the folders apilogd works in."""
+
+    home: Folder
+    state: Folder
+    spool: Folder
+    segments: Folder
+    tmp: Folder
+    quarantine: Folder
+
+    def close(self) -> None:
+        for folder in (self.quarantine, self.tmp, self.segments, self.spool, self.state, self.home):
+            folder.close()
+
+
+def _own(folder: Folder, what: str, mode: int | None) -> None:
+    """Refuse a folder another user owns; give ours the mode it must have (None: only never writable by others)."""
+    st = folder.stat()
+    if st.st_uid != os.geteuid():
+        raise UnsafeFolder(errno.EPERM, f"{what} {folder.path} belongs to uid {st.st_uid}, not to apilogd's user "
+                                        f"(uid {os.geteuid()}); fix: chown {os.geteuid()} {folder.path}")
+    current = stat.S_IMODE(st.st_mode)
+    wanted = current & ~0o022 if mode is None else mode
+    if current != wanted:
+        os.fchmod(folder.fd, wanted)
+
+
+def open_home(settings: Settings) -> Folder:
+    """APILOG_HOME, created 0750 if missing, owned by us and writable by nobody else."""
+    home = Folder.at(settings.home, create_mode=HOME_MODE)
+    try:
+        _own(home, "APILOG_HOME", None)
+    except BaseException:
+        home.close()
+        raise
+    return home
+
+
+def open_folders(settings: Settings, home: Folder) -> Folders:
+    """Open (creating what is missing) and check every folder apilogd works in."""
+    opened: list[Folder] = []
+
+    def sub(parent: Folder, name: str, mode: int, what: str) -> Folder:
+        folder = parent.sub(name, create_mode=mode)
+        opened.append(folder)
+        _own(folder, what, mode)
+        return folder
+
+    try:
+        state = sub(home, "state", STATE_MODE, "the state folder")
+        spool_folder = sub(home, "spool", spool.SPOOL_MODE, "the spool")
+        parts = {name: sub(spool_folder, name, mode, f"the spool's {name} folder") for name, mode in spool.MODES.items()}
+    except BaseException:
+        for folder in opened:
+            folder.close()
+        raise
+    return Folders(home, state, spool_folder, parts["segments"], parts["tmp"], parts["quarantine"])

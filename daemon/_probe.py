@@ -1,0 +1,94 @@
+"""Finding the one input that crashes apilogd: after a crash, inputs are probed one at a time, and set aside after the second.
+
+A record that kills the process (a crash in a C library, memory exhausted, a bug) is read
+again at every restart, since it was never committed. After an unclean exit the daemon
+writes each input's key to `state/probe` before handling it; if the process dies again,
+the next start finds the key there and counts one more crash against it. At
+`CRASHES_TO_SET_ASIDE` the input is quarantined unread, and everything else flows again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from apilog._folder import Folder
+
+PROBE_NAME = "probe"
+RUNNING_NAME = "running"  # present while a daemon runs; found at start-up, it means the last one crashed
+CRASHES_TO_SET_ASIDE = 2
+
+
+class Probe:
+    """The crash count of the input being handled, kept in a file that survives the process."""
+
+    def __init__(self, state: Folder) -> None:
+        self.state = state
+        self.armed = False
+        self.suspect: tuple[str, int] | None = None  # (key, crashes) carried over from the last run
+        self._fd = state.open(PROBE_NAME, os.O_RDWR | os.O_CREAT)
+        self._current: str | None = None
+
+    def start(self) -> bool:
+        """Called once at start-up: arm probing if the last run crashed; return whether it did."""
+        try:
+            self.state.stat(RUNNING_NAME)
+            crashed = True
+        except FileNotFoundError:
+            crashed = False
+        if crashed:
+            key, crashes = self._read()
+            if key:
+                self.suspect = (key, crashes + 1)  # it was being handled when the process died
+            self.armed = True
+        self.state.write_atomic(RUNNING_NAME, f"{os.getpid()}\n".encode(), durable=False)
+        return crashed
+
+    def stop(self) -> None:
+        """A clean exit: nothing is suspect."""
+        self.state.unlink(RUNNING_NAME)
+
+    def _read(self) -> tuple[str, int]:
+        raw = os.pread(self._fd, 4096, 0).decode("utf-8", "replace")
+        count, _, key = raw.partition("\n")
+        return key.rstrip("\n"), int(count) if count.isdigit() else 0
+
+    def crashes(self, key: str) -> int:
+        """How many times handling `key` crashed the daemon."""
+        if self.suspect is not None and self.suspect[0] == key:
+            return self.suspect[1]
+        return 0
+
+    def poisoned(self, key: str) -> bool:
+        return self.crashes(key) >= CRASHES_TO_SET_ASIDE
+
+    def before(self, key: str) -> None:
+        """About to handle `key`: if the process dies now, the next start blames it."""
+        if self.armed and key != self._current:
+            data = f"{self.crashes(key)}\n{key}\n".encode()
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
+            self._current = key
+
+    def between(self) -> None:
+        """No input is being handled now (the batch is being written): a crash now blames none."""
+        if self._current is not None:
+            os.ftruncate(self._fd, 0)
+            self._current = None
+
+    def failed(self, key: str) -> None:
+        """Handling `key` raised inside the process: counted like a crash."""
+        self.suspect = (key, self.crashes(key) + 1)
+        self.armed = True
+
+    def committed(self, keys: set[str]) -> None:
+        """A batch holding `keys` was committed: a suspect among them is innocent; with none left, stop probing."""
+        if self.suspect is not None and self.suspect[0] in keys:
+            self.suspect = None
+        if self.armed and self.suspect is None:
+            self.armed = False
+            self.between()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)

@@ -1,0 +1,193 @@
+"""`apilogd repair`: rebuild a damaged ledger or delivered-ids file without writing any entry twice.
+
+What the damaged file still says for certain is kept. Records whose fate it cannot tell
+(written already or not) are neither written again nor dropped: they are copied whole
+into the quarantine and their segment's offset is moved past them, and INTERNAL says
+where they went. A batch in flight that the file still describes is undone as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from apilog import _message
+from apilog._entry import internal
+from apilog.settings import Settings
+from apilog.spool.ledger import DAMAGED, LEDGER_NAME, REPAIRED, parse, unrepaired
+from apilog.spool.reader import boundaries, rejection
+from apilog.spool.writer import SpoolWriter
+
+from ._broker import DELIVERED_NAME, parse_ids
+from ._drain import quarantine_name
+from ._folders import Folders, open_folders, open_home
+from ._instance import InstanceLock
+
+
+@dataclass
+class _Salvage:
+    """What a damaged ledger still tells for certain."""
+
+    offsets: dict[str, int] = field(default_factory=dict)
+    listing_complete: bool = False  # the offsets object survived whole: a segment it omits was never read
+    pending: dict[str, Any] | None = None
+    doubtful: set[str] = field(default_factory=set)  # segments a lost in-flight batch may have written from
+    last_ids: list[str] = field(default_factory=list)
+
+
+def _salvage(raw: bytes) -> _Salvage:
+    try:
+        parse(raw)
+    except ValueError:
+        pass
+    else:
+        found = json.loads(raw)
+        return _Salvage(found.get("offsets", {}), True, found.get("pending"), set(), found.get("last_ids", []))
+    out = _Salvage()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return out
+    if type(data) is not dict:
+        return out
+    offsets = data.get("offsets")
+    if type(offsets) is dict:
+        out.offsets = {k: v for k, v in offsets.items()
+                       if type(k) is str and "/" not in k and type(v) is int and v >= 0}
+        out.listing_complete = len(out.offsets) == len(offsets)
+    pending = data.get("pending")
+    if pending is not None:
+        try:
+            parse(json.dumps({"pending": pending}).encode())
+            out.pending = pending
+        except ValueError:
+            advance = pending.get("offsets") if type(pending) is dict else None
+            if type(advance) is dict:
+                out.doubtful = {k for k in advance if type(k) is str}
+            else:
+                out.listing_complete = False  # which segments it read from is lost: trust no omission
+    return out
+
+
+def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[str, Any] | None]:
+    """Rebuild the ledger if it is damaged; return what was done, and the INTERNAL report (None if nothing)."""
+    state = folders.state
+    aside = unrepaired(state, LEDGER_NAME)
+    if aside is None:
+        try:
+            raw = state.read(LEDGER_NAME)
+        except FileNotFoundError:
+            return ["ledger: none yet, nothing to repair"], None
+        try:
+            parse(raw)
+            if _offsets_sound(folders, json.loads(raw).get("offsets", {})):
+                return ["ledger: sound, nothing to repair"], None
+        except ValueError:
+            pass
+        aside = state.set_aside(LEDGER_NAME, DAMAGED)
+    salvage = _salvage(state.read(aside))
+    offsets: dict[str, int] = {}
+    moved: list[dict[str, Any]] = []
+    for name in sorted(folders.segments.names()):
+        try:
+            if rejection(folders.segments.stat(name)) is not None:
+                continue  # never read as a segment: the daemon reports it
+            fd = folders.segments.open_regular(name)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            claimed = salvage.offsets.get(name)
+            sound = claimed is not None and claimed <= size and boundaries(fd, claimed) == claimed
+            if sound and name not in salvage.doubtful:
+                offsets[name] = claimed  # type: ignore[assignment]
+                continue
+            if claimed is None and salvage.listing_complete and name not in salvage.doubtful:
+                continue  # never read: drained from its start
+            start = claimed if sound else 0
+            end = boundaries(fd, size)
+            if end > start:
+                target = f"repair.{quarantine_name(name)}.{start}-{end}.seg"
+                folders.quarantine.write_atomic(target, os.pread(fd, end - start, start), durable=durable)
+                moved.append({"segment": name, "from": start, "to": end, "moved_to": str(folders.quarantine.path / target)})
+            offsets[name] = end
+        finally:
+            os.close(fd)
+    ledger = {"offsets": offsets, "pending": salvage.pending, "last_ids": salvage.last_ids}
+    state.write_atomic(LEDGER_NAME, json.dumps(ledger, separators=(",", ":")).encode(), durable=durable)
+    state.rename(aside, f"{aside}.{REPAIRED}")
+    done = [f"ledger: rebuilt {state.path / LEDGER_NAME} from {state.path / aside} "
+            f"(kept as {aside}.{REPAIRED}); {len(offsets)} segment offsets"]
+    if salvage.pending is not None:
+        done.append("ledger: the batch in flight is undone at the next start, then written once")
+    for item in moved:
+        done.append(f"ledger: bytes {item['from']}-{item['to']} of {item['segment']} could have been written "
+                    f"already; copied to {item['moved_to']} instead of being written again")
+    report = {"ledger": str(state.path / LEDGER_NAME), "damaged_copy": f"{aside}.{REPAIRED}",
+              "set_aside": moved, "what_to_do": "check the set-aside records against the log files by hand"}
+    return done, report
+
+
+def _offsets_sound(folders: Folders, offsets: dict[str, int]) -> bool:
+    for name, offset in offsets.items():
+        try:
+            fd = folders.segments.open_regular(name)
+        except OSError:
+            continue
+        try:
+            if offset > os.fstat(fd).st_size or boundaries(fd, offset) != offset:
+                return False
+        finally:
+            os.close(fd)
+    return True
+
+
+def _rebuild_delivered(folders: Folders, durable: bool) -> list[str]:
+    state = folders.state
+    aside = unrepaired(state, DELIVERED_NAME)
+    if aside is None:
+        try:
+            raw = state.read(DELIVERED_NAME)
+        except FileNotFoundError:
+            return []
+        if parse_ids(raw)[1] is None:
+            return [f"{DELIVERED_NAME}: sound, nothing to repair"]
+        aside = state.set_aside(DELIVERED_NAME, DAMAGED)
+    ids, _ = parse_ids(state.read(aside))
+    state.write_atomic(DELIVERED_NAME, "".join(f"{i}\n" for i in ids).encode(), durable=durable)
+    state.rename(aside, f"{aside}.{REPAIRED}")
+    return [f"{DELIVERED_NAME}: kept {len(ids)} readable ids of {state.path / aside}"]
+
+
+def repair(settings: Settings) -> list[str]:
+    """Repair apilogd's state files (the daemon must be stopped); return a line per thing done."""
+    home = open_home(settings)
+    try:
+        lock = InstanceLock(settings.home)  # refuses while a daemon runs
+        try:
+            folders = open_folders(settings, home)
+            try:
+                durable = settings.fsync != "off"
+                done, report = _rebuild_ledger(folders, durable)
+                done += _rebuild_delivered(folders, durable)
+            finally:
+                folders.close()
+        finally:
+            lock.release()
+    finally:
+        home.close()
+    if report is not None and settings.uses_spool:  # a writer of a broker drains no local spool
+        _tell_internal("apilogd repair rebuilt a damaged ledger", {**report, "at": time.time()}, settings)
+    return done
+
+
+def _tell_internal(heading: str, body: dict[str, Any], settings: Settings) -> None:
+    """Leave an INTERNAL entry in the spool: the daemon writes it once it runs again."""
+    writer = SpoolWriter(settings.spool_dir, fsync=settings.fsync != "off")
+    try:
+        writer.append(_message.encode(internal(heading, body).to_wire()))
+    finally:
+        writer.close()
