@@ -16,8 +16,11 @@ from pathlib import Path
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-class UnsafeFolder(OSError):
-    """A folder is not what it must be: a link, not a folder, or writable by others than its owner's group."""
+PARENT_MODE = 0o755  # folders made on the way to a configured one
+
+
+class UnsafePath(OSError):
+    """A folder or file is not what it must be (a link, a FIFO, a hard link, another user's): not followed or used."""
 
 
 class Folder:
@@ -30,11 +33,9 @@ class Folder:
     @classmethod
     def at(cls, path: Path, *, create_mode: int | None = None) -> Folder:
         """Open a configured folder (following the configured path itself), creating it with `create_mode`."""
-        if create_mode is not None and not path.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path, create_mode)
-                os.chmod(path, create_mode)  # mkdir's mode passes through the umask
+        if create_mode is not None:
+            _make(path, create_mode)
+        # The configured path itself is the admin's choice and may be a link; what is inside never is.
         return cls(os.open(path, _DIR_FLAGS), path)
 
     def sub(self, name: str, *, create_mode: int | None = None) -> Folder:
@@ -49,7 +50,7 @@ class Folder:
             fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeFolder(exc.errno, f"{self.path / name} is not a plain folder (a link?); not followed") from None
+                raise UnsafePath(exc.errno, f"{self.path / name} is not a plain folder (a link?); not followed") from None
             raise
         return Folder(fd, self.path / name)
 
@@ -90,6 +91,29 @@ class Folder:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise OSError(errno.EINVAL, f"{self.path / name} is not a regular file")
+        return fd
+
+    def open_plain(self, name: str, flags: int, mode: int) -> int:
+        """Open, creating it with `mode` if missing, a plain file of our own; a link, FIFO, folder or hard link is refused."""
+        try:
+            # O_NONBLOCK: a FIFO planted here must not hang us (it is refused below).
+            fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise UnsafePath(exc.errno, f"{self.path / name} is not a plain file (a symbolic link?); "
+                                            "not followed. Remove it and retry") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise UnsafePath(errno.EINVAL, f"{self.path / name} is not a plain file of its own "
+                                               "(a FIFO, device or hard link); not used. Remove it and retry")
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)  # just created through the umask, or left loose by an older version
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def read(self, name: str, limit: int = 64 * 1024 * 1024) -> bytes:
@@ -156,3 +180,15 @@ class Folder:
     def fsync(self) -> None:
         os.fsync(self.fd)
 
+
+
+def _make(path: Path, mode: int) -> None:
+    """Create `path` with exactly `mode` (missing parents 0755), whatever the umask."""
+    if path.is_dir():
+        return
+    _make(path.parent, PARENT_MODE)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return  # made meanwhile; opening it says whether it is a folder
+    os.chmod(path, mode)  # mkdir's mode passes through the umask

@@ -117,6 +117,7 @@ class BrokerDrainer(BatchWriter):
         self.inbox: list[Message] = []
         self.retry: list[Message] = []  # a batch that failed to be written, tried again as it was
         self.connection: Connection | None = None
+        self.reconnect_after_batch = False
         try:
             self._connect()
         except OSError as exc:
@@ -156,8 +157,14 @@ class BrokerDrainer(BatchWriter):
         except (socket.timeout, TimeoutError):
             pass
         except Exception as exc:  # kombu and its clients fail in many ways: all of them mean "reconnect"
-            self._drop_connection()
-            raise OSError(f"broker connection lost: {describe(exc)}") from exc
+            if not self.inbox:
+                self._drop_connection()
+                raise OSError(f"broker connection lost: {describe(exc)}") from exc
+            # Messages already in hand are written first: a virtual transport (SQL, filesystem) restores
+            # unacked messages itself on close, and loses them when the broker fails during that restore.
+            say(f"broker connection lost after {len(self.inbox)} messages arrived; writing them, then reconnecting: "
+                f"{describe(exc)}")
+            self.reconnect_after_batch = True
         batch, self.inbox[:] = list(self.inbox), []
         fresh = []
         for message in batch:
@@ -170,6 +177,7 @@ class BrokerDrainer(BatchWriter):
 
     def _drop_connection(self) -> None:
         """Forget the connection; every unacked message is delivered again (and recognised by its id)."""
+        self.reconnect_after_batch = False
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 self.connection.release()
@@ -205,6 +213,8 @@ class BrokerDrainer(BatchWriter):
             if self.connection is None:
                 break  # dropped by a failed ack: the rest come back and are skipped by id
             self._ack(message)
+        if self.reconnect_after_batch:
+            self._drop_connection()
 
     def rewind(self, batch: list[Message] | None = None) -> None:
         if batch:

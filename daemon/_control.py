@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,18 +13,26 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from apilog import _message
 from apilog._atomic import write_atomic
 from apilog._entry import Entry
+from apilog._folder import Folder, UnsafePath
 from apilog.settings import Settings
 from apilog.spool import layout
 from apilog.spool.ledger import read_offsets
 from apilog.spool.reader import waiting
 
-from ._instance import InstanceLock, running_pid
-from .exceptions import DaemonError, StartFailed, StopFailed
+from ._folders import open_folders, open_home
+from ._instance import (
+    FILE_MODE,
+    ForeignHolder,
+    InstanceLock,
+    lock_holder,
+    output_tail,
+    running_pid,
+)
+from .exceptions import DaemonError, StartFailed, StopFailed, UnsafeSetup
 
 STATS_NAME = "stats.json"
 ARCHIVE_REQUEST = "archive.request"
@@ -38,47 +47,55 @@ def start(settings: Settings) -> tuple[int, bool]:
     pid = running_pid(settings.home)
     if pid is not None:
         return pid, False
-    settings.home.mkdir(parents=True, exist_ok=True)
-    output = settings.home / OUTPUT_NAME
-    with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        # The daemon reports readiness to us exactly as it would to systemd.
-        sock.bind(f"{tmp}/notify")
-        sock.settimeout(0.1)
-        env = {**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify"}
-        with output.open("ab") as out:
+    # Home is made 0750 whatever the umask; apilogd.out is opened inside it, never through a planted link.
+    try:
+        with open_home(settings) as home:
+            out = home.open_plain(OUTPUT_NAME, os.O_RDWR | os.O_APPEND, FILE_MODE)
+    except UnsafePath as exc:
+        raise UnsafeSetup(str(exc)) from None
+    try:
+        with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # The daemon reports readiness to us exactly as it would to systemd.
+            sock.bind(f"{tmp}/notify")
+            sock.settimeout(0.1)
+            env = {**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify"}
             proc = subprocess.Popen(
                 [sys.executable, "-m", "apilogd", "run"],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                if b"READY=1" in sock.recv(4096):
-                    return proc.pid, True
-            except TimeoutError:
-                pass
-            if proc.poll() is not None:
-                raise StartFailed(f"apilogd exited with status {proc.returncode}: {_tail(output)}")
-        proc.terminate()
-        raise StartFailed(f"apilogd was not ready within {START_TIMEOUT:.0f}s: {_tail(output)}")
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                try:
+                    if b"READY=1" in sock.recv(4096):
+                        return proc.pid, True
+                except TimeoutError:
+                    pass
+                if proc.poll() is not None:
+                    raise StartFailed(f"apilogd exited with status {proc.returncode}: {output_tail(out)}")
+            proc.terminate()
+            raise StartFailed(f"apilogd was not ready within {START_TIMEOUT:.0f}s: {output_tail(out)}")
+    finally:
+        os.close(out)
 
 
 def stop(settings: Settings, timeout: float = STOP_TIMEOUT) -> int | None:
-    """Ask the running daemon to stop and wait for its exit; return its pid, or None if none ran."""
-    pid = running_pid(settings.home)
-    deadline = time.monotonic() + timeout
-    while pid == -1 and time.monotonic() < deadline:  # starting: its pidfile is moments away
-        time.sleep(0.05)
-        pid = running_pid(settings.home)
-    if pid is None:
+    """Ask the running daemon to stop and wait for its exit; return its pid, or None if none ran.
+
+    Only the apilogd that the kernel names as the instance lock's holder is signalled, through a
+    pidfd (SPEC D8); the pidfile never decides it.
+    """
+    try:
+        holder = lock_holder(settings.home)
+    except ForeignHolder as exc:
+        raise ForeignHolder(f"{exc}; nothing was signalled") from None
+    if holder is None:
         return None
-    os.kill(pid, signal.SIGTERM)
-    while time.monotonic() < deadline:
-        if running_pid(settings.home) is None:
-            return pid
-        time.sleep(0.05)
-    raise StopFailed(f"apilogd (pid {pid}) did not exit within {timeout:.0f}s")
+    with holder:
+        holder.signal(signal.SIGTERM)  # False: it exited meanwhile, which the wait sees at once
+        if holder.wait(timeout):
+            return holder.pid
+    raise StopFailed(f"apilogd (pid {holder.pid}) did not exit within {timeout:.0f}s")
 
 
 @dataclass(frozen=True)
@@ -113,12 +130,12 @@ def status(settings: Settings) -> Status:
     for payload in firsts:
         try:
             times.append(Entry.from_wire(_message.decode(payload)).ts)
-        except ValueError:
+        except Exception:  # noqa: BLE001 - a bad record is the daemon's to quarantine, not status's to fail on
             continue
     oldest = time.time() - min(times) if times else None
     try:
         quarantined = len(os.listdir(layout(settings.spool_dir)["quarantine"]))
-    except FileNotFoundError:
+    except OSError:  # none yet, or not ours to read
         quarantined = 0
     written = None
     if pid is not None:
@@ -126,7 +143,7 @@ def status(settings: Settings) -> Status:
             stats = json.loads((settings.state_dir / STATS_NAME).read_text())
             if stats.get("pid") == pid:
                 written = int(stats["written_last_minute"])
-        except (FileNotFoundError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     return Status(pid, count, oldest, quarantined, written)
 
@@ -134,49 +151,43 @@ def status(settings: Settings) -> Status:
 def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
     """Rotate every live file now; the running daemon does it (one owner), else this process does."""
     from ._archive import Archiver  # noqa: PLC0415 - watchdog is only needed here
-    from ._drain import Drainer  # noqa: PLC0415
+    from .service import open_drainer  # noqa: PLC0415
 
-    pid = running_pid(settings.home)
-    if pid is None:
-        lock = InstanceLock(settings.home)  # no daemon may start while we rotate
-        try:
-            drainer = Drainer(settings)
-            try:
-                drainer.recover()  # never rotate a file holding half a batch
-                archiver = Archiver(settings, drainer.tree, drainer.files)
-                rotated = archiver.rotate_all()
-                archiver.close(wait=True)
-            finally:
-                drainer.close()
-        finally:
-            lock.release()
+    holder = lock_holder(settings.home)
+    if holder is None:
+        with contextlib.ExitStack() as stack:
+            home = stack.enter_context(open_home(settings))
+            stack.callback(InstanceLock(home).release)  # no daemon may start while we rotate
+            folders = open_folders(settings, home)
+            stack.callback(folders.close)
+            drainer = open_drainer(settings, folders)
+            stack.callback(drainer.close)
+            drainer.recover()  # never rotate a file holding half a batch
+            archiver = Archiver(settings, drainer.tree, drainer.files)
+            rotated = archiver.rotate_all()
+            archiver.close(wait=True)
         return rotated
-    token = uuid.uuid4().hex
-    write_atomic(settings.state_dir / ARCHIVE_REQUEST, token.encode())
-    os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done = json.loads((settings.state_dir / ARCHIVE_DONE).read_text())
-            if done.get("token") == token:
-                return int(done["rotated"])
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.05)
-    raise DaemonError(f"apilogd (pid {pid}) did not rotate within {timeout:.0f}s")
+    with holder:
+        token = uuid.uuid4().hex
+        write_atomic(settings.state_dir / ARCHIVE_REQUEST, token.encode())
+        holder.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done = json.loads((settings.state_dir / ARCHIVE_DONE).read_text())
+                if done.get("token") == token:
+                    return int(done["rotated"])
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.05)
+    raise DaemonError(f"apilogd (pid {holder.pid}) did not rotate within {timeout:.0f}s")
 
 
-def answer_archive_request(settings: Settings, rotated: int) -> None:
+def answer_archive_request(state: Folder, rotated: int) -> None:
     """Tell the waiting `apilog archive` how many files the daemon rotated for it."""
     try:
-        token = (settings.state_dir / ARCHIVE_REQUEST).read_text()
+        token = state.read(ARCHIVE_REQUEST, 1024).decode("ascii", "replace")
     except FileNotFoundError:
         token = ""
-    write_atomic(settings.state_dir / ARCHIVE_DONE, json.dumps({"token": token, "rotated": rotated}).encode())
+    state.write_atomic(ARCHIVE_DONE, json.dumps({"token": token, "rotated": rotated}).encode())
 
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) or "no output"
-    except OSError:
-        return "no output"

@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from apilog import spool
-from apilog._folder import Folder, UnsafeFolder
+from apilog._folder import Folder, UnsafePath
 from apilog.settings import Settings
 
 HOME_MODE = 0o750  # the app's group passes through to the spool; nobody else
@@ -32,7 +32,8 @@ class Folders:
     quarantine: Folder
 
     def close(self) -> None:
-        for folder in (self.quarantine, self.tmp, self.segments, self.spool, self.state, self.home):
+        """Close what `open_folders` opened; the home stays with whoever opened it."""
+        for folder in (self.quarantine, self.tmp, self.segments, self.spool, self.state):
             folder.close()
 
 
@@ -40,7 +41,7 @@ def _own(folder: Folder, what: str, mode: int | None) -> None:
     """Refuse a folder another user owns; give ours the mode it must have (None: only never writable by others)."""
     st = folder.stat()
     if st.st_uid != os.geteuid():
-        raise UnsafeFolder(errno.EPERM, f"{what} {folder.path} belongs to uid {st.st_uid}, not to apilogd's user "
+        raise UnsafePath(errno.EPERM, f"{what} {folder.path} belongs to uid {st.st_uid}, not to apilogd's user "
                                         f"(uid {os.geteuid()}); fix: chown {os.geteuid()} {folder.path}")
     current = stat.S_IMODE(st.st_mode)
     wanted = current & ~0o022 if mode is None else mode

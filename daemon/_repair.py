@@ -8,6 +8,7 @@ where they went. A batch in flight that the file still describes is undone as us
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -101,13 +102,16 @@ def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[st
         try:
             size = os.fstat(fd).st_size
             claimed = salvage.offsets.get(name)
-            sound = claimed is not None and claimed <= size and boundaries(fd, claimed) == claimed
-            if sound and name not in salvage.doubtful:
-                offsets[name] = claimed  # type: ignore[assignment]
-                continue
-            if claimed is None and salvage.listing_complete and name not in salvage.doubtful:
-                continue  # never read: drained from its start
-            start = claimed if sound else 0
+            if claimed is None:
+                if salvage.listing_complete and name not in salvage.doubtful:
+                    continue  # never read: drained from its start
+                start = 0
+            else:
+                sound = claimed <= size and boundaries(fd, claimed) == claimed
+                if sound and name not in salvage.doubtful:
+                    offsets[name] = claimed
+                    continue
+                start = claimed if sound else 0
             end = boundaries(fd, size)
             if end > start:
                 target = f"repair.{quarantine_name(name)}.{start}-{end}.seg"
@@ -164,21 +168,14 @@ def _rebuild_delivered(folders: Folders, durable: bool) -> list[str]:
 
 def repair(settings: Settings) -> list[str]:
     """Repair apilogd's state files (the daemon must be stopped); return a line per thing done."""
-    home = open_home(settings)
-    try:
-        lock = InstanceLock(settings.home)  # refuses while a daemon runs
-        try:
-            folders = open_folders(settings, home)
-            try:
-                durable = settings.fsync != "off"
-                done, report = _rebuild_ledger(folders, durable)
-                done += _rebuild_delivered(folders, durable)
-            finally:
-                folders.close()
-        finally:
-            lock.release()
-    finally:
-        home.close()
+    with contextlib.ExitStack() as stack:
+        home = stack.enter_context(open_home(settings))
+        stack.callback(InstanceLock(home).release)  # refuses while a daemon runs
+        folders = open_folders(settings, home)
+        stack.callback(folders.close)
+        durable = settings.fsync != "off"
+        done, report = _rebuild_ledger(folders, durable)
+        done += _rebuild_delivered(folders, durable)
     if report is not None and settings.uses_spool:  # a writer of a broker drains no local spool
         _tell_internal("apilogd repair rebuilt a damaged ledger", {**report, "at": time.time()}, settings)
     return done

@@ -14,7 +14,7 @@ from collections import deque
 from types import FrameType
 
 from apilog._entry import internal
-from apilog._folder import UnsafeFolder
+from apilog._folder import UnsafePath
 from apilog.settings import Settings
 
 from ._archive import Archiver
@@ -73,35 +73,23 @@ class Service:
     def run(self) -> int:
         conf = self.settings
         _raise_descriptor_limit()
-        try:
-            home = open_home(conf)
-        except UnsafeFolder as exc:
-            raise UnsafeSetup(str(exc)) from None
-        lock = InstanceLock(conf.home)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
-        signal.signal(signal.SIGUSR1, self._on_archive)  # `apilog archive`
-        # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        folders: Folders | None = None
-        try:
-            folders = open_folders(conf, home)
-            drainer = open_drainer(conf, folders)
+        with contextlib.ExitStack() as stack:  # released in reverse: archiver, drainer, folders, lock, home
             try:
+                home = stack.enter_context(open_home(conf))
+                stack.callback(InstanceLock(home).release)
+                folders = open_folders(conf, home)
+                stack.callback(folders.close)
+                drainer = open_drainer(conf, folders)
+                stack.callback(drainer.close)
                 archiver = Archiver(conf, drainer.tree, drainer.files)
-            except BaseException:
-                drainer.close()
-                raise
-        except BaseException as exc:
-            if folders is not None:
-                folders.close()
-            home.close()
-            lock.release()
-            if isinstance(exc, UnsafeFolder):
+                stack.callback(archiver.close)
+            except UnsafePath as exc:
                 raise UnsafeSetup(str(exc)) from None
-            raise
-        clean = False
-        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_signal)
+            signal.signal(signal.SIGUSR1, self._on_archive)  # `apilog archive`
+            # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             if drainer.probe.start():
                 say("the last run did not stop cleanly: inputs are probed one at a time until a batch commits")
             drainer.sweep()
@@ -110,15 +98,7 @@ class Service:
             say(f"draining {drainer.source} into {conf.log_dir}")
             self._loop(drainer, archiver)
             notify("STOPPING=1")
-            clean = True
-        finally:
-            archiver.close()
-            drainer.close()
-            if clean:
-                drainer.probe.stop()
-            folders.close()
-            home.close()
-            lock.release()
+            drainer.probe.stop()  # a clean stop: the next start suspects nothing
         say("stopped")
         return 0
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apilogd import _control
@@ -98,16 +101,17 @@ def record(stream: str, user: str, text: str, *, max_entry_bytes: int = 65536) -
 class Daemon:
     """`apilogd run` as systemd runs it: READY=1 read from our own notify socket, SIGTERM to stop."""
 
-    def __init__(self, tmp: Path, *, env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(self, tmp: Path, *, env: dict[str, str] | None = None, python: list[str] | None = None,
+                 **popen: Any) -> None:
         self.sock_path = str(tmp / f"notify-{time.monotonic_ns()}.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.sock_path)
+        os.chmod(self.sock_path, 0o666)  # a daemon run as another user reports to it too
         self.err_path = tmp / f"apilogd-{time.monotonic_ns()}.err"
+        command = [*(python or [sys.executable, "-m"]), "apilogd", "run"]
         with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], stderr=err,
-                                         env={**os.environ, **(env or {}), "NOTIFY_SOCKET": self.sock_path},
-                                         preexec_fn=preexec_fn)
+            self.proc = subprocess.Popen(command, stderr=err, **popen,
+                                         env={**(os.environ if env is None else env), "NOTIFY_SOCKET": self.sock_path})
 
     @property
     def stderr(self) -> str:
@@ -144,3 +148,63 @@ class Daemon:
         self.proc.kill()
         self.proc.wait(10)
         self.sock.close()
+
+
+# ---------------------------------------------------------------- a second local user
+
+
+BOOT = """
+import runpy, site, sys
+for folder in {folders!r}:
+    site.addsitedir(folder)
+what = sys.argv.pop(1)
+if what == "-c":
+    exec(sys.argv.pop(1))
+else:
+    sys.argv[0] = what
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+"""
+
+
+def _others_can_run(path: str) -> bool:
+    path = os.path.realpath(path)
+    parents = [str(p) for p in Path(path).parents]
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in parents) and bool(os.stat(path).st_mode & stat.S_IXOTH)
+
+
+def python_for_others(folder: Path) -> list[str] | None:
+    """A command that another user can run apilog's code with (this venv's packages, this checkout); or None."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    exe = next((e for e in (sys.executable, f"/usr/bin/{version}") if os.path.exists(e) and _others_can_run(e)), None)
+    if exe is None:
+        return None
+    folders = [p for p in sys.path if p.endswith("site-packages")] + [str(Path(__file__).resolve().parents[1])]
+    boot = folder / "boot.py"
+    boot.write_text(BOOT.format(folders=folders))
+    os.chmod(boot, 0o644)
+    return [os.path.realpath(exe), str(boot)]
+
+
+@pytest.fixture
+def two_users() -> Iterator[tuple[str, str, str]]:
+    """A daemon user and an app user sharing a group, created for this test and removed after."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd")
+    tag = str(os.getpid())[-5:]
+    group, daemon_user, app_user, other = f"alg{tag}", f"ald{tag}", f"ala{tag}", f"alo{tag}"
+    subprocess.run(["groupadd", group], check=True)
+    for name in (daemon_user, app_user, other):
+        subprocess.run(["useradd", "--no-create-home", "--user-group", name], check=True)
+    for name in (daemon_user, app_user):
+        subprocess.run(["usermod", "-aG", group, name], check=True)
+    try:
+        yield daemon_user, app_user, group
+    finally:
+        for name in (daemon_user, app_user, other):
+            subprocess.run(["userdel", name], check=False)
+        subprocess.run(["groupdel", group], check=False)
+
+
+def as_user(user: str, group: str, umask: int) -> dict[str, Any]:
+    """subprocess arguments that run a command as `user` with `group` as its group."""
+    return {"user": user, "group": group, "extra_groups": [group], "umask": umask}

@@ -97,6 +97,28 @@ def test_age_rotation(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert lineage(home, "users/aged/WARN.log") == "WARN:  old news\nWARN:  fresh\n"
 
 
+def test_a_producer_clock_days_behind_does_not_rotate_every_batch(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Age is judged by the daemon's clock at a file's first write: entries stamped two days ago rotate nothing."""
+    import apilog._entry
+
+    monkeypatch.setenv("APILOG_ROTATE_AGE", "86400")
+    settings.reset()
+    _control.start(settings.load())
+    try:
+        with monkeypatch.context() as patch:
+            behind = time.time() - 2 * 86400
+            patch.setattr(apilog._entry.time, "time", lambda: behind)
+            for n in range(8):
+                logger.delay("INFO", "lagging", f"n{n}", timestamp=False)
+                time.sleep(0.4)  # several batches, each past the age check's one-second period
+        wait_written()
+        time.sleep(1.5)
+    finally:
+        _control.stop(settings.load())
+    assert not [p for p in (home / "logs").rglob("*") if "archive" in p.parts and "lagging" in p.parts]
+    assert log_file(home, "users/lagging/INFO.log") == "".join(f"INFO:  n{n}\n" for n in range(8))
+
+
 def test_retention_deletes_old_archives(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """APILOG_RETAIN_DAYS=1: an archive 3 days old goes, one from today stays."""
     monkeypatch.setenv("APILOG_RETAIN_DAYS", "1")

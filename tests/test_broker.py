@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from apilog import _message, logger, settings
 from apilog._entry import build
 from apilog._streams import Registry
 
-from .conftest import log_file, wait_for
+from .conftest import Daemon, log_file, wait_for
 
 pytest.importorskip("sqlalchemy")
 
@@ -77,3 +78,53 @@ def test_redelivered_message_is_written_once(broker: str, home: Path) -> None:
     internal = log_file(home, "system/INTERNAL.log")
     assert "quarantined broker message: content type 'application/x-python-serialize' refused" in internal
     assert json.loads((home / "state" / "ledger.json").read_text())["pending"] is None
+
+
+def test_a_broker_that_fails_mid_run_is_survived(broker: str, home: Path, tmp_path: Path) -> None:
+    """The broker's database locked for longer than its client waits: apilogd reconnects; each entry is written once."""
+    for n in range(20):
+        logger.delay("INFO", "dee", f"before {n:02d}", timestamp=False)
+    daemon = Daemon(tmp_path)
+    try:
+        assert daemon.ready(), daemon.stderr
+        path = home / "logs" / "users" / "dee" / "INFO.log"
+        wait_for(lambda: path.exists() and path.read_text().count("\n") == 20, what="the first entries")
+        for n in range(20):
+            logger.delay("INFO", "dee", f"after {n:02d}", timestamp=False)
+        db = sqlite3.connect(tmp_path / "broker.db", timeout=30)
+        try:  # a broker that hangs, then fails: its client gives up after its own busy timeout
+            db.execute("BEGIN EXCLUSIVE")
+            wait_for(lambda: "broker connection lost" in daemon.stderr, timeout=40,
+                     what="the daemon to meet the broker's failure")
+        finally:
+            db.rollback()
+            db.close()
+        wait_for(lambda: path.read_text().count("\n") == 40, timeout=30, what="the entries after the failure")
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
+    assert log_file(home, "users/dee/INFO.log") == "".join(
+        [f"INFO:  before {n:02d}\n" for n in range(20)] + [f"INFO:  after {n:02d}\n" for n in range(20)])
+    assert "Traceback" not in daemon.stderr
+
+
+def test_damaged_delivered_ids_stop_a_broker_daemon_cleanly(broker: str, home: Path) -> None:
+    """state/delivered.ids that is not text: one line naming it and `apilogd repair`, exit 78; repaired, it drains."""
+    logger.delay("INFO", "eli", "kept", timestamp=False)
+    _control.start(settings.load())
+    _control.stop(settings.load())
+    ids = home / "state" / "delivered.ids"
+    ids.write_bytes(ids.read_bytes() + b"\xff\xfe\x00 not an id\n")
+    logger.delay("INFO", "eli", "waiting", timestamp=False)
+    run = subprocess.run([sys.executable, "-m", "apilogd", "run"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 78 and "delivered.ids" in run.stderr and "apilogd repair" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    repair = subprocess.run([sys.executable, "-m", "apilogd", "repair"], capture_output=True, text=True, timeout=60)
+    assert repair.returncode == 0 and "kept 1 readable ids" in repair.stdout, repair.stdout + repair.stderr
+    _control.start(settings.load())
+    try:
+        path = home / "logs" / "users" / "eli" / "INFO.log"
+        wait_for(lambda: "waiting" in path.read_text(), what="the entry after the repair")
+    finally:
+        _control.stop(settings.load())
+    assert log_file(home, "users/eli/INFO.log") == "INFO:  kept\nINFO:  waiting\n"

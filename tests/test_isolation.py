@@ -154,7 +154,7 @@ def test_a_record_that_kills_the_daemon_is_set_aside_after_its_second_crash(home
     for crashes in (0, 1):  # now probed: each start names the record before it is handled
         again = Daemon(tmp_path)
         assert again.ready()
-        wait_for(lambda: _probe_names(home, key, crashes), what=f"the probe to name the record ({crashes} crashes)")
+        wait_for(lambda n=crashes: _probe_names(home, key, n), what=f"the probe to name the record ({crashes} crashes)")
         again.kill()
     survivor = Daemon(tmp_path)
     try:

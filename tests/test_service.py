@@ -12,12 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import as_user, python_for_others, wait_for
 
 APILOGD = [sys.executable, "-m", "apilogd"]
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -67,76 +66,20 @@ def test_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- two users
 
 
-BOOT = """
-import runpy, site, sys
-for folder in {folders!r}:
-    site.addsitedir(folder)
-what = sys.argv.pop(1)
-if what == "-c":
-    exec(sys.argv.pop(1))
-else:
-    sys.argv[0] = what
-    runpy.run_module(what, run_name="__main__", alter_sys=True)
-"""
-
-
-def _others_can_run(path: str) -> bool:
-    path = os.path.realpath(path)
-    parents = [str(p) for p in Path(path).parents]
-    return all(os.stat(p).st_mode & stat.S_IXOTH for p in parents) and bool(os.stat(path).st_mode & stat.S_IXOTH)
-
-
-def _python_for_others(folder: Path) -> list[str] | None:
-    """A command that another user can run apilog's code with (this venv's packages, this checkout); or None."""
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    exe = next((e for e in (sys.executable, f"/usr/bin/{version}") if os.path.exists(e) and _others_can_run(e)), None)
-    if exe is None:
-        return None
-    folders = [p for p in sys.path if p.endswith("site-packages")] + [str(Path(__file__).resolve().parents[1])]
-    boot = folder / "boot.py"
-    boot.write_text(BOOT.format(folders=folders))
-    os.chmod(boot, 0o644)
-    return [os.path.realpath(exe), str(boot)]
-
-
-@pytest.fixture
-def two_users() -> Iterator[tuple[str, str, str]]:
-    """A daemon user and an app user sharing a group, created for this test and removed after."""
-    if os.geteuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("needs root and useradd")
-    tag = str(os.getpid())[-5:]
-    group, daemon_user, app_user, other = f"alg{tag}", f"ald{tag}", f"ala{tag}", f"alo{tag}"
-    subprocess.run(["groupadd", group], check=True)
-    for name in (daemon_user, app_user, other):
-        subprocess.run(["useradd", "--no-create-home", "--user-group", name], check=True)
-    for name in (daemon_user, app_user):
-        subprocess.run(["usermod", "-aG", group, name], check=True)
-    try:
-        yield daemon_user, app_user, group
-    finally:
-        for name in (daemon_user, app_user, other):
-            subprocess.run(["userdel", name], check=False)
-        subprocess.run(["groupdel", group], check=False)
-
-
-def _as(user: str, group: str, umask: int) -> dict[str, object]:
-    return {"user": user, "group": group, "extra_groups": [group], "umask": umask}
-
-
 def test_app_and_daemon_as_two_users(two_users: tuple[str, str, str]) -> None:
     """The app's user writes the spool through the shared group; the daemon's user writes logs others cannot read."""
     daemon_user, app_user, group = two_users
     root = Path(tempfile.mkdtemp(dir="/var/tmp"))
     try:
         os.chmod(root, 0o755)
-        python = _python_for_others(root)
+        python = python_for_others(root)
         home = root / "home"
         home.mkdir()
         shutil.chown(home, daemon_user, group)
         os.chmod(home, 0o750)  # what StateDirectoryMode=0750 gives the service
         env = {k: v for k, v in os.environ.items() if not k.startswith("APILOG_")} | {"APILOG_HOME": str(home)}
         probe = python and subprocess.run([*python, "apilogd", "--help"], env=env, capture_output=True, text=True,
-                                          **_as(app_user, group, 0o022))
+                                          **as_user(app_user, group, 0o022))
         if not probe or probe.returncode != 0:
             pytest.skip(f"no Python that other users may run here: {getattr(probe, 'stderr', '')[-300:]!r}")
         _two_users(python, env, home, daemon_user, app_user, group)
@@ -146,7 +89,7 @@ def test_app_and_daemon_as_two_users(two_users: tuple[str, str, str]) -> None:
 
 def _two_users(python: list[str], env: dict[str, str], home: Path, daemon_user: str, app_user: str, group: str) -> None:
     daemon = subprocess.Popen([*python, "apilogd", "run"], env=env, stderr=subprocess.PIPE, text=True,
-                              **_as(daemon_user, group, 0o007))  # the unit's User=, Group= and UMask=
+                              **as_user(daemon_user, group, 0o007))  # the unit's User=, Group= and UMask=
     try:
         deadline = time.monotonic() + 30
         while not (home / "apilogd.pid").exists():

@@ -7,6 +7,7 @@ import fcntl
 import os
 import secrets
 import threading
+import weakref
 from pathlib import Path
 
 from .._atomic import fsync_dir
@@ -25,6 +26,9 @@ class SpoolWriter:
 
     With fsync on, threads share fsyncs (group commit): each waits until one
     fdatasync that began after its own write has finished, whoever issued it.
+
+    Across `fork()` (see `_before_fork`), the child starts as a producer of its own: it
+    never appends to the parent's segment and never keeps it locked.
     """
 
     def __init__(self, spool_dir: Path, *, fsync: bool = False) -> None:
@@ -39,17 +43,22 @@ class SpoolWriter:
         self._synced = 0  # appends known to be on disk
         self._producer = self._new_producer_id()
         self._dirs: dict[str, Path] | None = None
-        os.register_at_fork(after_in_child=self._after_fork)
+        with _registry_lock:  # not while a fork is under way: the child would not know this writer
+            _live.add(self)
 
     @staticmethod
     def _new_producer_id() -> str:
         return f"{os.getpid()}-{secrets.token_hex(4)}"
 
-    def _after_fork(self) -> None:
-        # The child shares the parent's open segment; it must never append to it.
+    def _restart_in_child(self) -> None:
+        """In a fork's child (no thread was inside this writer at the fork): drop the parent's segment."""
         if self._fd >= 0:
-            os.close(self._fd)
+            # Only the child's copy: a flock belongs to the open file description, which the
+            # parent still holds, so the parent's segment stays locked (unsealed) as it should.
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
         self._fd, self._size, self._seq = -1, 0, 0
+        self._written = self._synced = 0
         self._producer = self._new_producer_id()
         self._lock, self._sync_lock = threading.Lock(), threading.Lock()
 
@@ -59,13 +68,12 @@ class SpoolWriter:
         with self._lock:
             if self._fd < 0 or self._size >= SEGMENT_BYTES:
                 self._roll()
-            try:
-                written = os.write(self._fd, record)
-                if written != len(record):
-                    raise OSError(f"short write to the spool ({written} of {len(record)} bytes)")
-            except OSError:
+            # A write that raises (ENOSPC, EDQUOT, EFBIG...) wrote nothing: the segment is still
+            # clean and is used again next time, rather than sealed and replaced by an empty one.
+            written = os.write(self._fd, record)
+            if written != len(record):
                 self._seal()  # a torn tail stays at the end of a sealed segment, where readers expect it
-                raise
+                raise OSError(f"short write to the spool ({written} of {len(record)} bytes)")
             self._size += written
             self._written += 1
             mine = self._written
@@ -102,16 +110,72 @@ class SpoolWriter:
             self._dirs = ensure(self.spool_dir)
         self._seq += 1
         name = f"{self._producer}.{self._seq:08d}.seg"
-        tmp = self._dirs["tmp"] / name
+        tmp, published = self._dirs["tmp"] / name, self._dirs["segments"] / name
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SEGMENT_MODE)
+        made = tmp  # where the half-made segment is, to be removed if publishing it fails
         try:
+            os.fchmod(fd, SEGMENT_MODE)  # open() applied the umask; the daemon reads segments as the group
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.rename(tmp, self._dirs["segments"] / name)
+            os.rename(tmp, published)
+            made = published
             if self.fsync:
                 fsync_dir(self._dirs["segments"])
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        except BaseException:
+            try:
+                with contextlib.suppress(OSError):
+                    os.unlink(made)  # still locked, and empty: a reader never takes it for a sealed segment
+            finally:
+                os.close(fd)
             raise
         self._fd, self._size = fd, 0
+
+
+# Fork safety. Another thread may be inside `_roll` or `_seal` when a thread forks; the child
+# would then inherit half-changed state, a held lock, or a locked segment it never closes
+# (which stalls the parent's next segments until the child exits). So the forking thread
+# takes every writer's locks first, in their usual order, and the child starts afresh.
+_registry_lock = threading.Lock()  # guards _live; held from before a fork to after it
+_live: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()  # every writer of this process
+_held: list[SpoolWriter] = []  # writers whose locks the forking thread holds right now
+_registry_held = False
+
+
+def _before_fork() -> None:
+    global _registry_held
+    _registry_lock.acquire()
+    _registry_held = True
+    # A thread holds at most one writer's locks at a time, so taking them writer by writer cannot deadlock.
+    for writer in list(_live):
+        writer._lock.acquire()
+        try:
+            writer._sync_lock.acquire()
+        except BaseException:
+            writer._lock.release()
+            raise
+        _held.append(writer)
+
+
+def _after_fork_in_parent() -> None:
+    global _registry_held
+    for writer in _held:
+        writer._sync_lock.release()
+        writer._lock.release()
+    _held.clear()
+    if _registry_held:
+        _registry_held = False
+        _registry_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _registry_held
+    for writer in list(_live):  # every one, even one a failed `_before_fork` did not get to
+        writer._restart_in_child()  # fresh locks: the parent's stay held in this copy of memory
+    _held.clear()
+    if _registry_held:
+        _registry_held = False
+        _registry_lock.release()  # the forking thread took it, and is this process's only thread
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
