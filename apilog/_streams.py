@@ -108,7 +108,7 @@ class Registry:
 
     def _write(self, names: Iterable[str]) -> None:
         body = json.dumps({"streams": list(names)}, indent=2) + "\n"
-        write_atomic(self.path, body.encode(), mode=0o664)
+        write_atomic(self.path, body.encode(), mode=0o640)  # the daemon's alone to change (D8)
         self._stamp = None
 
     def _locked(self) -> _FileLock:
@@ -124,7 +124,7 @@ class _FileLock:
 
     def __enter__(self) -> _FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 

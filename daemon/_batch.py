@@ -143,11 +143,11 @@ class BatchWriter:
         self.rewind()
         say(f"undid an unfinished batch over {len(pending['files'])} files")
 
-    def step(self) -> int:
-        """Write one batch; return how many items it committed (0 when there was nothing)."""
+    def step(self, *, only_notes: bool = False) -> int:
+        """Write one batch (or, `only_notes`, just the INTERNAL notes waiting); return how many items it committed."""
         self.recover()
         self.created = {}
-        batch = self.take(1 if self.one_at_a_time else self.max_items)
+        batch = [] if only_notes else self.take(1 if self.one_at_a_time else self.max_items)
         if not batch and not self.notes:
             self.idle()
             return 0
@@ -169,7 +169,8 @@ class BatchWriter:
         self.notes.clear()
         now = time.time()  # the daemon's clock judges a file's age, never a producer's
         self.created = {r: now for r, size in sizes.items() if size == 0}
-        self.probe.committed({self.key(item) for item in batch})
+        if self.probe.armed:
+            self.probe.committed({self.key(item) for item in batch})
         self.one_at_a_time = max(0, self.one_at_a_time - len(batch))
         self.committed(batch, consumed)
         self._watch_for_bursts()
@@ -185,13 +186,16 @@ class BatchWriter:
         """Rendered lines by target file; an item that cannot be read or rendered is set aside, alone."""
         lines: dict[str, list[str]] = {}
         known = frozenset(self.registry.names())  # one look at the registry per batch
+        probing = self.probe.armed  # only after a crash or a failed batch: a write per item
         for item in batch:
-            key = self.key(item)
-            self.probe.before(key)
-            if self.probe.poisoned(key):
-                routed = route(self.set_aside(item, f"it crashed apilogd {self.probe.crashes(key)} times; "
-                                                    "set aside without being read again"), known, self.settings)
-            else:
+            routed = None
+            if probing:
+                key = self.key(item)
+                self.probe.before(key)
+                if self.probe.poisoned(key):
+                    why = f"it crashed apilogd {self.probe.crashes(key)} times; set aside without being read again"
+                    routed = route(self.set_aside(item, why), known, self.settings)
+            if routed is None:
                 try:
                     routed = route(self.entry(item), known, self.settings)
                 except Exception as exc:  # any failure of one item is that item's alone

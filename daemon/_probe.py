@@ -10,9 +10,10 @@ the next start finds the key there and counts one more crash against it. At
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
-from apilog._folder import Folder
+from apilog._folder import Folder, UnsafePath
 
 PROBE_NAME = "probe"
 RUNNING_NAME = "running"  # present while a daemon runs; found at start-up, it means the last one crashed
@@ -26,7 +27,7 @@ class Probe:
         self.state = state
         self.armed = False
         self.suspect: tuple[str, int] | None = None  # (key, crashes) carried over from the last run
-        self._fd = state.open(PROBE_NAME, os.O_RDWR | os.O_CREAT)
+        self._fd = state.open_plain(PROBE_NAME, os.O_RDWR, 0o640)
         self._current: str | None = None
 
     def start(self) -> bool:
@@ -41,7 +42,10 @@ class Probe:
             if key:
                 self.suspect = (key, crashes + 1)  # it was being handled when the process died
             self.armed = True
-        self.state.write_atomic(RUNNING_NAME, f"{os.getpid()}\n".encode(), durable=False)
+        try:
+            self.state.write_atomic(RUNNING_NAME, f"{os.getpid()}\n".encode(), durable=False)
+        except IsADirectoryError:
+            raise UnsafePath(errno.EISDIR, f"{self.state.path / RUNNING_NAME} is a folder; remove it") from None
         return crashed
 
     def stop(self) -> None:

@@ -25,7 +25,7 @@ from ._drain import Drainer
 from ._folders import Folders, open_folders, open_home
 from ._instance import InstanceLock
 from ._notify import notify
-from .exceptions import UnsafeSetup
+from .exceptions import DaemonError, UnsafeSetup
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
@@ -83,14 +83,18 @@ class Service:
                 stack.callback(drainer.close)
                 archiver = Archiver(conf, drainer.tree, drainer.files)
                 stack.callback(archiver.close)
+                crashed = drainer.probe.start()
             except UnsafePath as exc:
                 raise UnsafeSetup(str(exc)) from None
+            except OSError as exc:  # one line, not a traceback; systemd tries again (the disk may come back)
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise DaemonError(f"cannot start: {describe(exc)}{where}") from None
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
             signal.signal(signal.SIGUSR1, self._on_archive)  # `apilog archive`
             # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            if drainer.probe.start():
+            if crashed:
                 say("the last run did not stop cleanly: inputs are probed one at a time until a batch commits")
             drainer.sweep()
             drainer.scan()
@@ -98,6 +102,7 @@ class Service:
             say(f"draining {drainer.source} into {conf.log_dir}")
             self._loop(drainer, archiver)
             notify("STOPPING=1")
+            self._last_notes(drainer)
             drainer.probe.stop()  # a clean stop: the next start suspects nothing
         say("stopped")
         return 0
@@ -140,6 +145,15 @@ class Service:
             idle = done == 0
             if idle:
                 self.stopping.wait(IDLE_WAIT)
+
+    @staticmethod
+    def _last_notes(drainer: BatchWriter) -> None:
+        """Write the INTERNAL notes still waiting (a recovery, a quarantine) before exiting."""
+        if drainer.notes:
+            try:
+                drainer.step(only_notes=True)
+            except Exception as exc:  # noqa: BLE001 - stopping all the same; the cause is on stderr
+                say(f"could not write {len(drainer.notes)} INTERNAL notes before stopping: {describe(exc)}")
 
     def _ping(self, now: float) -> None:
         if self.watchdog_every is not None and now - self.last_ping >= self.watchdog_every:

@@ -45,13 +45,13 @@ def test_rendered_units_verify(home: Path, tmp_path: Path) -> None:
 
 @needs_analyze
 def test_system_unit_security_score(home: Path, tmp_path: Path) -> None:
-    """`systemd-analyze security --offline=yes` rates the system unit 2.0 or lower."""
+    """`systemd-analyze security --offline=yes` rates the system unit 1.0 or lower."""
     assert _render(tmp_path, "--system").returncode == 0
     unit = tmp_path / "etc/systemd/system/apilogd.service"
     result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True)
     score = float(re.search(r"Overall exposure level for apilogd.service: ([\d.]+)", result.stdout).group(1))
     print("exposure", score)
-    assert score <= 2.0
+    assert score <= 1.0
 
 
 def test_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:
