@@ -5,26 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ._folder import Folder
+
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, durable: bool = True) -> None:
     """Replace `path` with `data` so that readers see either the old or the new file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")  # callers serialize writers of one path
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
+    with Folder.at(path.parent) as folder:
+        folder.write_atomic(path.name, data, mode=mode, durable=durable)
 
 
 def fsync_dir(path: Path) -> None:

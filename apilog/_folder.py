@@ -71,6 +71,13 @@ class Folder:
             return os.fstat(self.fd)
         return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
 
+    def exists(self, name: str) -> bool:
+        try:
+            self.stat(name)
+        except FileNotFoundError:
+            return False
+        return True
+
     def names(self) -> list[str]:
         return os.listdir(self.fd)
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 
 from apilog import _message
 from apilog._entry import Entry, internal
 from apilog.settings import Settings
-from apilog.spool.reader import Record, SpoolReader, boundaries
+from apilog.spool.reader import Record, SpoolReader, offset_problem
 
 from ._batch import BatchWriter
 from ._folders import Folders
@@ -36,23 +35,11 @@ class Drainer(BatchWriter):
 
     def _check_offsets(self) -> None:
         """Committed offsets must end whole records inside their segments, or the ledger cannot be trusted."""
-        segments = self.folders.segments
         for name, offset in list(self.ledger.offsets.items()):
-            try:
-                fd = segments.open_regular(name)
-            except FileNotFoundError:
+            if not self.folders.segments.exists(name):
                 self.ledger.forget(name)  # removed once drained, before the ledger was saved again
-                continue
-            except OSError:
-                continue  # not a segment: the reader sets it aside and reports it
-            try:
-                size = os.fstat(fd).st_size
-                bad = offset > size or boundaries(fd, offset) != offset
-            finally:
-                os.close(fd)
-            if bad:
-                why = "past the end" if offset > size else "not at a record's end"
-                self.ledger.damaged(f"the offset of {name} is {offset}, {why} of its {size} bytes")
+            elif (problem := offset_problem(self.folders.segments, name, offset)) is not None:
+                self.ledger.damaged(problem)
 
     def close(self) -> None:
         self.reader.close()

@@ -12,14 +12,16 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from apilog import _message
 from apilog._entry import internal
+from apilog._folder import Folder
 from apilog.settings import Settings
 from apilog.spool.ledger import DAMAGED, LEDGER_NAME, REPAIRED, parse, unrepaired
-from apilog.spool.reader import boundaries, rejection
+from apilog.spool.reader import boundaries, offset_problem, rejection
 from apilog.spool.writer import SpoolWriter
 
 from ._broker import DELIVERED_NAME, parse_ids
@@ -73,22 +75,32 @@ def _salvage(raw: bytes) -> _Salvage:
     return out
 
 
+def _damaged_copy(state: Folder, name: str, sound: Callable[[bytes], bool]) -> str | None:
+    """The damaged copy of state file `name` to rebuild from (set aside now if need be); None when sound or absent."""
+    aside = unrepaired(state, name)
+    if aside is not None:
+        return aside
+    try:
+        raw = state.read(name)
+    except FileNotFoundError:
+        return None
+    return None if sound(raw) else state.set_aside(name, DAMAGED)
+
+
 def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[str, Any] | None]:
     """Rebuild the ledger if it is damaged; return what was done, and the INTERNAL report (None if nothing)."""
     state = folders.state
-    aside = unrepaired(state, LEDGER_NAME)
-    if aside is None:
+
+    def sound(raw: bytes) -> bool:
         try:
-            raw = state.read(LEDGER_NAME)
-        except FileNotFoundError:
-            return ["ledger: none yet, nothing to repair"], None
-        try:
-            parse(raw)
-            if _offsets_sound(folders, json.loads(raw).get("offsets", {})):
-                return ["ledger: sound, nothing to repair"], None
+            offsets = parse(raw)[0]
         except ValueError:
-            pass
-        aside = state.set_aside(LEDGER_NAME, DAMAGED)
+            return False
+        return all(offset_problem(folders.segments, name, offset) is None for name, offset in offsets.items())
+
+    aside = _damaged_copy(state, LEDGER_NAME, sound)
+    if aside is None:
+        return ["ledger: sound or none yet, nothing to repair"], None
     salvage = _salvage(state.read(aside))
     offsets: dict[str, int] = {}
     moved: list[dict[str, Any]] = []
@@ -107,11 +119,11 @@ def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[st
                     continue  # never read: drained from its start
                 start = 0
             else:
-                sound = claimed <= size and boundaries(fd, claimed) == claimed
-                if sound and name not in salvage.doubtful:
+                trusted = claimed <= size and boundaries(fd, claimed) == claimed
+                if trusted and name not in salvage.doubtful:
                     offsets[name] = claimed
                     continue
-                start = claimed if sound else 0
+                start = claimed if trusted else 0
             end = boundaries(fd, size)
             if end > start:
                 target = f"repair.{quarantine_name(name)}.{start}-{end}.seg"
@@ -135,31 +147,11 @@ def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[st
     return done, report
 
 
-def _offsets_sound(folders: Folders, offsets: dict[str, int]) -> bool:
-    for name, offset in offsets.items():
-        try:
-            fd = folders.segments.open_regular(name)
-        except OSError:
-            continue
-        try:
-            if offset > os.fstat(fd).st_size or boundaries(fd, offset) != offset:
-                return False
-        finally:
-            os.close(fd)
-    return True
-
-
 def _rebuild_delivered(folders: Folders, durable: bool) -> list[str]:
     state = folders.state
-    aside = unrepaired(state, DELIVERED_NAME)
+    aside = _damaged_copy(state, DELIVERED_NAME, lambda raw: parse_ids(raw)[1] is None)
     if aside is None:
-        try:
-            raw = state.read(DELIVERED_NAME)
-        except FileNotFoundError:
-            return []
-        if parse_ids(raw)[1] is None:
-            return [f"{DELIVERED_NAME}: sound, nothing to repair"]
-        aside = state.set_aside(DELIVERED_NAME, DAMAGED)
+        return []
     ids, _ = parse_ids(state.read(aside))
     state.write_atomic(DELIVERED_NAME, "".join(f"{i}\n" for i in ids).encode(), durable=durable)
     state.rename(aside, f"{aside}.{REPAIRED}")

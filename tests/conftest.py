@@ -11,8 +11,10 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -208,3 +210,51 @@ def two_users() -> Iterator[tuple[str, str, str]]:
 def as_user(user: str, group: str, umask: int) -> dict[str, Any]:
     """subprocess arguments that run a command as `user` with `group` as its group."""
     return {"user": user, "group": group, "extra_groups": [group], "umask": umask}
+
+
+@dataclass
+class Site:
+    """A home shared the way the system unit shares it: the daemon's user owns it, the app's user is in its group."""
+
+    root: Path
+    home: Path
+    python: list[str]
+    env: dict[str, str]
+    daemon_user: str
+    app_user: str
+    group: str
+
+    def as_app(self, script: str, umask: int = 0o022) -> subprocess.CompletedProcess[str]:
+        """A shell command run by the app's user (a member of the spool group)."""
+        return subprocess.run(["sh", "-c", script], cwd=self.home, capture_output=True, text=True, env=self.env,
+                              user=self.app_user, group=self.app_user, extra_groups=[self.group], umask=umask)
+
+    def app_logs(self, code: str, umask: int = 0o022) -> subprocess.CompletedProcess[str]:
+        """Python run by the app's user, with apilog importable."""
+        return subprocess.run([*self.python, "-c", code], cwd=self.home, capture_output=True, text=True, env=self.env,
+                              user=self.app_user, group=self.app_user, extra_groups=[self.group], umask=umask)
+
+    def daemon(self) -> Daemon:
+        """`apilogd run` as the unit runs it: the daemon's user and group, UMask=0027."""
+        return Daemon(self.root, env=self.env, python=self.python, **as_user(self.daemon_user, self.group, 0o027))
+
+
+@pytest.fixture
+def site(two_users: tuple[str, str, str]) -> Iterator[Site]:
+    daemon_user, app_user, group = two_users
+    root = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        python = python_for_others(root)
+        home = root / "home"
+        home.mkdir()
+        shutil.chown(home, daemon_user, group)
+        os.chmod(home, 0o750)  # StateDirectoryMode=0750
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APILOG_")} | {"APILOG_HOME": str(home)}
+        probe = python and subprocess.run([*python, "apilogd", "--help"], env=env, capture_output=True, text=True,
+                                          **as_user(app_user, group, 0o022))
+        if not python or not probe or probe.returncode != 0:
+            pytest.skip("no Python that other users may run here")
+        yield Site(root, home, python, env, daemon_user, app_user, group)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,13 +10,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import as_user, python_for_others, wait_for
+from .conftest import Site, wait_for
 
 APILOGD = [sys.executable, "-m", "apilogd"]
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -66,52 +64,26 @@ def test_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- two users
 
 
-def test_app_and_daemon_as_two_users(two_users: tuple[str, str, str]) -> None:
+def test_app_and_daemon_as_two_users(site: Site) -> None:
     """The app's user writes the spool through the shared group; the daemon's user writes logs others cannot read."""
-    daemon_user, app_user, group = two_users
-    root = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    daemon = site.daemon()
     try:
-        os.chmod(root, 0o755)
-        python = python_for_others(root)
-        home = root / "home"
-        home.mkdir()
-        shutil.chown(home, daemon_user, group)
-        os.chmod(home, 0o750)  # what StateDirectoryMode=0750 gives the service
-        env = {k: v for k, v in os.environ.items() if not k.startswith("APILOG_")} | {"APILOG_HOME": str(home)}
-        probe = python and subprocess.run([*python, "apilogd", "--help"], env=env, capture_output=True, text=True,
-                                          **as_user(app_user, group, 0o022))
-        if not probe or probe.returncode != 0:
-            pytest.skip(f"no Python that other users may run here: {getattr(probe, 'stderr', '')[-300:]!r}")
-        _two_users(python, env, home, daemon_user, app_user, group)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _two_users(python: list[str], env: dict[str, str], home: Path, daemon_user: str, app_user: str, group: str) -> None:
-    daemon = subprocess.Popen([*python, "apilogd", "run"], env=env, stderr=subprocess.PIPE, text=True,
-                              **as_user(daemon_user, group, 0o007))  # the unit's User=, Group= and UMask=
-    try:
-        deadline = time.monotonic() + 30
-        while not (home / "apilogd.pid").exists():
-            assert daemon.poll() is None, daemon.stderr.read()
-            assert time.monotonic() < deadline, "apilogd did not start"
-            time.sleep(0.05)
+        assert daemon.ready(), daemon.stderr
         code = "from apilog import logger; print(logger.delay('INFO', 'uma', 'from the app user', timestamp=False).spooled)"
-        app = subprocess.run([*python, "-c", code], env=env, capture_output=True, text=True,
-                             user=app_user, group=app_user, extra_groups=[group], umask=0o022)
+        app = site.app_logs(code)
         assert app.stdout.strip() == "True", app.stderr
+        home = site.home
         log = home / "logs" / "users" / "uma" / "INFO.log"
         wait_for(lambda: log.exists() and log.read_text() == "INFO:  from the app user\n",
                  what="the daemon to write the app's entry")
         spool = home / "spool"
-        assert stat.S_IMODE(spool.stat().st_mode) == 0o2750 and grp.getgrgid(spool.stat().st_gid).gr_name == group
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o2750 and grp.getgrgid(spool.stat().st_gid).gr_name == site.group
         assert stat.S_IMODE((spool / "segments").stat().st_mode) == 0o3770
         for path in (home / "logs", log.parent, log):
             assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0  # closed to others
-            assert pwd.getpwuid(path.stat().st_uid).pw_name == daemon_user
+            assert pwd.getpwuid(path.stat().st_uid).pw_name == site.daemon_user
         other = f"alo{str(os.getpid())[-5:]}"
         refused = subprocess.run(["cat", str(log)], capture_output=True, text=True, user=other, group=other)
         assert refused.returncode != 0 and "Permission denied" in refused.stderr
     finally:
-        daemon.terminate()
-        daemon.wait(15)
+        assert daemon.stop() == 0

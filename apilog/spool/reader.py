@@ -319,6 +319,23 @@ def boundaries(fd: int, upto: int) -> int:
     return pos
 
 
+def offset_problem(segments: Folder, name: str, offset: int) -> str | None:
+    """What is wrong with `offset` as the committed end of segment `name`, or None (a missing segment has none)."""
+    try:
+        fd = segments.open_regular(name)
+    except OSError:
+        return None  # gone, or not a segment: the reader sets it aside and reports it
+    try:
+        size = os.fstat(fd).st_size
+        if offset > size:
+            return f"the offset of {name} is {offset}, past the end of its {size} bytes"
+        if boundaries(fd, offset) != offset:
+            return f"the offset of {name} is {offset}, not at a record's end"
+        return None
+    finally:
+        os.close(fd)
+
+
 def waiting(spool_dir: Path, committed: Mapping[str, int]) -> tuple[int, list[bytes]]:
     """Records waiting past the committed offsets: their count, and each segment's first waiting payload."""
     count = 0
