@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -99,3 +100,28 @@ def test_a_folder_swapped_for_a_link_is_never_followed(daemon: Path, tmp_path: P
     os.unlink(spool / "quarantine")
     os.rename(spool / "quarantine.real", spool / "quarantine")
 
+
+
+def test_a_folder_the_daemon_may_not_write_sends_its_entries_to_internal(site: Site) -> None:
+    """EACCES on one user's folder (root took it): that user's entries go to INTERNAL with their text; others land."""
+    locked = site.home / "logs" / "users" / "yan"
+    locked.mkdir(parents=True)
+    for folder in (site.home / "logs", site.home / "logs" / "users"):
+        shutil.chown(folder, site.daemon_user, site.group)
+        os.chmod(folder, 0o750)
+    os.chmod(locked, 0o700)  # root's, closed to the daemon's user
+    daemon = site.daemon()
+    try:
+        assert daemon.ready(), daemon.stderr
+        logged = site.app_logs("from apilog import logger\nlogger.delay('INFO', 'yan', 'to the closed folder', "
+                               "timestamp=False)\nlogger.delay('INFO', 'zoe', 'to an open one', timestamp=False)")
+        assert logged.returncode == 0, logged.stderr
+        internal = site.home / "logs" / "system" / "INTERNAL.log"
+        wait_for(lambda: (site.home / "logs/users/zoe/INFO.log").exists() and internal.exists()
+                 and "to the closed folder" in internal.read_text(), what="both entries")
+        assert log_file(site.home, "users/zoe/INFO.log") == "INFO:  to an open one\n"
+        text = internal.read_text()
+        assert "cannot write users/yan/INFO.log: Permission denied" in text and "to the closed folder" in text
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
