@@ -18,6 +18,7 @@ from apilog._folder import Folder, UnsafePath
 PROBE_NAME = "probe"
 RUNNING_NAME = "running"  # present while a daemon runs; found at start-up, it means the last one crashed
 CRASHES_TO_SET_ASIDE = 2
+FORGET_AFTER_BATCHES = 1000  # a suspect not met again in this many batches was removed by its owner
 
 
 class Probe:
@@ -29,6 +30,7 @@ class Probe:
         self.suspect: tuple[str, int] | None = None  # (key, crashes) carried over from the last run
         self._fd = state.open_plain(PROBE_NAME, os.O_RDWR, 0o640)
         self._current: str | None = None
+        self._batches_since = 0  # batches committed since the suspect was last blamed
 
     def start(self) -> bool:
         """Called once at start-up: arm probing if the last run crashed; return whether it did."""
@@ -84,11 +86,13 @@ class Probe:
         """Handling `key` raised inside the process: counted like a crash."""
         self.suspect = (key, self.crashes(key) + 1)
         self.armed = True
+        self._batches_since = 0
 
     def committed(self, keys: set[str]) -> None:
         """A batch holding `keys` was committed: a suspect among them is innocent; with none left, stop probing."""
-        if self.suspect is not None and self.suspect[0] in keys:
-            self.suspect = None
+        self._batches_since += 1
+        if self.suspect is not None and (self.suspect[0] in keys or self._batches_since > FORGET_AFTER_BATCHES):
+            self.suspect = None  # innocent, or gone (its owner removed it): stop paying a write per item
         if self.armed and self.suspect is None:
             self.armed = False
             self.between()
