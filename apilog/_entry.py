@@ -137,7 +137,7 @@ def build(
         problems.append("dict_to_string must be True or False")
         dict_to_string = bool(dict_to_string)
 
-    body, head = _cut(body, head, max_entry_bytes, problems)
+    body, head = cut(body, head, max_entry_bytes, problems)
     original = None
     if problems:  # what the caller passed, for the INTERNAL report
         original = {"stream": jsonable(stream), "location": jsonable(location)}
@@ -219,7 +219,7 @@ def _location(location: Any, problems: list[str]) -> str | None:
     return location
 
 
-def _cut(body: Any, heading: str | None, limit: int, problems: list[str]) -> tuple[Any, str | None]:
+def cut(body: Any, heading: str | None, limit: int, problems: list[str]) -> tuple[Any, str | None]:
     """Bound the entry's size: a heading to a quarter of the limit, the body to the rest."""
     if heading is not None and len(heading.encode("utf-8", "surrogatepass")) > limit // 4:
         heading, total = _cut_text(heading, limit // 4)

@@ -14,7 +14,13 @@ QUEUE = "apilog"
 CONTENT_TYPE = "application/json"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _HOST = socket.gethostname()
-_json = json.JSONDecoder()  # skips json.loads' encoding sniffing: messages are UTF-8 by contract
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; strict readers of jsonl do not
+
+
+_json = json.JSONDecoder(parse_constant=_no_constant)  # no encoding sniffing: messages are UTF-8 by contract
 
 
 class BadMessage(ValueError):

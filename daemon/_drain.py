@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 from apilog import _message
 from apilog._entry import Entry, internal
 from apilog.settings import Settings
-from apilog.spool.reader import Record, SpoolReader, offset_problem
+from apilog.spool.reader import Record, SpoolReader, boundaries, offset_problem
 
 from ._batch import BatchWriter
 from ._folders import Folders
@@ -17,11 +18,25 @@ MAX_BYTES = 16 * 1024 * 1024
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
-def quarantine_name(source: str, offset: int | None = None) -> str:
+def quarantine_name(source: str) -> str:
     """A file name for quarantined bytes that no spool file name can stretch past 255 bytes or out of the folder."""
-    safe = source if _PLAIN_NAME.fullmatch(source) and not source.startswith(".") else \
-        "h" + hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return safe if offset is None else f"{safe}.{offset}.msg"
+    if _PLAIN_NAME.fullmatch(source) and not source.startswith("."):
+        return source
+    return "h" + hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def set_aside_range(folders: Folders, name: str, fd: int, start: int, durable: bool,
+                    why: str) -> tuple[int, dict[str, object] | None]:
+    """Copy the whole records of segment `name` from `start` on into quarantine; return the new offset and what moved.
+
+    For records whose fate is unknown (written already or not): neither written again nor dropped.
+    """
+    end = max(start, boundaries(fd, os.fstat(fd).st_size))
+    if end == start:
+        return end, None
+    target = f"{why}.{quarantine_name(name)}.{os.fstat(fd).st_ino}.{start}-{end}.seg"
+    folders.quarantine.write_atomic(target, os.pread(fd, end - start, start), durable=durable)
+    return end, {"segment": name, "from": start, "to": end, "moved_to": str(folders.quarantine.path / target)}
 
 
 class Drainer(BatchWriter):
@@ -29,17 +44,34 @@ class Drainer(BatchWriter):
 
     def __init__(self, settings: Settings, folders: Folders) -> None:
         super().__init__(settings, folders)
+        self._check_offsets()
         self.reader = SpoolReader(folders.segments, self.ledger.offsets)
         self.source = str(settings.spool_dir)
-        self._check_offsets()
 
     def _check_offsets(self) -> None:
-        """Committed offsets must end whole records inside their segments, or the ledger cannot be trusted."""
+        """A committed offset must end a whole record inside its segment; where it does not, the segment is set aside.
+
+        Its owner may have cut or rewritten it (a producer owns its file), or a power cut took
+        its unsynced tail: which of its records were written is unknown, so they are kept in
+        quarantine rather than written again, and the rest of the spool flows.
+        """
+        segments = self.folders.segments
         for name, offset in list(self.ledger.offsets.items()):
-            if not self.folders.segments.exists(name):
+            if not segments.exists(name):
                 self.ledger.forget(name)  # removed once drained, before the ledger was saved again
-            elif (problem := offset_problem(self.folders.segments, name, offset)) is not None:
-                self.ledger.damaged(problem)
+                continue
+            problem = offset_problem(segments, name, offset)
+            if problem is None:
+                continue
+            fd = segments.open_regular(name)
+            try:
+                self.ledger.offsets[name], moved = set_aside_range(self.folders, name, fd, 0, self.durable, "doubtful")
+            finally:
+                os.close(fd)
+            self.notes.append(internal("set aside a segment whose committed offset no longer fits it",
+                                       {"problem": problem, "set_aside": moved,
+                                        "what_happens": "its records are in quarantine, not written again"}))
+        self.ledger.save()
 
     def close(self) -> None:
         self.reader.close()
@@ -93,7 +125,8 @@ class Drainer(BatchWriter):
         return Entry.from_wire(_message.decode(record.payload))
 
     def set_aside(self, record: Record, why: str) -> Entry:
-        name = quarantine_name(record.segment, record.start)
+        # The inode too: a name reused by someone else must never overwrite what was set aside before.
+        name = f"{quarantine_name(record.segment)}.{self.reader.inode(record.segment)}.{record.start}.msg"
         self.folders.quarantine.write_atomic(name, record.payload, durable=self.durable)
         return internal(f"quarantined spool message: {why}",
                         {"segment": record.segment, "offset": record.start, "bytes": len(record.payload),

@@ -14,8 +14,9 @@ import errno
 import os
 
 from apilog._folder import Folder, UnsafePath
+from apilog.spool.ledger import LIVED_NAME
 
-PROBE_NAME = "probe"
+PROBE_NAME = LIVED_NAME  # also tells the ledger that a daemon ran here before
 RUNNING_NAME = "running"  # present while a daemon runs; found at start-up, it means the last one crashed
 CRASHES_TO_SET_ASIDE = 2
 FORGET_AFTER_BATCHES = 1000  # a suspect not met again in this many batches was removed by its owner
@@ -55,9 +56,12 @@ class Probe:
         self.state.unlink(RUNNING_NAME)
 
     def _read(self) -> tuple[str, int]:
-        raw = os.pread(self._fd, 4096, 0).decode("utf-8", "replace")
+        raw = os.pread(self._fd, 4096, 0).decode("utf-8", "surrogateescape")
         count, _, key = raw.partition("\n")
-        return key.rstrip("\n"), int(count) if count.isdigit() else 0
+        try:
+            return key.rstrip("\n"), int(count, 10) if count.isascii() else 0
+        except ValueError:
+            return "", 0  # not ours (garbage): nothing to blame
 
     def crashes(self, key: str) -> int:
         """How many times handling `key` crashed the daemon."""
@@ -71,7 +75,7 @@ class Probe:
     def before(self, key: str) -> None:
         """About to handle `key`: if the process dies now, the next start blames it."""
         if self.armed and key != self._current:
-            data = f"{self.crashes(key)}\n{key}\n".encode()
+            data = f"{self.crashes(key)}\n{key}\n".encode("utf-8", "surrogateescape")  # a name need not be UTF-8
             os.pwrite(self._fd, data, 0)
             os.ftruncate(self._fd, len(data))
             self._current = key

@@ -20,12 +20,19 @@ from apilog import _message
 from apilog._entry import internal
 from apilog._folder import Folder
 from apilog.settings import Settings
-from apilog.spool.ledger import DAMAGED, LEDGER_NAME, REPAIRED, parse, unrepaired
+from apilog.spool.ledger import (
+    DAMAGED,
+    LEDGER_NAME,
+    LIVED_NAME,
+    REPAIRED,
+    parse,
+    unrepaired,
+)
 from apilog.spool.reader import boundaries, offset_problem, rejection
 from apilog.spool.writer import SpoolWriter
 
 from ._broker import DELIVERED_NAME, parse_ids
-from ._drain import quarantine_name
+from ._drain import set_aside_range
 from ._folders import Folders, open_folders, open_home
 from ._instance import InstanceLock
 
@@ -84,6 +91,8 @@ def _damaged_copy(state: Folder, name: str, sound: Callable[[bytes], bool]) -> s
         raw = state.read(name)
     except FileNotFoundError:
         return None
+    except OSError:  # a folder, a link or a FIFO in its place
+        return state.set_aside(name, DAMAGED)
     return None if sound(raw) else state.set_aside(name, DAMAGED)
 
 
@@ -99,9 +108,13 @@ def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[st
         return all(offset_problem(folders.segments, name, offset) is None for name, offset in offsets.items())
 
     aside = _damaged_copy(state, LEDGER_NAME, sound)
+    salvage = _Salvage()  # a ledger lost whole, or not a file at all, says nothing
     if aside is None:
-        return ["ledger: sound or none yet, nothing to repair"], None
-    salvage = _salvage(state.read(aside))
+        if state.exists(LEDGER_NAME) or not state.exists(LIVED_NAME):
+            return ["ledger: sound or none yet, nothing to repair"], None
+    else:
+        with contextlib.suppress(OSError):
+            salvage = _salvage(state.read(aside))
     offsets: dict[str, int] = {}
     moved: list[dict[str, Any]] = []
     for name in sorted(folders.segments.names()):
@@ -124,25 +137,23 @@ def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[st
                     offsets[name] = claimed
                     continue
                 start = claimed if trusted else 0
-            end = boundaries(fd, size)
-            if end > start:
-                target = f"repair.{quarantine_name(name)}.{start}-{end}.seg"
-                folders.quarantine.write_atomic(target, os.pread(fd, end - start, start), durable=durable)
-                moved.append({"segment": name, "from": start, "to": end, "moved_to": str(folders.quarantine.path / target)})
-            offsets[name] = end
+            offsets[name], item = set_aside_range(folders, name, fd, start, durable, "repair")
+            if item is not None:
+                moved.append(item)
         finally:
             os.close(fd)
     ledger = {"offsets": offsets, "pending": salvage.pending, "last_ids": salvage.last_ids}
     state.write_atomic(LEDGER_NAME, json.dumps(ledger, separators=(",", ":")).encode(), durable=durable)
-    state.rename(aside, f"{aside}.{REPAIRED}")
-    done = [f"ledger: rebuilt {state.path / LEDGER_NAME} from {state.path / aside} "
-            f"(kept as {aside}.{REPAIRED}); {len(offsets)} segment offsets"]
+    if aside is not None:
+        state.rename(aside, f"{aside}.{REPAIRED}")
+    source = f"{state.path / aside} (kept as {aside}.{REPAIRED})" if aside else "nothing (it was missing)"
+    done = [f"ledger: rebuilt {state.path / LEDGER_NAME} from {source}; {len(offsets)} segment offsets"]
     if salvage.pending is not None:
         done.append("ledger: the batch in flight is undone at the next start, then written once")
     for item in moved:
         done.append(f"ledger: bytes {item['from']}-{item['to']} of {item['segment']} could have been written "
                     f"already; copied to {item['moved_to']} instead of being written again")
-    report = {"ledger": str(state.path / LEDGER_NAME), "damaged_copy": f"{aside}.{REPAIRED}",
+    report = {"ledger": str(state.path / LEDGER_NAME), "damaged_copy": f"{aside}.{REPAIRED}" if aside else None,
               "set_aside": moved, "what_to_do": "check the set-aside records against the log files by hand"}
     return done, report
 
@@ -152,7 +163,10 @@ def _rebuild_delivered(folders: Folders, durable: bool) -> list[str]:
     aside = _damaged_copy(state, DELIVERED_NAME, lambda raw: parse_ids(raw)[1] is None)
     if aside is None:
         return []
-    ids, _ = parse_ids(state.read(aside))
+    try:
+        ids, _ = parse_ids(state.read(aside))
+    except OSError:
+        ids = []
     state.write_atomic(DELIVERED_NAME, "".join(f"{i}\n" for i in ids).encode(), durable=durable)
     state.rename(aside, f"{aside}.{REPAIRED}")
     return [f"{DELIVERED_NAME}: kept {len(ids)} readable ids of {state.path / aside}"]

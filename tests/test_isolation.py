@@ -146,17 +146,18 @@ def test_a_record_that_kills_the_daemon_is_set_aside_after_its_second_crash(home
     os.write(fd, first + slow + record("INFO", "gil", "after"))
     os.close(fd)
     key = f"800-killer.00000001.seg@{len(first)}"
+    env = {**os.environ, "APILOG_MAX_ENTRY_BYTES": str(1 << 24)}  # so the daemon does not cut it short
 
-    crashed = Daemon(tmp_path)
+    crashed = Daemon(tmp_path, env=env)
     assert crashed.ready()
     time.sleep(0.2)  # inside the batch that holds the slow record
     crashed.kill()
     for crashes in (0, 1):  # now probed: each start names the record before it is handled
-        again = Daemon(tmp_path)
+        again = Daemon(tmp_path, env=env)
         assert again.ready()
         wait_for(lambda n=crashes: _probe_names(home, key, n), what=f"the probe to name the record ({crashes} crashes)")
         again.kill()
-    survivor = Daemon(tmp_path)
+    survivor = Daemon(tmp_path, env=env)
     try:
         assert survivor.ready()
         wait_written()
@@ -164,7 +165,8 @@ def test_a_record_that_kills_the_daemon_is_set_aside_after_its_second_crash(home
     finally:
         assert survivor.stop() == 0
     assert log_file(home, "users/gil/INFO.log") == "INFO:  before\nINFO:  after\n"
-    assert (home / "spool" / "quarantine" / f"800-killer.00000001.seg.{len(first)}.msg").stat().st_size > 3_000_000
+    [aside] = (home / "spool" / "quarantine").glob(f"800-killer.00000001.seg.*.{len(first)}.msg")
+    assert aside.stat().st_size > 3_000_000
 
 
 def _entries_in(path: Path) -> list[str]:
@@ -181,10 +183,6 @@ DAMAGE = {
     "empty": lambda ledger: b"",
     "garbage": lambda ledger: b"\x00\xff{{{ not json",
     "wrong shape": lambda ledger: b"[1, 2, 3]",
-    "offset past the end": lambda ledger: json.dumps(
-        {**ledger, "offsets": {k: v + 10_000 for k, v in ledger["offsets"].items()}}).encode(),
-    "offset inside a record": lambda ledger: json.dumps(
-        {**ledger, "offsets": {k: v - 7 for k, v in ledger["offsets"].items()}}).encode(),
     "negative offset": lambda ledger: json.dumps(
         {**ledger, "offsets": {k: -5 for k in ledger["offsets"]}}).encode(),
     "dot-dot in a pending path": lambda ledger: json.dumps(
@@ -226,6 +224,31 @@ def test_a_damaged_ledger_stops_cleanly_and_repair_loses_and_doubles_nothing(hom
     assert len(written) == len(set(written))  # none doubled
     assert written[:10] == [f"e{n}" for n in range(10)]
     assert {f"e{n}" for n in range(15)} <= set(written) | aside  # none lost: what repair could not place is aside
+
+
+@pytest.mark.parametrize("shift", [10_000, -7], ids=["past the end", "inside a record"])
+def test_an_offset_that_no_longer_fits_its_segment_sets_that_segment_aside(home: Path, shift: int) -> None:
+    """A committed offset past its segment's end or inside a record: that segment's records go to quarantine, once."""
+    for n in range(10):
+        logger.delay("INFO", "lia", f"e{n}", timestamp=False)
+    assert _cli("start").returncode == 0
+    wait_written()
+    assert _cli("stop").returncode == 0
+    for n in range(10, 15):
+        logger.delay("INFO", "lia", f"e{n}", timestamp=False)
+    ledger_path = home / "state" / "ledger.json"
+    ledger = json.loads(ledger_path.read_bytes())
+    ledger_path.write_text(json.dumps({**ledger, "offsets": {k: v + shift for k, v in ledger["offsets"].items()}}))
+    assert _cli("start").returncode == 0
+    try:
+        wait_written()
+        wait_for(lambda: "set aside a segment whose committed offset" in _internal(home), what="the report")
+    finally:
+        _cli("stop")
+    written = [line.removeprefix("INFO:  ") for line in log_file(home, "users/lia/INFO.log").splitlines()]
+    aside = [m for p in (home / "spool" / "quarantine").glob("doubtful.*") for m in _entries_in(p)]
+    assert written == [f"e{n}" for n in range(10)]  # nothing written twice
+    assert sorted(aside) == sorted(f"e{n}" for n in range(15))  # none lost: the segment's records are all kept
 
 
 def test_stats_that_cannot_be_saved_do_not_stop_the_daemon(home: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ write entries twice or skip them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,6 +24,7 @@ LEDGER_NAME = "ledger.json"
 DAMAGED = "damaged"  # suffix of a ledger set aside, until `apilogd repair` handles it
 REPAIRED = "repaired"
 REPAIR_HINT = "run `apilogd repair`, then start apilogd again"
+LIVED_NAME = "probe"  # made at a daemon's first start (daemon/_probe.py); its presence means one ran here
 
 
 def read_offsets(state_dir: Path) -> dict[str, int]:
@@ -34,7 +36,13 @@ def read_offsets(state_dir: Path) -> dict[str, int]:
 
 
 def _segment_name(name: object) -> bool:
-    return type(name) is str and 0 < len(name) <= 255 and "/" not in name and "\0" not in name and name not in (".", "..")
+    if type(name) is not str or not 0 < len(name) <= 255 or "/" in name or "\0" in name or name in (".", ".."):
+        return False
+    try:
+        os.fsencode(name)  # a lone surrogate names no file
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _relpath(path: object) -> bool:
@@ -102,11 +110,17 @@ class Ledger:
             raw = state.read(LEDGER_NAME)
         except FileNotFoundError:
             refuse_unrepaired(state, LEDGER_NAME)
+            if state.exists(LIVED_NAME):  # a daemon ran here before: the ledger was lost, not never made
+                raise StateDamaged(f"{self.path} is missing, though apilogd ran here before "
+                                   f"({state.path / LIVED_NAME} exists); nothing was written; {REPAIR_HINT}") from None
             raw = b"{}"
+        except OSError as exc:  # a folder, a link or a FIFO in its place
+            self.damaged(f"not a plain file: {exc.strerror or exc}")
         try:
             self.offsets, self.pending, self.last_ids = parse(raw)
         except ValueError as exc:
             self.damaged(str(exc))
+        self.save()  # from now on its absence means it was lost
 
     def damaged(self, why: str) -> NoReturn:
         """Set the ledger aside and refuse to go on: one line naming the file and the way out."""

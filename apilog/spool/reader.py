@@ -42,13 +42,16 @@ class Record:
 class _Segment:
     """A segment file, how far it has been read, and (while it is among the open ones) its descriptor."""
 
-    def __init__(self, name: str, identity: tuple[int, int], pos: int) -> None:
+    def __init__(self, name: str, st: os.stat_result, pos: int) -> None:
         self.name = name
-        self.identity = identity  # (device, inode) when first seen: a replaced file is not the same segment
+        self.identity = (st.st_dev, st.st_ino)  # when first seen: a replaced file is not the same segment
         self.fd = -1
         self.pos = pos
         self.sealed = False
-        self.producer, self.seq = _split_name(name)
+        producer, self.seq = _split_name(name)
+        # A producer is its name *and* the file's owner: another member of the group cannot
+        # slip a file into someone else's sequence (their order, their seal) by naming it alike.
+        self.producer = (st.st_uid, producer)
 
     def check_sealed(self) -> bool:
         """True once no producer holds the segment: its content is final."""
@@ -119,7 +122,7 @@ class SpoolReader:
             if why is not None:
                 self._reject(name, why)
                 continue
-            self._segments[name] = _Segment(name, (st.st_dev, st.st_ino), self._committed.get(name, 0))
+            self._segments[name] = _Segment(name, st, self._committed.get(name, 0))
 
     def _fd(self, seg: _Segment) -> int:
         """The segment's descriptor, reopened if it was closed to stay within the bound."""
@@ -155,7 +158,7 @@ class SpoolReader:
         return True
 
     def _by_producer(self) -> list[list[_Segment]]:
-        groups: dict[str, list[_Segment]] = {}
+        groups: dict[tuple[int, str], list[_Segment]] = {}
         for seg in self._segments.values():
             groups.setdefault(seg.producer, []).append(seg)
         ordered = [sorted(g, key=lambda s: s.seq) for _, g in sorted(groups.items())]
@@ -169,7 +172,11 @@ class SpoolReader:
         out: list[Record] = []
         size = 0
         for group in self._by_producer():
-            for seg in group:
+            for n, seg in enumerate(group):
+                if n + 1 < len(group):
+                    # Its producer made a later segment, which it does only once this one is closed: final,
+                    # whoever else holds a lock on it (any member of the group can flock a file it can read).
+                    seg.sealed = True
                 if not self._usable(seg):
                     break
                 for record in self._records(seg):
@@ -238,6 +245,11 @@ class SpoolReader:
     def _damaged(seg: _Segment, raw: bytes, why: str) -> Record:
         raw = raw[:MAX_DAMAGED]
         return Record(seg.name, seg.pos, seg.pos + len(raw), raw, damaged=why)
+
+    def inode(self, name: str) -> int:
+        """The inode a segment had when first seen (names are reused; inodes tell files apart)."""
+        seg = self._segments.get(name)
+        return seg.identity[1] if seg is not None else 0
 
     def rewind(self, committed: Mapping[str, int]) -> None:
         """Forget reads past the committed offsets (a batch failed and will be read again)."""

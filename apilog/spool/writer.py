@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -15,6 +16,7 @@ from . import SEGMENT_MODE, ensure
 from ._frame import frame
 
 SEGMENT_BYTES = 8 * 1024 * 1024
+NAME_ATTEMPTS = 16
 
 
 class SpoolWriter:
@@ -109,13 +111,27 @@ class SpoolWriter:
         if self._dirs is None:
             self._dirs = ensure(self.spool_dir)
         self._seq += 1
-        name = f"{self._producer}.{self._seq:08d}.seg"
+        for _ in range(NAME_ATTEMPTS):
+            try:
+                self._fd, self._size = self._publish(f"{self._producer}.{self._seq:08d}.seg"), 0
+                return
+            except (FileExistsError, PermissionError):
+                # Someone in the group took the name first (the names are visible and guessable):
+                # jump ahead by a random stride; later numbers keep this producer's order.
+                self._seq += secrets.randbelow(1 << 20) + 1
+        raise FileExistsError(f"no free segment name for producer {self._producer} in {self._dirs['tmp']}")
+
+    def _publish(self, name: str) -> int:
+        """Create segment `name` locked in tmp/, then rename it into segments/; return its descriptor."""
+        assert self._dirs is not None
         tmp, published = self._dirs["tmp"] / name, self._dirs["segments"] / name
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SEGMENT_MODE)
         made = tmp  # where the half-made segment is, to be removed if publishing it fails
         try:
             os.fchmod(fd, SEGMENT_MODE)  # open() applied the umask; the daemon reads segments as the group
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.lexists(published):
+                raise FileExistsError(errno.EEXIST, f"{published} exists")  # never replace another's file
             os.rename(tmp, published)
             made = published
             if self.fsync:
@@ -127,7 +143,7 @@ class SpoolWriter:
             finally:
                 os.close(fd)
             raise
-        self._fd, self._size = fd, 0
+        return fd
 
 
 # Fork safety. Another thread may be inside `_roll` or `_seal` when a thread forks; the child
