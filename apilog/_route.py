@@ -81,6 +81,8 @@ def route(entry: Entry, known: Collection[str], settings: Settings) -> list[tupl
     if problems:
         entry.problems = problems
         heading, body = entry.internal_note()
-        note = render(entry, _streams.INTERNAL, SYSTEM, settings, message=body, heading=heading, dict_to_string=True)
+        readable = _indented_size(body) <= RENDERED_FACTOR * limit
+        note = render(entry, _streams.INTERNAL, SYSTEM, settings, message=body, heading=heading,
+                      dict_to_string=readable)
         lines.append((relative_path(_streams.INTERNAL, SYSTEM, suffix), note))
     return lines

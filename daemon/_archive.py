@@ -73,6 +73,10 @@ class Archiver:
         for relpath, ts in first_entries.items():
             self.first_entry.setdefault(relpath, ts)
 
+    def rotate_soon(self, relpaths: set[str]) -> None:
+        """Files that cannot grow any more (EFBIG): rotate them at the next tick, whatever their size."""
+        self._due.update(relpaths)
+
     def tick(self, *, now: float | None = None) -> int:
         """Rotate what is due, a few files per call; return how many were rotated. Call only between batches."""
         now = time.time() if now is None else now

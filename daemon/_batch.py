@@ -10,6 +10,7 @@ read-only, failing) stop a batch, which is then undone and tried again.
 from __future__ import annotations
 
 import errno
+import resource
 import sys
 import time
 from typing import Any
@@ -21,14 +22,23 @@ from apilog._tree import SYSTEM, LogTree, relative_path
 from apilog.settings import Settings
 from apilog.spool.ledger import Ledger
 
-from ._files import OpenFiles
+from ._files import MAX_OPEN, OpenFiles
 from ._folders import Folders
 from ._probe import Probe
 
 NEW_FOLDERS_PER_MINUTE = 1000  # more new user folders than this in a minute is reported as a burst
 # Errors that say the log disk as a whole cannot take the batch: undo it and retry, never divert entries.
-DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG,
-                         errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def descriptor_share() -> int:
+    """How many descriptors log files (and, as much again, spool segments) may hold: a quarter of the limit each.
+
+    The rest is for folders, the ledger, watchdog's inotify and the broker: a low `ulimit -n`
+    then costs reopening files, never a stall on EMFILE.
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(8, min(MAX_OPEN, (soft if soft != resource.RLIM_INFINITY else 4 * MAX_OPEN) // 4))
 
 
 def say(text: str) -> None:
@@ -60,12 +70,13 @@ class BatchWriter:
         self.durable = settings.fsync != "off"
         self.ledger = Ledger(folders.state, durable=self.durable)
         self.tree = LogTree(settings.log_dir)
-        self.files = OpenFiles(self.tree, durable=self.durable)
+        self.files = OpenFiles(self.tree, durable=self.durable, limit=descriptor_share())
         self.registry = Registry(settings.home)
         self.probe = Probe(folders.state)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
         self.created: dict[str, float] = {}  # files the last batch created -> when (the daemon's clock)
         self.one_at_a_time = 0  # items still to take singly, after a batch failed for no reason of the disk
+        self.oversized: set[str] = set()  # files that met EFBIG, for the archiver to rotate
         self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
 
     # What a source provides.
@@ -156,8 +167,7 @@ class BatchWriter:
             sizes = self._sizes(lines)
             consumed = self.consumed(batch)
             self.ledger.begin(sizes, consumed)
-            for relpath, texts in lines.items():
-                self.files.append(relpath, "".join(texts).encode("utf-8"))
+            self._append(lines, sizes)
             if self.durable:
                 self.files.sync(list(lines))
             self.ledger.commit(self.ids(batch))
@@ -175,6 +185,26 @@ class BatchWriter:
         self.committed(batch, consumed)
         self._watch_for_bursts()
         return len(batch)
+
+    def _append(self, lines: dict[str, list[str]], sizes: dict[str, int]) -> None:
+        """Append each file's lines, INTERNAL last; a file past its largest size (EFBIG) sends them to INTERNAL."""
+        internal_path = relative_path(INTERNAL, SYSTEM, self.settings.log_suffix)
+        for relpath in [r for r in lines if r != internal_path]:
+            data = "".join(lines[relpath]).encode("utf-8")
+            try:
+                self.files.append(relpath, data)
+            except OSError as exc:
+                if exc.errno != errno.EFBIG or internal_path not in sizes:
+                    raise
+                # This file is full (RLIMIT_FSIZE, or the file system's largest file): it is rotated
+                # soon; its entries go to INTERNAL now rather than hold up everyone else's.
+                self.files.truncate(relpath, sizes[relpath])
+                self.oversized.add(relpath)
+                note = internal(f"cannot write {relpath}: {describe(exc)}; it will be rotated",
+                                {"file": relpath, "error": describe(exc), "entries": data.decode("utf-8")})
+                lines[internal_path].extend(text for _, text in route(note, (INTERNAL,), self.settings))
+        if internal_path in lines and internal_path in sizes:
+            self.files.append(internal_path, "".join(lines[internal_path]).encode("utf-8"))
 
     def _blame(self, batch: list[Any]) -> None:
         """A batch failed for no reason of the disk: take its items one at a time until the culprit is found."""
@@ -209,26 +239,31 @@ class BatchWriter:
         return lines
 
     def _sizes(self, lines: dict[str, list[str]]) -> dict[str, int]:
-        """Each target's size before the batch; a target that cannot be opened sends its entries to INTERNAL."""
+        """Each target's size before the batch; a target that cannot be opened sends its entries to INTERNAL.
+
+        When INTERNAL itself cannot be opened, what it would have received goes to stderr (the
+        service manager's journal): one broken file never holds up everyone's entries.
+        """
         internal_path = relative_path(INTERNAL, SYSTEM, self.settings.log_suffix)
         sizes: dict[str, int] = {}
-        diverted: list[Entry] = []
-        for relpath in [r for r in lines if r != internal_path] + [internal_path]:
-            if relpath not in lines:
-                continue
+        for relpath in [r for r in lines if r != internal_path]:
             try:
                 sizes[relpath] = self.files.size(relpath)
             except OSError as exc:
-                if exc.errno in DISK_ERRORS or relpath == internal_path:
-                    raise  # nowhere else to put them: the batch waits in the source
-                texts = lines.pop(relpath)
-                diverted.append(internal(f"cannot write {relpath}: {describe(exc)}",
-                                         {"file": relpath, "error": describe(exc), "entries": "".join(texts)}))
-        if diverted:
-            for note in diverted:
-                for _, text in route(note, (INTERNAL,), self.settings):
-                    lines.setdefault(internal_path, []).append(text)
-            sizes.setdefault(internal_path, self.files.size(internal_path))
+                if exc.errno in DISK_ERRORS:
+                    raise  # the disk, not this file: the batch waits in the source
+                note = internal(f"cannot write {relpath}: {describe(exc)}",
+                                {"file": relpath, "error": describe(exc), "entries": "".join(lines.pop(relpath))})
+                lines.setdefault(internal_path, []).extend(text for _, text in route(note, (INTERNAL,), self.settings))
+        lines.setdefault(internal_path, [])  # journaled always: appends may divert entries to it
+        if internal_path in lines:
+            try:
+                sizes[internal_path] = self.files.size(internal_path)
+            except OSError as exc:
+                if exc.errno in DISK_ERRORS:
+                    raise
+                texts = "".join(lines.pop(internal_path)).rstrip("\n")
+                say(f"cannot write {internal_path}: {describe(exc)}; what it would have received follows\n{texts}")
         return sizes
 
     def _watch_for_bursts(self) -> None:

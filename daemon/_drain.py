@@ -8,10 +8,11 @@ import re
 
 from apilog import _message
 from apilog._entry import Entry, internal
+from apilog._folder import Folder
 from apilog.settings import Settings
 from apilog.spool.reader import Record, SpoolReader, boundaries, offset_problem
 
-from ._batch import BatchWriter
+from ._batch import BatchWriter, descriptor_share
 from ._folders import Folders
 
 MAX_BYTES = 16 * 1024 * 1024
@@ -25,6 +26,19 @@ def quarantine_name(source: str) -> str:
     return "h" + hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
+def keep_aside(quarantine: Folder, name: str, data: bytes, durable: bool) -> str:
+    """Store `data` in quarantine under `name`, or `name-N`: never over other bytes (a name may come round again)."""
+    for n in range(1000):
+        candidate = name if n == 0 else f"{name}-{n}"
+        try:
+            if quarantine.read(candidate, len(data) + 1) == data:
+                return candidate  # the same bytes, set aside by an attempt of this batch that failed later
+        except FileNotFoundError:
+            quarantine.write_atomic(candidate, data, durable=durable)
+            return candidate
+    raise FileExistsError(f"{quarantine.path / name}: a thousand different files under this name")
+
+
 def set_aside_range(folders: Folders, name: str, fd: int, start: int, durable: bool,
                     why: str) -> tuple[int, dict[str, object] | None]:
     """Copy the whole records of segment `name` from `start` on into quarantine; return the new offset and what moved.
@@ -35,7 +49,7 @@ def set_aside_range(folders: Folders, name: str, fd: int, start: int, durable: b
     if end == start:
         return end, None
     target = f"{why}.{quarantine_name(name)}.{os.fstat(fd).st_ino}.{start}-{end}.seg"
-    folders.quarantine.write_atomic(target, os.pread(fd, end - start, start), durable=durable)
+    target = keep_aside(folders.quarantine, target, os.pread(fd, end - start, start), durable)
     return end, {"segment": name, "from": start, "to": end, "moved_to": str(folders.quarantine.path / target)}
 
 
@@ -45,7 +59,7 @@ class Drainer(BatchWriter):
     def __init__(self, settings: Settings, folders: Folders) -> None:
         super().__init__(settings, folders)
         self._check_offsets()
-        self.reader = SpoolReader(folders.segments, self.ledger.offsets)
+        self.reader = SpoolReader(folders.segments, self.ledger.offsets, max_open=descriptor_share())
         self.source = str(settings.spool_dir)
 
     def _check_offsets(self) -> None:
@@ -80,8 +94,7 @@ class Drainer(BatchWriter):
     def sweep(self) -> None:
         """Tidy the spool's `tmp/`, quarantining anything with bytes in it."""
         for name, raw, size in self.reader.sweep_tmp(self.folders.tmp):
-            target = f"tmp.{quarantine_name(name)}"
-            self.folders.quarantine.write_atomic(target, raw, durable=self.durable)
+            target = keep_aside(self.folders.quarantine, f"tmp.{quarantine_name(name)}", raw, self.durable)
             self.notes.append(internal("quarantined a file left in the spool's tmp folder",
                                        {"name": name, "moved_to": str(self.folders.quarantine.path / target),
                                         "bytes": size, "bytes_kept": len(raw)}))
@@ -126,8 +139,9 @@ class Drainer(BatchWriter):
 
     def set_aside(self, record: Record, why: str) -> Entry:
         # The inode too: a name reused by someone else must never overwrite what was set aside before.
-        name = f"{quarantine_name(record.segment)}.{self.reader.inode(record.segment)}.{record.start}.msg"
-        self.folders.quarantine.write_atomic(name, record.payload, durable=self.durable)
+        name = keep_aside(self.folders.quarantine,
+                          f"{quarantine_name(record.segment)}.{self.reader.inode(record.segment)}.{record.start}.msg",
+                          record.payload, self.durable)
         return internal(f"quarantined spool message: {why}",
                         {"segment": record.segment, "offset": record.start, "bytes": len(record.payload),
                          "reason": why, "moved_to": str(self.folders.quarantine.path / name)})

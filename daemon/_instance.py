@@ -12,6 +12,7 @@ folder, never through a link, and get their modes explicitly whatever the umask.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -74,7 +75,8 @@ class InstanceLock:
                 time.sleep(0.01)
 
     def release(self) -> None:
-        self.home.unlink(PID_NAME)
+        with contextlib.suppress(OSError):  # a stale pidfile is harmless: the lock decides, and it goes with us
+            self.home.unlink(PID_NAME)
         os.close(self.fd)
 
 

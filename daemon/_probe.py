@@ -52,8 +52,9 @@ class Probe:
         return crashed
 
     def stop(self) -> None:
-        """A clean exit: nothing is suspect."""
-        self.state.unlink(RUNNING_NAME)
+        """A clean exit: nothing is suspect (a state disk gone read-only only costs probing at the next start)."""
+        with contextlib.suppress(OSError):
+            self.state.unlink(RUNNING_NAME)
 
     def _read(self) -> tuple[str, int]:
         raw = os.pread(self._fd, 4096, 0).decode("utf-8", "surrogateescape")

@@ -141,6 +141,8 @@ class Service:
                 say(f"recovered from: {failure}")
                 failure = None
             archiver.written(drainer.created)
+            archiver.rotate_soon(drainer.oversized)
+            drainer.oversized.clear()
             self._archive(drainer, archiver)
             idle = done == 0
             if idle:

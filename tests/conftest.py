@@ -258,3 +258,21 @@ def site(two_users: tuple[str, str, str]) -> Iterator[Site]:
         yield Site(root, home, python, env, daemon_user, app_user, group)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MB ext4 file system on a loop device (remounted read-only on any error), as the log disk."""
+    image, mount = tmp_path / "disk.img", tmp_path / "logs"
+    mount.mkdir()
+    with open(image, "wb") as handle:
+        handle.truncate(32 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True)
+    mounted = made.returncode == 0 and subprocess.run(
+        ["mount", "-o", "loop,errors=remount-ro", str(image), str(mount)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("needs root, mkfs.ext4 and a loop device")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

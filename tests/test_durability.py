@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
 import pickle
-import resource
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ from apilog import logger, settings
 from apilog.spool._frame import frame
 from apilog.spool.transport import writer_for
 
-from .conftest import log_file, record, segment, wait_for, wait_written
+from .conftest import Daemon, log_file, record, segment, wait_for, wait_written
 
 USERS = [f"crash{n}" for n in range(5)]
 
@@ -165,31 +163,36 @@ def test_garbage_is_quarantined_and_never_blocks(daemon: Path) -> None:
     assert "not JSON" in internal and "not a framed record" in internal
 
 
-def test_disk_full_then_space_back(home: Path) -> None:
-    """Past RLIMIT_FSIZE writes fail: entries wait in the spool, the daemon lives; once lifted, each lands once."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apilogd", "run"],
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)),
-        stderr=subprocess.PIPE, text=True,
-    )
+def test_disk_full_then_space_back(home: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch,
+                                   tmp_path: Path) -> None:
+    """The log disk full (ENOSPC): entries wait in the spool, the daemon lives; once there is room, each lands once."""
+    monkeypatch.setenv("APILOG_LOG_DIR", str(small_disk))
+    settings.reset()
+    daemon = Daemon(tmp_path)
     try:
-        wait_for((home / "apilogd.pid").exists, what="apilogd to start")
+        assert daemon.ready()
+        logger.delay("INFO", "rita", "before the disk filled", timestamp=False)
+        wait_written()
+        filler = small_disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        for chunk in (1 << 20, 1 << 16, 1 << 12, 1):  # every block, the reserved ones too (we are root, as the daemon)
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * chunk):
+                    pass
+        os.close(fd)
         for n in range(200):
-            logger.delay("INFO", "rita", f"entry {n:03d} " + "x" * 40, timestamp=False)
-        time.sleep(1.5)
-        assert proc.poll() is None
+            logger.delay("INFO", "rita", f"entry {n:03d} " + "x" * 2000, timestamp=False)  # past any preallocation
+        wait_for(lambda: "write failed, entries stay in the spool" in daemon.stderr, what="the write failure")
+        assert daemon.proc.poll() is None
         assert _control.status(settings.load()).backlog > 0
-        assert os.path.getsize(home / "logs" / "users" / "rita" / "INFO.log") <= 4096
-        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        filler.unlink()
         wait_written(timeout=40)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        wait_for(lambda: "recovered from a write error" in (small_disk / "system" / "INTERNAL.log").read_text(),
+                 what="the recovery note")
     finally:
-        proc.kill()
-    assert "write failed, entries stay in the spool" in proc.stderr.read()
-    lines = log_file(home, "users/rita/INFO.log").splitlines()
-    assert lines == [f"INFO:  entry {n:03d} " + "x" * 40 for n in range(200)]
-    assert "recovered from a write error" in log_file(home, "system/INTERNAL.log")
+        assert daemon.stop() == 0
+    lines = (small_disk / "users" / "rita" / "INFO.log").read_text().splitlines()
+    assert lines == ["INFO:  before the disk filled"] + [f"INFO:  entry {n:03d} " + "x" * 2000 for n in range(200)]
 
 
 def test_stale_tmp_files_are_swept(home: Path) -> None:

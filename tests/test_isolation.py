@@ -269,24 +269,6 @@ def test_stats_that_cannot_be_saved_do_not_stop_the_daemon(home: Path, tmp_path:
     assert daemon.stderr.count("cannot update stats.json") == 1 and "Traceback" not in daemon.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MB ext4 file system on a loop device (remounted read-only on any error), as the log disk."""
-    image, mount = tmp_path / "disk.img", tmp_path / "logs"
-    mount.mkdir()
-    with open(image, "wb") as handle:
-        handle.truncate(32 << 20)
-    made = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True)
-    mounted = made.returncode == 0 and subprocess.run(
-        ["mount", "-o", "loop,errors=remount-ro", str(image), str(mount)], capture_output=True).returncode == 0
-    if not mounted:
-        pytest.skip("needs root, mkfs.ext4 and a loop device")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def _make_read_only(mount: Path) -> None:
     """An ext4 error, as a failing disk raises it: the file system turns read-only under the daemon."""
     device = os.path.basename(os.path.realpath(subprocess.run(

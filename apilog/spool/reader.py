@@ -24,6 +24,8 @@ from ._frame import HEADER, MAGIC, MAX_PAYLOAD
 
 CHUNK = 1024 * 1024
 MAX_DAMAGED = 1024 * 1024  # garbage is quarantined in pieces of at most this size
+MAX_GARBAGE_KEPT = 16 * 1024 * 1024  # per segment; beyond it garbage is skipped and said so, not copied
+RESYNC_CHECK = 64 * 1024  # longest candidate record whose checksum is tried while skipping garbage
 STALE_TMP_SECONDS = 60
 MAX_OPEN_SEGMENTS = 256  # descriptors held at once; the rest are reopened by name when their turn comes
 
@@ -48,6 +50,7 @@ class _Segment:
         self.fd = -1
         self.pos = pos
         self.sealed = False
+        self.garbage = 0  # bytes of it quarantined so far
         producer, self.seq = _split_name(name)
         # A producer is its name *and* the file's owner: another member of the group cannot
         # slip a file into someone else's sequence (their order, their seal) by naming it alike.
@@ -72,6 +75,21 @@ def _split_name(name: str) -> tuple[str, int]:
     return name, 0  # a foreign file: its own producer
 
 
+def _resync(buf: bytes, start: int) -> int:
+    """Where the next record may begin after damaged bytes: the damage ends as one stretch, not one per `APL1`."""
+    pos = start
+    while (nxt := buf.find(MAGIC, pos)) >= 0:
+        if len(buf) - nxt < HEADER.size:
+            return nxt  # cannot tell yet
+        _, length, crc = HEADER.unpack_from(buf, nxt)
+        end = nxt + HEADER.size + length
+        if length <= MAX_PAYLOAD and (end > len(buf) or length > RESYNC_CHECK or
+                                      zlib.crc32(buf[nxt + HEADER.size:end]) == crc):
+            return nxt  # a whole record, or one too long to check here: parsed on its own
+        pos = nxt + 1
+    return len(buf)
+
+
 def rejection(st: os.stat_result) -> str | None:
     """Why a spool entry must not be read as a segment, or None when it may."""
     if stat.S_ISLNK(st.st_mode):
@@ -86,8 +104,9 @@ def rejection(st: os.stat_result) -> str | None:
 class SpoolReader:
     """Reads records from every producer's segments, in each producer's order."""
 
-    def __init__(self, segments: Folder, committed: Mapping[str, int]) -> None:
+    def __init__(self, segments: Folder, committed: Mapping[str, int], *, max_open: int = MAX_OPEN_SEGMENTS) -> None:
         self.segments = segments
+        self.max_open = max_open
         self._segments: dict[str, _Segment] = {}
         self._open: OrderedDict[str, _Segment] = OrderedDict()  # least recently used first
         self._committed = dict(committed)
@@ -129,7 +148,7 @@ class SpoolReader:
         if seg.fd >= 0:
             self._open.move_to_end(seg.name)
             return seg.fd
-        while len(self._open) >= MAX_OPEN_SEGMENTS:
+        while len(self._open) >= self.max_open:
             self._close(next(iter(self._open.values())))
         fd = self.segments.open_regular(seg.name)
         st = os.fstat(fd)
@@ -228,9 +247,7 @@ class SpoolReader:
             return None
         magic, length, crc = HEADER.unpack_from(buf, off)
         if magic != MAGIC or length > MAX_PAYLOAD:
-            nxt = buf.find(MAGIC, off + 1)
-            stop = nxt if nxt > 0 else len(buf)
-            return self._damaged(seg, buf[off:stop], "bytes that are not a framed record")
+            return self._damaged(seg, buf[off:_resync(buf, off + 1)], "bytes that are not a framed record")
         end = off + HEADER.size + length
         if end > len(buf):
             return None
@@ -243,7 +260,14 @@ class SpoolReader:
 
     @staticmethod
     def _damaged(seg: _Segment, raw: bytes, why: str) -> Record:
+        if seg.garbage >= MAX_GARBAGE_KEPT:
+            # Past this much garbage (a sparse 4 GB file costs its owner nothing) the rest is skipped, not kept.
+            end = max(seg.pos + len(raw), os.fstat(seg.fd).st_size if seg.sealed else 0)
+            return Record(seg.name, seg.pos, end, b"",
+                          damaged=f"{why}; {end - seg.pos} bytes skipped, not kept: over "
+                                  f"{MAX_GARBAGE_KEPT >> 20} MB of garbage from this segment")
         raw = raw[:MAX_DAMAGED]
+        seg.garbage += len(raw)
         return Record(seg.name, seg.pos, seg.pos + len(raw), raw, damaged=why)
 
     def inode(self, name: str) -> int:
