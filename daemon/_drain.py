@@ -14,6 +14,7 @@ from apilog.spool.reader import Record, SpoolReader, boundaries, offset_problem
 
 from ._batch import BatchWriter, descriptor_share
 from ._folders import Folders
+from ._watch import ChangeWatcher
 
 MAX_BYTES = 16 * 1024 * 1024
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -61,6 +62,9 @@ class Drainer(BatchWriter):
         self._check_offsets()
         self.reader = SpoolReader(folders.segments, self.ledger.offsets, max_open=descriptor_share())
         self.source = str(settings.spool_dir)
+        # Appends wake their segment: thousands of live producers cost nothing while they are quiet.
+        self.appends = ChangeWatcher(folders.segments.path, ".seg", recursive=False, poll=False)
+        self.reader.watched = self.appends.observer is not None
 
     def _check_offsets(self) -> None:
         """A committed offset must end a whole record inside its segment; where it does not, the segment is set aside.
@@ -88,6 +92,7 @@ class Drainer(BatchWriter):
         self.ledger.save()
 
     def close(self) -> None:
+        self.appends.stop()
         self.reader.close()
         super().close()
 
@@ -101,6 +106,7 @@ class Drainer(BatchWriter):
 
     def scan(self) -> None:
         self.reader.scan()
+        self.reader.touched(self.appends.take())
         for name, why in self.reader.fresh_rejections:
             self.notes.append(internal(f"set aside a spool entry that is not a segment: {why}",
                                        {"name": name, "folder": str(self.folders.segments.path), "reason": why,

@@ -51,22 +51,27 @@ class _Collector(FileSystemEventHandler):
 class ChangeWatcher:
     """Watches the log tree; `take()` returns the live files that changed since the last call."""
 
-    def __init__(self, root: Path, suffix: str) -> None:
+    def __init__(self, root: Path, suffix: str, *, recursive: bool = True, poll: bool = True) -> None:
         self.root = root
+        self.recursive = recursive
+        self.poll = poll  # fall back to polling when inotify is refused; else watch nothing (`observer` None)
         self.collector = _Collector(root, suffix)
         self.mode = "inotify"
         self.fallback_reason: str | None = None
         self.observer = self._start(polling=False)
 
-    def _start(self, *, polling: bool) -> BaseObserver:
+    def _start(self, *, polling: bool) -> BaseObserver | None:
         try:
             observer: BaseObserver = PollingObserver(timeout=POLL_SECONDS) if polling else Observer()
             # Only what can make a live file due; opens, closes and reads would be noise per batch.
-            observer.schedule(self.collector, str(self.root), recursive=True, event_filter=_EVENTS)
+            observer.schedule(self.collector, str(self.root), recursive=self.recursive, event_filter=_EVENTS)
             observer.start()
         except OSError as exc:  # inotify's watch or instance limit: poll instead
             if polling:
                 raise
+            if not self.poll:
+                self.fallback_reason, self.mode = f"inotify unavailable ({exc.strerror or exc})", "none"
+                return None
             self.fallback_reason = f"inotify unavailable ({exc.strerror or exc}); polling every {POLL_SECONDS:.0f}s"
             self.mode = "polling"
             return self._start(polling=True)
@@ -74,7 +79,7 @@ class ChangeWatcher:
 
     def check(self, folders: int) -> str | None:
         """Fall back to polling when inotify watches fewer than the tree's `folders`; return why, once."""
-        if self.mode != "inotify":
+        if self.mode != "inotify" or self.observer is None:
             return None
         watched = 0
         for emitter in self.observer.emitters:
@@ -101,5 +106,6 @@ class ChangeWatcher:
         return changed
 
     def stop(self) -> None:
-        self.observer.stop()
-        self.observer.join(timeout=5)
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)

@@ -27,7 +27,8 @@ from ._instance import InstanceLock
 from ._notify import notify
 from .exceptions import DaemonError, UnsafeSetup
 
-IDLE_WAIT = 0.05  # seconds between looks at an empty spool
+IDLE_WAIT = 0.05  # seconds between looks at an empty spool, at first
+IDLE_WAIT_MAX = 0.25  # after a while of nothing to do: an idle look at thousands of segments is not free
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
 SWEEP_EVERY = 60.0  # seconds between tidyings of the spool's tmp folder
 BACKOFF_MAX = 10.0  # well inside WatchdogSec=, which the loop must keep feeding
@@ -111,6 +112,7 @@ class Service:
         backoff = 0.0
         failure: str | None = None
         idle, last_scan, last_sweep = True, 0.0, time.monotonic()
+        idle_wait = IDLE_WAIT
         while not self.stopping.is_set():
             now = time.monotonic()
             self._ping(now)
@@ -146,7 +148,10 @@ class Service:
             self._archive(drainer, archiver)
             idle = done == 0
             if idle:
-                self.stopping.wait(IDLE_WAIT)
+                self.stopping.wait(idle_wait)
+                idle_wait = min(IDLE_WAIT_MAX, idle_wait * 1.5)
+            else:
+                idle_wait = IDLE_WAIT
 
     @staticmethod
     def _last_notes(drainer: BatchWriter) -> None:

@@ -7,8 +7,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from .conftest import Site, wait_for
 
 HELD = 12000
@@ -37,8 +35,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 11): the reader re-polls every unsealed segment each idle "
-                   "round; to be woken by inotify on spool/segments instead")
 def test_segments_held_open_make_an_idle_daemon_spin(site: Site) -> None:
     """Once every record is written, 12,000 segments a member holds open must not keep apilogd busy on a core."""
     daemon = site.daemon()

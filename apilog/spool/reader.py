@@ -27,6 +27,7 @@ MAX_DAMAGED = 1024 * 1024  # garbage is quarantined in pieces of at most this si
 MAX_GARBAGE_KEPT = 16 * 1024 * 1024  # per segment; beyond it garbage is skipped and said so, not copied
 RESYNC_CHECK = 64 * 1024  # longest candidate record whose checksum is tried while skipping garbage
 STALE_TMP_SECONDS = 60
+SEAL_RECHECK = 1.0  # seconds between lock checks of a live producer's segment that does not grow
 MAX_OPEN_SEGMENTS = 256  # descriptors held at once; the rest are reopened by name when their turn comes
 
 
@@ -51,6 +52,8 @@ class _Segment:
         self.pos = pos
         self.sealed = False
         self.garbage = 0  # bytes of it quarantined so far
+        self.quiet: tuple[int, float] | None = None  # (size, recheck at) while it waits for its producer
+        self.n_later = 0  # later segments of its producer (set by read): then it is final
         producer, self.seq = _split_name(name)
         # A producer is its name *and* the file's owner: another member of the group cannot
         # slip a file into someone else's sequence (their order, their seal) by naming it alike.
@@ -111,6 +114,8 @@ class SpoolReader:
         self._open: OrderedDict[str, _Segment] = OrderedDict()  # least recently used first
         self._committed = dict(committed)
         self._start = 0  # rotates which producer a batch starts with, for fairness
+        self.watched = False  # True once something calls touched() for every append (inotify)
+        self._groups: list[list[_Segment]] | None = None  # segments by producer, in order; None: to be made
         self.rejected: dict[str, str] = {}  # spool entries set aside -> why, each reported once
         self.fresh_rejections: list[tuple[str, str]] = []  # not reported yet
 
@@ -118,6 +123,7 @@ class SpoolReader:
         while self._open:
             self._close(next(iter(self._open.values())))
         self._segments.clear()
+        self._groups = None
 
     def _reject(self, name: str, why: str) -> None:
         if name not in self.rejected:
@@ -142,6 +148,7 @@ class SpoolReader:
                 self._reject(name, why)
                 continue
             self._segments[name] = _Segment(name, st, self._committed.get(name, 0))
+            self._groups = None
 
     def _fd(self, seg: _Segment) -> int:
         """The segment's descriptor, reopened if it was closed to stay within the bound."""
@@ -171,16 +178,19 @@ class SpoolReader:
             self._fd(seg)
         except OSError as exc:
             self._segments.pop(seg.name, None)
+            self._groups = None
             if exc.errno != errno.ENOENT:
                 self._reject(seg.name, f"cannot be read: {exc.strerror or exc}")
             return False
         return True
 
     def _by_producer(self) -> list[list[_Segment]]:
-        groups: dict[tuple[int, str], list[_Segment]] = {}
-        for seg in self._segments.values():
-            groups.setdefault(seg.producer, []).append(seg)
-        ordered = [sorted(g, key=lambda s: s.seq) for _, g in sorted(groups.items())]
+        if self._groups is None:  # made again only when segments come or go
+            groups: dict[tuple[int, str], list[_Segment]] = {}
+            for seg in self._segments.values():
+                groups.setdefault(seg.producer, []).append(seg)
+            self._groups = [sorted(g, key=lambda s: s.seq) for _, g in sorted(groups.items())]
+        ordered = self._groups
         if ordered:
             self._start = (self._start + 1) % len(ordered)
             ordered = ordered[self._start:] + ordered[: self._start]
@@ -192,11 +202,12 @@ class SpoolReader:
         size = 0
         for group in self._by_producer():
             for n, seg in enumerate(group):
-                if n + 1 < len(group):
+                seg.n_later = len(group) - n - 1
+                if seg.n_later:
                     # Its producer made a later segment, which it does only once this one is closed: final,
                     # whoever else holds a lock on it (any member of the group can flock a file it can read).
                     seg.sealed = True
-                if not self._usable(seg):
+                if self._quiet(seg) or not self._usable(seg):
                     break
                 for record in self._records(seg):
                     out.append(record)
@@ -204,8 +215,32 @@ class SpoolReader:
                     if len(out) >= max_records or size >= max_bytes:
                         return out
                 if not (seg.sealed and seg.pos >= os.fstat(seg.fd).st_size):
+                    if not seg.sealed:  # read to its end, its producer alive: look again when it grows
+                        seg.quiet = (seg.pos, time.monotonic() + SEAL_RECHECK)
                     break  # this producer's later segments wait until this one is final and read
         return out
+
+    def _quiet(self, seg: _Segment) -> bool:
+        """A live producer's segment read to its end that has not grown: skipped without opening it.
+
+        Thousands of segments held open (by live producers, or by someone holding them on
+        purpose) then cost nothing while watched (a stat each per look where inotify is not
+        to be had), and a lock check once a second.
+        """
+        if seg.quiet is None or seg.n_later:
+            return False
+        pos, until = seg.quiet
+        if self.watched:
+            grown = False  # touched() wakes it when its producer appends
+        else:
+            try:
+                grown = self.segments.stat(seg.name).st_size != pos
+            except FileNotFoundError:
+                grown = True  # _usable() forgets it
+        if grown or time.monotonic() >= until:
+            seg.quiet = None
+            return False
+        return True
 
     def _records(self, seg: _Segment) -> Iterator[Record]:
         buf, base, fresh = b"", seg.pos, False
@@ -270,6 +305,13 @@ class SpoolReader:
         seg.garbage += len(raw)
         return Record(seg.name, seg.pos, seg.pos + len(raw), raw, damaged=why)
 
+    def touched(self, names: set[str]) -> None:
+        """Segments that changed (inotify on the folder): look at them again at once."""
+        for name in names:
+            seg = self._segments.get(name)
+            if seg is not None:
+                seg.quiet = None
+
     def inode(self, name: str) -> int:
         """The inode a segment had when first seen (names are reused; inodes tell files apart)."""
         seg = self._segments.get(name)
@@ -304,7 +346,10 @@ class SpoolReader:
                     continue  # not read to its end yet: no need to open it for this question
             except FileNotFoundError:  # its owner removed it (the sticky bit lets a producer remove its own)
                 self._segments.pop(seg.name, None)
+                self._groups = None
                 continue
+            if seg.quiet is not None and time.monotonic() < seg.quiet[1]:
+                continue  # its producer held it a moment ago (read() looks at its size): not final yet
             if self._usable(seg) and seg.check_sealed() and committed >= os.fstat(seg.fd).st_size:
                 done.append(seg.name)
         return done
@@ -312,6 +357,7 @@ class SpoolReader:
     def remove(self, name: str) -> None:
         """Delete a drained segment."""
         seg = self._segments.pop(name)
+        self._groups = None
         self._close(seg)
         self._committed.pop(name, None)
         self.segments.unlink(name)
