@@ -134,6 +134,8 @@ class Drainer(BatchWriter):
         for name in self.reader.drained():
             self.reader.remove(name)
             self.ledger.forget(name)
+        while self.reader.vanished:
+            self.ledger.forget(self.reader.vanished.pop())
 
     def waiting_bytes(self) -> int:
         return self.reader.waiting_bytes()

@@ -114,6 +114,7 @@ class SpoolReader:
         self._open: OrderedDict[str, _Segment] = OrderedDict()  # least recently used first
         self._committed = dict(committed)
         self._start = 0  # rotates which producer a batch starts with, for fairness
+        self.vanished: list[str] = []  # segments their owners removed, for the ledger to forget
         self.watched = False  # True once something calls touched() for every append (inotify)
         self._groups: list[list[_Segment]] | None = None  # segments by producer, in order; None: to be made
         self.rejected: dict[str, str] = {}  # spool entries set aside -> why, each reported once
@@ -179,7 +180,9 @@ class SpoolReader:
         except OSError as exc:
             self._segments.pop(seg.name, None)
             self._groups = None
-            if exc.errno != errno.ENOENT:
+            if exc.errno == errno.ENOENT:
+                self.vanished.append(seg.name)
+            else:
                 self._reject(seg.name, f"cannot be read: {exc.strerror or exc}")
             return False
         return True
@@ -347,6 +350,7 @@ class SpoolReader:
             except FileNotFoundError:  # its owner removed it (the sticky bit lets a producer remove its own)
                 self._segments.pop(seg.name, None)
                 self._groups = None
+                self.vanished.append(seg.name)
                 continue
             if seg.quiet is not None and time.monotonic() < seg.quiet[1]:
                 continue  # its producer held it a moment ago (read() looks at its size): not final yet
@@ -376,7 +380,12 @@ class SpoolReader:
                 if now - st.st_mtime <= STALE_TMP_SECONDS:
                     continue  # a producer may be about to rename it into place
                 if stat.S_ISREG(st.st_mode) and st.st_size and st.st_nlink == 1:
-                    found.append((name, tmp.read(name, MAX_DAMAGED), st.st_size))
+                    fd = tmp.open_regular(name)
+                    try:  # checked again once open: a hard link swapped in meanwhile is not copied out
+                        if rejection(os.fstat(fd)) is None:
+                            found.append((name, os.pread(fd, MAX_DAMAGED, 0), st.st_size))
+                    finally:
+                        os.close(fd)
                 if stat.S_ISDIR(st.st_mode):
                     os.rmdir(name, dir_fd=tmp.fd)
                 else:
