@@ -190,16 +190,21 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_ledger_stops_cleanly_and_repair_loses_and_doubles_nothing(home: Path, damage: str) -> None:
-    """A damaged ledger: one line naming it and `apilogd repair`, exit 78 every start until repaired; then each entry once."""
+def _half_drained() -> None:
+    """e0-e9 written by a daemon now stopped; e10-e14 waiting in the same, still open, segment."""
     for n in range(10):
         logger.delay("INFO", "lia", f"e{n}", timestamp=False)
     assert _cli("start").returncode == 0
     wait_written()
     assert _cli("stop").returncode == 0
     for n in range(10, 15):
-        logger.delay("INFO", "lia", f"e{n}", timestamp=False)  # waiting in the same, still open, segment
+        logger.delay("INFO", "lia", f"e{n}", timestamp=False)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_ledger_stops_cleanly_and_repair_loses_and_doubles_nothing(home: Path, damage: str) -> None:
+    """A damaged ledger: one line naming it and `apilogd repair`, exit 78 every start until repaired; then each entry once."""
+    _half_drained()
     ledger_path = home / "state" / "ledger.json"
     ledger_path.write_bytes(DAMAGE[damage](json.loads(ledger_path.read_bytes())))
 
@@ -229,13 +234,7 @@ def test_a_damaged_ledger_stops_cleanly_and_repair_loses_and_doubles_nothing(hom
 @pytest.mark.parametrize("shift", [10_000, -7], ids=["past the end", "inside a record"])
 def test_an_offset_that_no_longer_fits_its_segment_sets_that_segment_aside(home: Path, shift: int) -> None:
     """A committed offset past its segment's end or inside a record: that segment's records go to quarantine, once."""
-    for n in range(10):
-        logger.delay("INFO", "lia", f"e{n}", timestamp=False)
-    assert _cli("start").returncode == 0
-    wait_written()
-    assert _cli("stop").returncode == 0
-    for n in range(10, 15):
-        logger.delay("INFO", "lia", f"e{n}", timestamp=False)
+    _half_drained()
     ledger_path = home / "state" / "ledger.json"
     ledger = json.loads(ledger_path.read_bytes())
     ledger_path.write_text(json.dumps({**ledger, "offsets": {k: v + shift for k, v in ledger["offsets"].items()}}))
