@@ -72,6 +72,7 @@ class BatchWriter:
         self.tree = LogTree(settings.log_dir)
         self.files = OpenFiles(self.tree, durable=self.durable, limit=descriptor_share())
         self.registry = Registry(settings.home)
+        self.internal_path = relative_path(INTERNAL, SYSTEM, settings.log_suffix)
         self.probe = Probe(folders.state)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
         self.created: dict[str, float] = {}  # files the last batch created -> when (the daemon's clock)
@@ -188,7 +189,7 @@ class BatchWriter:
 
     def _append(self, lines: dict[str, list[str]], sizes: dict[str, int]) -> None:
         """Append each file's lines, INTERNAL last; a file past its largest size (EFBIG) sends them to INTERNAL."""
-        internal_path = relative_path(INTERNAL, SYSTEM, self.settings.log_suffix)
+        internal_path = self.internal_path
         for relpath in [r for r in lines if r != internal_path]:
             data = "".join(lines[relpath]).encode("utf-8")
             try:
@@ -200,11 +201,15 @@ class BatchWriter:
                 # soon; its entries go to INTERNAL now rather than hold up everyone else's.
                 self.files.truncate(relpath, sizes[relpath])
                 self.oversized.add(relpath)
-                note = internal(f"cannot write {relpath}: {describe(exc)}; it will be rotated",
-                                {"file": relpath, "error": describe(exc), "entries": data.decode("utf-8")})
-                lines[internal_path].extend(text for _, text in route(note, (INTERNAL,), self.settings))
-        if internal_path in lines and internal_path in sizes:
+                self._divert(lines, relpath, data.decode("utf-8"), exc, "; it will be rotated")
+        if internal_path in sizes:
             self.files.append(internal_path, "".join(lines[internal_path]).encode("utf-8"))
+
+    def _divert(self, lines: dict[str, list[str]], relpath: str, entries: str, exc: OSError, then: str = "") -> None:
+        """Report a file that cannot be written, its entries' text included, in this batch's INTERNAL lines."""
+        note = internal(f"cannot write {relpath}: {describe(exc)}{then}",
+                        {"file": relpath, "error": describe(exc), "entries": entries})
+        lines.setdefault(self.internal_path, []).extend(text for _, text in route(note, (INTERNAL,), self.settings))
 
     def _blame(self, batch: list[Any]) -> None:
         """A batch failed for no reason of the disk: take its items one at a time until the culprit is found."""
@@ -244,7 +249,7 @@ class BatchWriter:
         When INTERNAL itself cannot be opened, what it would have received goes to stderr (the
         service manager's journal): one broken file never holds up everyone's entries.
         """
-        internal_path = relative_path(INTERNAL, SYSTEM, self.settings.log_suffix)
+        internal_path = self.internal_path
         sizes: dict[str, int] = {}
         for relpath in [r for r in lines if r != internal_path]:
             try:
@@ -252,18 +257,15 @@ class BatchWriter:
             except OSError as exc:
                 if exc.errno in DISK_ERRORS:
                     raise  # the disk, not this file: the batch waits in the source
-                note = internal(f"cannot write {relpath}: {describe(exc)}",
-                                {"file": relpath, "error": describe(exc), "entries": "".join(lines.pop(relpath))})
-                lines.setdefault(internal_path, []).extend(text for _, text in route(note, (INTERNAL,), self.settings))
+                self._divert(lines, relpath, "".join(lines.pop(relpath)), exc)
         lines.setdefault(internal_path, [])  # journaled always: appends may divert entries to it
-        if internal_path in lines:
-            try:
-                sizes[internal_path] = self.files.size(internal_path)
-            except OSError as exc:
-                if exc.errno in DISK_ERRORS:
-                    raise
-                texts = "".join(lines.pop(internal_path)).rstrip("\n")
-                say(f"cannot write {internal_path}: {describe(exc)}; what it would have received follows\n{texts}")
+        try:
+            sizes[internal_path] = self.files.size(internal_path)
+        except OSError as exc:
+            if exc.errno in DISK_ERRORS:
+                raise
+            texts = "".join(lines.pop(internal_path)).rstrip("\n")
+            say(f"cannot write {internal_path}: {describe(exc)}; what it would have received follows\n{texts}")
         return sizes
 
     def _watch_for_bursts(self) -> None:

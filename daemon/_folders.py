@@ -22,9 +22,8 @@ STATE_MODE = 0o750
 
 @dataclass
 class Folders:
-    """Descriptors of the folders apilogd works in."""
+    """Descriptors of the folders apilogd works in, below the home (which its opener keeps)."""
 
-    home: Folder
     state: Folder
     spool: Folder
     segments: Folder
@@ -32,7 +31,7 @@ class Folders:
     quarantine: Folder
 
     def close(self) -> None:
-        """Close what `open_folders` opened; the home stays with whoever opened it."""
+        """Close what `open_folders` opened."""
         for folder in (self.quarantine, self.tmp, self.segments, self.spool, self.state):
             folder.close()
 
@@ -78,4 +77,4 @@ def open_folders(settings: Settings, home: Folder) -> Folders:
         for folder in opened:
             folder.close()
         raise
-    return Folders(home, state, spool_folder, parts["segments"], parts["tmp"], parts["quarantine"])
+    return Folders(state, spool_folder, parts["segments"], parts["tmp"], parts["quarantine"])

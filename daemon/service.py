@@ -93,7 +93,7 @@ class Service:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
             signal.signal(signal.SIGUSR1, self._on_archive)  # `apilog archive`
-            # Past RLIMIT_FSIZE a write must fail with EFBIG (and be retried), not kill us.
+            # Past RLIMIT_FSIZE a write must fail with EFBIG (that file's entries are diverted), not kill us.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             if crashed:
                 say("the last run did not stop cleanly: inputs are probed one at a time until a batch commits")

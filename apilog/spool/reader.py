@@ -395,19 +395,23 @@ class SpoolReader:
         return found
 
 
-def boundaries(fd: int, upto: int) -> int:
-    """The end of the last whole record at or before `upto`, walking headers from the segment's start."""
-    size = os.fstat(fd).st_size
-    pos, buf, base = 0, b"", 0
-    while pos + HEADER.size <= min(size, upto):
+def _whole_records(fd: int, pos: int, stop: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each whole record from `pos` that ends by `stop`, walking headers a chunk at a time."""
+    buf, base = b"", pos
+    while pos + HEADER.size <= stop:
         if pos + HEADER.size > base + len(buf):
             buf, base = os.pread(fd, CHUNK, pos), pos
         magic, length, _ = HEADER.unpack_from(buf, pos - base)
         end = pos + HEADER.size + length
-        if magic != MAGIC or length > MAX_PAYLOAD or end > min(size, upto):
-            break
+        if magic != MAGIC or length > MAX_PAYLOAD or end > stop:
+            return  # garbage, or a record still being written
+        yield pos, end
         pos = end
-    return pos
+
+
+def boundaries(fd: int, upto: int) -> int:
+    """The end of the last whole record at or before `upto`, walking headers from the segment's start."""
+    return max((end for _, end in _whole_records(fd, 0, min(os.fstat(fd).st_size, upto))), default=0)
 
 
 def offset_problem(segments: Folder, name: str, offset: int) -> str | None:
@@ -454,19 +458,10 @@ def waiting(spool_dir: Path, committed: Mapping[str, int]) -> tuple[int, list[by
 
 
 def _count_records(fd: int, pos: int) -> tuple[int, bytes | None]:
-    """Whole records from `pos` on, walking headers a chunk at a time; and the first one's payload."""
-    size = os.fstat(fd).st_size
+    """Whole records from `pos` on, and the first one's payload."""
     count, first = 0, None
-    buf, base = b"", pos
-    while pos + HEADER.size <= size:
-        if pos + HEADER.size > base + len(buf):
-            buf, base = os.pread(fd, CHUNK, pos), pos
-        magic, length, _ = HEADER.unpack_from(buf, pos - base)
-        end = pos + HEADER.size + length
-        if magic != MAGIC or length > MAX_PAYLOAD or end > size:
-            break  # garbage, or a record still being written
+    for start, end in _whole_records(fd, pos, os.fstat(fd).st_size):
         if first is None:
-            first = os.pread(fd, length, pos + HEADER.size)
+            first = os.pread(fd, end - start - HEADER.size, start + HEADER.size)
         count += 1
-        pos = end
     return count, first
