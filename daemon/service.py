@@ -6,8 +6,8 @@ import contextlib
 import json
 import os
 import resource
+import select
 import signal
-import threading
 import time
 import traceback
 from collections import deque
@@ -50,13 +50,45 @@ def open_drainer(settings: Settings, folders: Folders) -> BatchWriter:
     return BrokerDrainer(settings, folders)
 
 
+class _Signals:
+    """SIGTERM/SIGINT (stop) and SIGUSR1 (`apilog archive`) as flags, and a sleep they cut short.
+
+    A handler may run between any two bytecodes of the main thread, even inside
+    `threading.Event.wait()` while it holds the Event's lock, where `Event.set()` deadlocks: so the
+    handlers only set flags, and the C-level wakeup fd ends the sleep.
+    """
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.archive = False
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_archive)
+        # Past RLIMIT_FSIZE a write must fail with EFBIG (that file's entries are diverted), not kill us.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = True
+
+    def _on_archive(self, signum: int, frame: FrameType | None) -> None:
+        self.archive = True
+
+    def sleep(self, seconds: float) -> None:
+        if not self.stop:
+            select.select([self._read], [], [], seconds)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._read, 512)
+
+
 class Service:
     """The running daemon: one drain loop, stopped by SIGTERM or SIGINT after its current batch."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.stopping = threading.Event()
-        self.archive_requested = False
+        # Before the pidfile exists: a SIGTERM during start-up stops us cleanly once started.
+        self.signals = _Signals()
         self.written: deque[tuple[float, int]] = deque()  # (when, entries) of the last minute's batches
         self.last_report = 0.0
         usec = os.environ.get("WATCHDOG_USEC", "")
@@ -64,12 +96,6 @@ class Service:
         self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and watched else None
         self.last_ping = 0.0
         self.stats_failed = False
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping.set()
-
-    def _on_archive(self, signum: int, frame: FrameType | None) -> None:
-        self.archive_requested = True
 
     def run(self) -> int:
         conf = self.settings
@@ -90,11 +116,6 @@ class Service:
             except OSError as exc:  # one line, not a traceback; systemd tries again (the disk may come back)
                 where = f" ({exc.filename})" if exc.filename else ""
                 raise DaemonError(f"cannot start: {describe(exc)}{where}") from None
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self._on_signal)
-            signal.signal(signal.SIGUSR1, self._on_archive)  # `apilog archive`
-            # Past RLIMIT_FSIZE a write must fail with EFBIG (that file's entries are diverted), not kill us.
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             if crashed:
                 say("the last run did not stop cleanly: inputs are probed one at a time until a batch commits")
             drainer.sweep()
@@ -109,11 +130,12 @@ class Service:
         return 0
 
     def _loop(self, drainer: BatchWriter, archiver: Archiver) -> None:
+        signals = self.signals
         backoff = 0.0
         failure: str | None = None
         idle, last_scan, last_sweep = True, 0.0, time.monotonic()
         idle_wait = IDLE_WAIT
-        while not self.stopping.is_set():
+        while not signals.stop:
             now = time.monotonic()
             self._ping(now)
             try:
@@ -134,7 +156,7 @@ class Service:
                     say("".join(traceback.format_exception(exc)).rstrip())
                 backoff = min(BACKOFF_MAX, max(0.5, backoff * 2))
                 say(f"{what}; retrying in {backoff:.1f}s: {failure}")
-                self.stopping.wait(backoff)
+                signals.sleep(backoff)
                 continue
             backoff = 0.0
             self._report(now, done, drainer)
@@ -148,7 +170,7 @@ class Service:
             self._archive(drainer, archiver)
             idle = done == 0
             if idle:
-                self.stopping.wait(idle_wait)
+                signals.sleep(idle_wait)
                 idle_wait = min(IDLE_WAIT_MAX, idle_wait * 1.5)
             else:
                 idle_wait = IDLE_WAIT
@@ -192,8 +214,8 @@ class Service:
     def _archive(self, drainer: BatchWriter, archiver: Archiver) -> None:
         """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""
         try:
-            if self.archive_requested:
-                self.archive_requested = False
+            if self.signals.archive:
+                self.signals.archive = False
                 answer_archive_request(drainer.folders.state, archiver.rotate_all())
             else:
                 archiver.tick()

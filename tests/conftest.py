@@ -113,7 +113,8 @@ class Daemon:
         command = [*(python or [sys.executable, "-m"]), "apilogd", "run"]
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(command, stderr=err, **popen,
-                                         env={**(os.environ if env is None else env), "NOTIFY_SOCKET": self.sock_path})
+                                         env={**(os.environ if env is None else env), "NOTIFY_SOCKET": self.sock_path,
+                                              "PYTHONFAULTHANDLER": "1"})  # SIGABRT prints every thread
 
     @property
     def stderr(self) -> str:
@@ -142,6 +143,10 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # where it hangs, for the failure message
+            self.proc.wait(10)
+            raise AssertionError(f"apilogd did not stop on SIGTERM in 20 s: {self.stderr[-6000:]}") from None
         finally:
             self.proc.kill()
             self.sock.close()
