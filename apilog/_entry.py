@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from . import _streams
 from ._context import current_user
-from ._jsonsafe import jsonable, safe_str
+from ._jsonsafe import jsonable, safe_str, without_surrogates
 from ._render import dump_json
 from ._tree import SYSTEM, BadLocation, encode_user
 from .exceptions import StreamError
@@ -21,73 +22,31 @@ TS_MIN, TS_MAX = -62104060800.0, 253370764800.0
 CUT_MARKER = " [cut by apilog: {kept} of {total} bytes kept]"
 
 
-@dataclass(slots=True)
-class Entry:
-    """One log entry, in the form that travels through the spool."""
+class Entry(msgspec.Struct, tag_field="v", tag=WIRE_VERSION):
+    """One log entry, in the form that travels through the spool (decoded and checked in one pass, in C)."""
 
-    id: str
-    ts: float
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    ts: Annotated[float, msgspec.Meta(ge=TS_MIN, le=TS_MAX)]
     streams: list[str]
     location: str
-    message: Any
+    message: str | dict[str, Any]
     heading: str | None = None
     dict_to_string: bool = False
     timestamp: bool = True
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = []
     original: dict[str, Any] | None = None  # what the caller passed, kept when a problem was found
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {
-            "v": WIRE_VERSION,
-            "id": self.id,
-            "ts": self.ts,
-            "streams": self.streams,
-            "location": self.location,
-            "message": self.message,
-            "heading": self.heading,
-            "dict_to_string": self.dict_to_string,
-            "timestamp": self.timestamp,
-        }
-        if self.problems:
-            wire["problems"] = self.problems
-            wire["original"] = self.original
-        return wire
+        """The entry as plain JSON data (a Celery task's `entry` argument)."""
+        return without_surrogates(msgspec.to_builtins(self))
 
     @classmethod
     def from_wire(cls, wire: Any) -> Entry:
-        """Rebuild an entry from spool data; raise ValueError if it is not one."""
-        if type(wire) is not dict or wire.get("v") != WIRE_VERSION:
-            raise ValueError("not an apilog entry (unknown version)")
+        """Rebuild an entry from plain JSON data; ValueError saying what is wrong when it is not one."""
         try:
-            entry = cls(
-                id=wire["id"],
-                ts=wire["ts"],
-                streams=wire["streams"],
-                location=wire["location"],
-                message=wire["message"],
-                heading=wire["heading"],
-                dict_to_string=wire["dict_to_string"],
-                timestamp=wire["timestamp"],
-                problems=wire.get("problems", []),
-                original=wire.get("original"),
-            )
-        except KeyError as exc:
-            raise ValueError(f"entry lacks the field {exc.args[0]!r}") from None
-        # Exact type checks (JSON gives no subclasses), cheapest first: this runs for every entry drained.
-        if not (
-            type(entry.id) is str and 0 < len(entry.id) <= 64
-            and type(entry.location) is str
-            and type(entry.message) in (str, dict)
-            and (entry.heading is None or type(entry.heading) is str)
-            and type(entry.dict_to_string) is bool
-            and type(entry.timestamp) is bool
-            and type(entry.ts) in (int, float) and TS_MIN <= entry.ts <= TS_MAX
-            and type(entry.streams) is list and all(type(s) is str for s in entry.streams)
-            and type(entry.problems) is list and all(type(p) is str for p in entry.problems)
-            and (entry.original is None or type(entry.original) is dict)
-        ):
-            raise ValueError("entry fields have the wrong types")
-        return entry
+            return msgspec.convert(wire, cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"not an apilog entry: {exc}") from None
 
     def internal_note(self) -> tuple[str, dict[str, Any]]:
         """Heading and body of the INTERNAL entry that reports this entry's problems, content kept."""

@@ -46,3 +46,14 @@ def _convert(value: Any, active: set[int], depth: int) -> Any:
         return [_convert(v, active, depth + 1) for v in value]
     finally:
         active.discard(id(value))
+
+
+def without_surrogates(value: Any) -> Any:
+    """`value` with every lone surrogate (no UTF-8 for it) written as its `\\udXXX` escape text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {without_surrogates(k): without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_surrogates(v) for v in value]
+    return value

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 import os
 import re
 import socket
 from typing import Any
+
+import msgspec
+
+from ._entry import Entry
+from ._jsonsafe import without_surrogates
 
 TASK_NAME = "apilog.log"
 QUEUE = "apilog"
@@ -16,20 +21,44 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _HOST = socket.gethostname()
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; strict readers of jsonl do not
-
-
-_json = json.JSONDecoder(parse_constant=_no_constant)  # no encoding sniffing: messages are UTF-8 by contract
-
-
 class BadMessage(ValueError):
     """A spool or broker message that is not a JSON apilog task message."""
 
 
-def task_body(entry_wire: dict[str, Any]) -> bytes:
-    """The Celery body `[args, kwargs, embed]` for one entry."""
-    return json.dumps([[], {"entry": entry_wire}, _EMBED], separators=(",", ":")).encode()
+class _Headers(msgspec.Struct):
+    task: Any = None
+
+
+class _Properties(msgspec.Struct):
+    body_encoding: Any = None
+
+
+class _Stored(msgspec.Struct):
+    """What apilogd reads of a stored message (kombu's virtual-transport form); the rest is skipped unread."""
+
+    body: str
+    content_type: Any = msgspec.field(default=None, name="content-type")
+    headers: _Headers | None = None
+    properties: _Properties | None = None
+
+
+class _Arguments(msgspec.Struct):
+    entry: Entry
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_stored = msgspec.json.Decoder(_Stored).decode
+_decode_body = msgspec.json.Decoder(tuple[tuple[()], _Arguments, Any]).decode  # [args (none), kwargs, embed]
+
+
+def task_body(entry: Entry | dict[str, Any]) -> bytes:
+    """The Celery body `[args, kwargs, embed]` for one entry (or, to forge a record in a test, any dict)."""
+    if isinstance(entry, dict):
+        return json.dumps([[], {"entry": entry}, _EMBED], separators=(",", ":")).encode()
+    try:
+        return _encode(((), {"entry": entry}, _EMBED))
+    except UnicodeEncodeError:  # a lone surrogate, which UTF-8 (and so JSON here) cannot carry
+        return _encode(((), {"entry": entry.to_wire()}, _EMBED))
 
 
 def _envelope(task_id: str, body: str) -> dict[str, Any]:
@@ -84,50 +113,47 @@ def _pieces() -> list[str]:
     return _template[1]
 
 
-def encode(entry_wire: dict[str, Any]) -> bytes:
+def encode(entry: Entry | dict[str, Any]) -> bytes:
     """One entry as the stored form of a Celery task message (what kombu's `_put` receives, as JSON).
 
-    Filled into a template made from the same dict kombu would store: the id is a uuid and the
-    body base64, so neither needs escaping.
+    Filled into a template made from the same dict kombu would store: the body is base64, and
+    the id is escaped as JSON.
     """
-    body = base64.b64encode(task_body(entry_wire)).decode("ascii")
-    task_id = entry_wire["id"]
+    body = binascii.b2a_base64(task_body(entry), newline=False).decode("ascii")
+    task_id = str(entry["id"]) if isinstance(entry, dict) else entry.id
+    if not task_id.replace("-", "").isalnum():
+        task_id = json.dumps(without_surrogates(task_id))[1:-1]  # apply_async(task_id=...) may name it anything
     fill = {_ID: task_id, _BODY: body}
     return "".join([fill.get(piece, piece) for piece in _pieces()]).encode()
 
 
-def decode(payload: bytes) -> dict[str, Any]:
-    """The entry carried by a stored message; BadMessage for anything else (pickle included)."""
+def decode(payload: bytes) -> Entry:
+    """The entry carried by a stored message, checked; BadMessage for anything else (pickle included)."""
     try:
-        message = _json.decode(payload.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        message = _decode_stored(payload)
+    except msgspec.ValidationError as exc:
+        raise BadMessage(f"not an apilog task message: {exc}") from None
+    except msgspec.DecodeError:
         raise BadMessage("not JSON") from None
-    if not isinstance(message, dict):
-        raise BadMessage("not a message object")
-    body = message.get("body")
-    properties = message.get("properties") or {}
-    if not isinstance(body, str) or not isinstance(properties, dict):
-        raise BadMessage("message has no body")
-    if properties.get("body_encoding") == "base64":
+    body: str | bytes = message.body
+    if message.properties is not None and message.properties.body_encoding == "base64":
         try:
-            body = base64.b64decode(body, validate=True)
-        except ValueError:
+            body = binascii.a2b_base64(body, strict_mode=True)
+        except (binascii.Error, ValueError):
             raise BadMessage("body is not valid base64") from None
-    return decode_body(body, message.get("content-type"), message.get("headers"))
+    return decode_body(body, message.content_type, message.headers)
 
 
-def decode_body(body: bytes | str, content_type: Any, headers: Any) -> dict[str, Any]:
+def decode_body(body: bytes | str, content_type: Any, headers: Any) -> Entry:
     """The entry in a Celery body; checks the serializer and the task name first."""
     if content_type != CONTENT_TYPE:
         raise BadMessage(f"content type {content_type!r} refused: only JSON is accepted")
-    task = headers.get("task") if isinstance(headers, dict) else None
+    task = headers.get("task") if isinstance(headers, dict) else getattr(headers, "task", None)
     if task != TASK_NAME:
         raise BadMessage(f"task {task!r} is not {TASK_NAME!r}")
     try:
-        args, kwargs, _embed = _json.decode(body.decode("utf-8") if isinstance(body, bytes) else body)
-        entry = kwargs["entry"]
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
-        raise BadMessage("body is not [args, {'entry': ...}, embed]") from None
-    if args or not isinstance(entry, dict):
-        raise BadMessage("body does not carry one entry")
-    return entry
+        return _decode_body(body)[1].entry
+    except msgspec.ValidationError as exc:
+        raise BadMessage(f"body is not [[], {{'entry': ...}}, embed] with one apilog entry: {exc}") from None
+    except msgspec.DecodeError:
+        raise BadMessage("body is not JSON") from None

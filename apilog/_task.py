@@ -102,17 +102,16 @@ class LogTask(Task):  # type: ignore[misc]
         if captures:  # apilog.testing.capture(): the app's tests read entries from memory
             captures[-1].append(entry)
             return Receipt(entry.id, spooled=False)
-        wire = entry.to_wire()
         try:
             if self.app is app and conf.uses_spool and not options:
-                writer_for(conf.spool_dir, conf.fsync == "always").append(_message.encode(wire))
+                writer_for(conf.spool_dir, conf.fsync == "always").append(_message.encode(entry))
                 return Receipt(entry.id, spooled=True)
             if self.app is app:
                 _use_broker_of(conf)
             options.setdefault("queue", _message.QUEUE)  # apilogd consumes this queue on any broker
-            return super().apply_async(args=(), kwargs={"entry": wire}, task_id=entry.id, **options)
+            return super().apply_async(args=(), kwargs={"entry": entry.to_wire()}, task_id=entry.id, **options)
         except Exception as exc:  # the spool or broker refused: the entry must still be seen somewhere
-            print(f"apilog: entry not spooled ({exc}): {_message.task_body(wire).decode()}", file=sys.stderr)
+            print(f"apilog: entry not spooled ({exc}): {_message.task_body(entry).decode()}", file=sys.stderr)
             if conf.strict:
                 raise SpoolError(str(exc)) from exc
             return Receipt(entry.id, spooled=False)

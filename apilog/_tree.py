@@ -82,6 +82,10 @@ class LogTree:
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.folders_created = 0  # counted so a flood of new user names can be reported
 
+    @property
+    def root_fd(self) -> int:
+        return self._root_fd
+
     def close(self) -> None:
         os.close(self._root_fd)
 

@@ -1,7 +1,8 @@
 """Benchmark apilog against its peers, side by side in one run; prints one table of medians and ratios.
 
-    python bench/run.py            # the full table (a few minutes)
+    python bench/run.py            # the full table (several minutes)
     python bench/run.py --quick    # fewer calls and no 1M backlog, to try it out
+    python bench/run.py --only web,users   # some groups of rows: callers, backlog, users, fsync, web, celery
 
 Every case runs in a fresh process and a fresh folder. Figures are medians over --rounds
 rounds (the 1M backlog runs once). Caller latency is per `delay()`/`log()` call; "e2e" is
@@ -14,6 +15,7 @@ line to its last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +64,23 @@ def _summary(lat: list[int], seconds: float, written: bool) -> dict[str, float]:
     return out
 
 
-def case_apilog(home: str, n: int, threads: int = 1) -> dict[str, float]:
+def case_apilog(home: str, n: int, threads: int = 1, users: int = USERS) -> dict[str, float]:
     """`delay()` n times into the spool (daemon stopped); the drain is timed by the caller of this case."""
     os.environ["APILOG_HOME"] = home
     from apilog import logger, settings
     from apilog.spool.transport import writer_for
 
     logger.delay("INFO", "warmup", "warm up the registry and the segment")
+    names = [f"user{i}" for i in range(users)]
     if threads == 1:
-        lat, seconds = _latencies(lambda i: logger.delay("INFO", f"user{i % USERS}", MESSAGE), n)
+        lat, seconds = _latencies(lambda i: logger.delay("INFO", names[i % users], MESSAGE), n)
     else:
         results: list[list[int]] = []
         _READY[0]()
         _READY[0] = lambda: None
         begun = time.perf_counter()
         workers = [threading.Thread(target=lambda: results.append(
-            _latencies(lambda i: logger.delay("INFO", f"user{i % USERS}", MESSAGE), n // threads)[0]))
+            _latencies(lambda i: logger.delay("INFO", names[i % users], MESSAGE), n // threads)[0]))
             for _ in range(threads)]
         for w in workers:
             w.start()
@@ -194,21 +197,13 @@ def drain(home: str, env: dict[str, str] | None = None) -> dict[str, float]:
 
     spool = Path(home) / "spool"
     count = waiting(spool, read_offsets(Path(home) / "state"))[0]
-    with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(f"{tmp}/n")
-        full_env = {**os.environ, **(env or {}), "APILOG_HOME": home, "NOTIFY_SOCKET": f"{tmp}/n"}
-        proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], env=full_env, stderr=subprocess.DEVNULL)
-        sock.settimeout(60)
-        while b"READY=1" not in sock.recv(4096):
-            pass
+    with _daemon({**os.environ, **(env or {}), "APILOG_HOME": home}) as proc:
         begun = time.perf_counter()
         segments = spool / "segments"
         while any(segments.iterdir()):
             time.sleep(0.005)
         seconds = time.perf_counter() - begun
         peak_kb = int(next(line.split()[1] for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmHWM")))
-        proc.terminate()
-        proc.wait(30)
     return {"entries": count, "e2e": count / seconds, "peak_mb": peak_kb / 1024}
 
 
@@ -237,6 +232,75 @@ def backlog(home: str, n: int, procs: int) -> None:
     run_case("apilog", home, n, procs=procs)
 
 
+# ---------------------------------------------------------------- the web case
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wrk_time(text: str) -> float:
+    """A wrk latency (`850.00us`, `1.23ms`, `1.02s`) in microseconds."""
+    for unit, scale in (("us", 1.0), ("ms", 1e3), ("s", 1e6)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise ValueError(text)
+
+
+def web_round(kind: str, base: Path, seconds: int, connections: int) -> dict[str, float]:
+    """gunicorn (2 sync workers, --preload) serving one logged entry per request, loaded by wrk; apilogd drains alongside."""
+    folder = fresh(base, f"web-{kind}")
+    env = {**os.environ, "BENCH_LOGGER": kind, "BENCH_DIR": folder, "APILOG_HOME": f"{folder}/home",
+           "PYTHONPATH": str(HERE)}
+    port = _free_port()
+    with contextlib.ExitStack() as stack:
+        if kind == "apilog":
+            stack.enter_context(_daemon(env))
+        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "--preload", "-b", f"127.0.0.1:{port}",
+                                   "--log-level", "warning", "web_app:app"], env=env, cwd=HERE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(lambda: (server.terminate(), server.wait(30)))
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "gunicorn did not start"
+                time.sleep(0.1)
+        wrk = ["wrk", "-t2", f"-c{connections}", "--latency"]
+        subprocess.run([*wrk, "-d2s", url], capture_output=True, check=True)  # warm up
+        out = subprocess.run([*wrk, f"-d{seconds}s", url], capture_output=True, text=True, check=True).stdout
+    found: dict[str, float] = {}
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            found["calls"] = float(words[1])
+        elif len(words) == 2 and words[0] in ("50%", "99%"):
+            found["p50" if words[0] == "50%" else "p99"] = _wrk_time(words[1])
+    return found
+
+
+@contextlib.contextmanager
+def _daemon(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`apilogd run` with `env`, from READY=1 to SIGTERM."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(f"{tmp}/n")
+        proc = subprocess.Popen([sys.executable, "-m", "apilogd", "run"], env={**env, "NOTIFY_SOCKET": f"{tmp}/n"},
+                                stderr=subprocess.DEVNULL)
+        sock.settimeout(60)
+        while b"READY=1" not in sock.recv(4096):
+            pass
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -252,13 +316,18 @@ def fresh(base: Path, name: str) -> str:
     return str(path)
 
 
+GROUPS = ("callers", "users", "backlog", "fsync", "web", "celery")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=100_000, help="calls per caller case")
     parser.add_argument("--procs", type=int, default=4, help="producer processes in the several-producer rows")
-    parser.add_argument("--quick", action="store_true", help="10x fewer calls, no 1M backlog")
+    parser.add_argument("--quick", action="store_true", help="10x fewer calls, no 1M backlog, shorter web runs")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of rows: {', '.join(GROUPS)}")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     n = args.calls // 10 if args.quick else args.calls
     base = Path(tempfile.mkdtemp(prefix="apilog-bench-"))
     rows: list[tuple[str, dict[str, float]]] = []
@@ -273,49 +342,79 @@ def main() -> None:
         caller = run_case("apilog", home, n, procs=procs)
         return {**caller, **drain(home)}
 
-    for procs in (1, args.procs):
-        tag = f"{procs} proc" + ("s" if procs > 1 else "")
-        row(f"apilog delay() + drain, {tag}", median_of(args.rounds, lambda p=procs: apilog_round(p)))
-        row(f"stdlib QueueHandler, {tag}", median_of(args.rounds, lambda p=procs: run_case("stdlib", fresh(base, "std"), n, p)))
-        row(f"loguru enqueue=True, {tag}", median_of(args.rounds, lambda p=procs: run_case("loguru", fresh(base, "lg"), n, p)))
+    if "callers" in only:
+        for procs in (1, args.procs):
+            tag = f"{procs} proc" + ("s" if procs > 1 else "")
+            row(f"apilog delay() + drain, {tag}, {USERS} users",
+                median_of(args.rounds, lambda p=procs: apilog_round(p)))
+            row(f"stdlib QueueHandler, {tag}",
+                median_of(args.rounds, lambda p=procs: run_case("stdlib", fresh(base, "std"), n, p)))
+            row(f"loguru enqueue=True, {tag}",
+                median_of(args.rounds, lambda p=procs: run_case("loguru", fresh(base, "lg"), n, p)))
 
-    sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
-    for size in sizes:
-        rounds = 1 if size >= 1_000_000 else args.rounds
+    if "users" in only:
+        entries = max(3000, n * 3 // 10)
+        for users in (1, 1_000, 10_000):
+            def spread(users: int = users) -> dict[str, float]:
+                home = fresh(base, "users")
+                run_case("apilog", home, users, users=users)  # every user's file exists before the timed drain
+                drain(home)
+                run_case("apilog", home, entries, users=users)
+                return drain(home)
 
-        def drained(size: int = size) -> dict[str, float]:
-            home = fresh(base, "backlog")
-            backlog(home, size, procs=args.procs)
-            return drain(home)
+            row(f"apilog drain, {entries:,} over {users:,} users with files", median_of(args.rounds, spread))
 
-        row(f"apilog drain, {size:,} waiting", median_of(rounds, drained))
+    if "backlog" in only:
+        sizes = [10_000, 100_000] + ([] if args.quick else [1_000_000])
+        for size in sizes:
+            rounds = 1 if size >= 1_000_000 else args.rounds
 
-    fsync_n = max(500, n // 50)
-    row("fsync per line, 1 proc", median_of(args.rounds, lambda: run_case("fsync", fresh(base, "fs"), fsync_n)))
-    row(f"fsync per line, {args.procs * 2} procs",
-        median_of(args.rounds, lambda: run_case("fsync", fresh(base, "fs"), fsync_n, procs=args.procs * 2)))
-    always = {"env": {"APILOG_FSYNC": "always"}}
-    always_n = n // 2  # enough for the drain to be timed, not only started
-    for procs, threads in ((1, 1), (1, 8), (args.procs * 2, 1)):
-        label = f"apilog FSYNC=always, {procs} proc{'s' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+            def drained(size: int = size) -> dict[str, float]:
+                home = fresh(base, "backlog")
+                backlog(home, size, procs=args.procs)
+                return drain(home)
 
-        def durable(procs: int = procs, threads: int = threads) -> dict[str, float]:
-            home = fresh(base, "always")
-            caller = run_case("apilog", home, always_n, procs=procs, threads=threads, **always)
-            return {**caller, **drain(home, {"APILOG_FSYNC": "always"})}
+            row(f"apilog drain, {size:,} waiting", median_of(rounds, drained))
 
-        row(label, median_of(args.rounds, durable))
+    if "fsync" in only:
+        fsync_n = max(500, n // 50)
+        row("fsync per line, 1 proc", median_of(args.rounds, lambda: run_case("fsync", fresh(base, "fs"), fsync_n)))
+        row(f"fsync per line, {args.procs * 2} procs",
+            median_of(args.rounds, lambda: run_case("fsync", fresh(base, "fs"), fsync_n, procs=args.procs * 2)))
+        always = {"env": {"APILOG_FSYNC": "always"}}
+        always_n = n // 2  # enough for the drain to be timed, not only started
+        for procs, threads in ((1, 1), (1, 8), (args.procs * 2, 1)):
+            label = (f"apilog FSYNC=always, {procs} proc{'s' if procs > 1 else ''} "
+                     f"x {threads} thread{'s' if threads > 1 else ''}")
 
-    celery_n = 2000
+            def durable(procs: int = procs, threads: int = threads) -> dict[str, float]:
+                home = fresh(base, "always")
+                caller = run_case("apilog", home, always_n, procs=procs, threads=threads, **always)
+                return {**caller, **drain(home, {"APILOG_FSYNC": "always"})}
 
-    def celery_round() -> dict[str, float]:
-        folder = fresh(base, "celery")
-        caller = run_case("celery", folder, celery_n)
-        return {**caller, "e2e": celery_worker_rate(folder, celery_n)}
+            row(label, median_of(args.rounds, durable))
 
-    row(f"stock Celery + kombu filesystem, {celery_n:,} waiting", median_of(args.rounds, celery_round))
+    if "web" in only:
+        seconds = 5 if args.quick else 15
+        for kind in ("none", "apilog", "loguru", "stdlib"):
+            row(f"web: gunicorn + wrk, {WEB_LABELS[kind]}",
+                median_of(args.rounds, lambda k=kind: web_round(k, base, seconds, connections=16)))
+
+    if "celery" in only:
+        celery_n = 2000
+
+        def celery_round() -> dict[str, float]:
+            folder = fresh(base, "celery")
+            caller = run_case("celery", folder, celery_n)
+            return {**caller, "e2e": celery_worker_rate(folder, celery_n)}
+
+        row(f"stock Celery + kombu filesystem, {celery_n:,} waiting", median_of(args.rounds, celery_round))
     shutil.rmtree(base, ignore_errors=True)
     print_table(rows, args)
+
+
+WEB_LABELS = {"none": "no logging", "apilog": "apilog (apilogd alongside)", "loguru": "loguru enqueue=True",
+              "stdlib": "stdlib FileHandler"}
 
 
 def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> None:
@@ -338,19 +437,32 @@ def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespa
             return "-"
 
     procs = f"{args.procs} procs"
+    one = f"apilog delay() + drain, 1 proc, {USERS} users"
+    many = f"apilog delay() + drain, {procs}, {USERS} users"
     print("\nratios")
-    print(f"- delay() p50 / loguru p50, 1 proc: {ratio('apilog delay() + drain, 1 proc', 'p50', 'loguru enqueue=True, 1 proc', 'p50')}")
-    print(f"- apilog drain / loguru e2e, 1 proc: {ratio('apilog delay() + drain, 1 proc', 'e2e', 'loguru enqueue=True, 1 proc', 'e2e')}")
-    print(f"- apilog drain / stdlib queue e2e, 1 proc: {ratio('apilog delay() + drain, 1 proc', 'e2e', 'stdlib QueueHandler, 1 proc', 'e2e')}")
-    print(f"- apilog drain / stdlib queue e2e, {procs}: {ratio(f'apilog delay() + drain, {procs}', 'e2e', f'stdlib QueueHandler, {procs}', 'e2e')}")
+    print(f"- delay() p50 / stdlib QueueHandler p50, 1 proc: {ratio(one, 'p50', 'stdlib QueueHandler, 1 proc', 'p50')}")
+    print(f"- delay() p99 / stdlib QueueHandler p99, 1 proc: {ratio(one, 'p99', 'stdlib QueueHandler, 1 proc', 'p99')}")
+    print(f"- delay() p50 / loguru p50, 1 proc: {ratio(one, 'p50', 'loguru enqueue=True, 1 proc', 'p50')}")
+    print(f"- apilog drain ({USERS} users) / stdlib queue e2e, 1 proc: {ratio(one, 'e2e', 'stdlib QueueHandler, 1 proc', 'e2e')}")
+    print(f"- apilog drain / stdlib queue e2e, {procs}: {ratio(many, 'e2e', f'stdlib QueueHandler, {procs}', 'e2e')}")
+    print(f"- apilog drain / loguru e2e, 1 proc: {ratio(one, 'e2e', 'loguru enqueue=True, 1 proc', 'e2e')}")
+    spread = [label for label, _ in rows if " users with files" in label]
+    for label in spread[1:]:
+        print(f"- {label[13:]} / {spread[0][13:]}: {ratio(label, 'e2e', spread[0], 'e2e')}")
     print(f"- drain 100k / drain 10k: {ratio('apilog drain, 100,000 waiting', 'e2e', 'apilog drain, 10,000 waiting', 'e2e')}")
-    print(f"- drain 1M / drain 10k: {ratio('apilog drain, 1,000,000 waiting', 'e2e', 'apilog drain, 10,000 waiting', 'e2e')}")
+    print(f"- drain 1M / drain 100k: {ratio('apilog drain, 1,000,000 waiting', 'e2e', 'apilog drain, 100,000 waiting', 'e2e')}")
     for label, _ in rows:
         if label.startswith("apilog FSYNC=always"):
             print(f"- {label[7:]}: e2e / fsync per line {ratio(label, 'e2e', 'fsync per line, 1 proc', 'e2e')}, "
                   f"calls/s / fsync per line {ratio(label, 'calls', 'fsync per line, 1 proc', 'calls')}")
+    web = {kind: f"web: gunicorn + wrk, {text}" for kind, text in WEB_LABELS.items()}
+    for kind in ("apilog", "loguru", "stdlib"):
+        print(f"- web, {WEB_LABELS[kind]} / no logging: req/s {ratio(web[kind], 'calls', web['none'], 'calls')}, "
+              f"p99 {ratio(web[kind], 'p99', web['none'], 'p99')}")
+    print(f"- web, apilog / loguru: req/s {ratio(web['apilog'], 'calls', web['loguru'], 'calls')}, "
+          f"p99 {ratio(web['apilog'], 'p99', web['loguru'], 'p99')}")
     print(f"- apilog drain / stock Celery worker: "
-          f"{ratio('apilog delay() + drain, 1 proc', 'e2e', 'stock Celery + kombu filesystem, 2,000 waiting', 'e2e')}")
+          f"{ratio(one, 'e2e', 'stock Celery + kombu filesystem, 2,000 waiting', 'e2e')}")
 
 
 if __name__ == "__main__":

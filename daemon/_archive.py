@@ -17,6 +17,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from apilog._render import STAMP_FORMAT
@@ -43,10 +44,13 @@ _JSONL_TS = re.compile(rb'"ts":"([^"]+)"')
 class Archiver:
     """Decides which live files are due, rotates them, and compresses archives off the write path."""
 
-    def __init__(self, settings: Settings, tree: LogTree, files: OpenFiles) -> None:
+    def __init__(self, settings: Settings, tree: LogTree, files: OpenFiles,
+                 before_rotation: Callable[[], None]) -> None:
         self.settings = settings
         self.tree = tree
         self.files = files
+        # The journal's checkpoint: no record may name a file's size from before the file was rotated.
+        self.before_rotation = before_rotation
         self.root = settings.log_dir
         self.first_entry: dict[str, float] = {}  # live file -> event time of its first entry
         self.notes: list[tuple[str, dict[str, object]]] = []  # INTERNAL reports for the drainer
@@ -127,6 +131,7 @@ class Archiver:
         if not self._size(relpath):
             self.first_entry.pop(relpath, None)
             return None
+        self.before_rotation()
         self.files.forget(relpath)  # the next entry opens a fresh live file
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         folder, _, name = relpath.rpartition("/")

@@ -1,18 +1,21 @@
-"""The exactly-once core shared by every source: route a batch, append it journaled, commit, then let the source ack.
+"""The exactly-once core shared by every source: route a batch, commit it in the journal, append it, checkpoint.
 
 Every unit fails alone (SPEC D7): an item that cannot be read or rendered is set aside by
 its source and reported; a target file that cannot be opened sends its entries to
 INTERNAL while the rest of the batch commits; an item that crashes the daemon is found by
-the probe and set aside after its second crash. Only faults of the whole log disk (full,
-read-only, failing) stop a batch, which is then undone and tried again.
+the probe and set aside after its second crash. Only faults of the whole disk (full,
+read-only, failing) stop a batch: before its journal record it waits at its source;
+after, its appends are redone until they succeed.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from apilog._entry import Entry, internal
@@ -20,25 +23,30 @@ from apilog._route import route
 from apilog._streams import INTERNAL, Registry
 from apilog._tree import SYSTEM, LogTree, relative_path
 from apilog.settings import Settings
+from apilog.spool.journal import Batch, Journal
 from apilog.spool.ledger import Ledger
 
 from ._files import MAX_OPEN, OpenFiles
 from ._folders import Folders
 from ._probe import Probe
+from ._source import NoSource, Source
 
+CHECKPOINT_EVERY = 1.0  # seconds of batches the journal holds before the log files are synced
+CHECKPOINT_BYTES = 64 * 1024 * 1024  # or bytes: a restart redoes at most this much
+LOG_FILES_SHARE, SEGMENTS_SHARE = 0.6, 0.2  # of the descriptor limit: thousands of users' files stay open
 NEW_FOLDERS_PER_MINUTE = 1000  # more new user folders than this in a minute is reported as a burst
 # Errors that say the log disk as a whole cannot take the batch: undo it and retry, never divert entries.
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
-def descriptor_share() -> int:
-    """How many descriptors log files (and, as much again, spool segments) may hold: a quarter of the limit each.
+def descriptor_share(share: float) -> int:
+    """How many descriptors log files (LOG_FILES_SHARE) or spool segments (SEGMENTS_SHARE) may hold.
 
-    The rest is for folders, the ledger, watchdog's inotify and the broker: a low `ulimit -n`
-    then costs reopening files, never a stall on EMFILE.
+    The rest is for folders, the state files, watchdog's inotify and the broker: a low
+    `ulimit -n` then costs reopening files, never a stall on EMFILE.
     """
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(8, min(MAX_OPEN, (soft if soft != resource.RLIM_INFINITY else 4 * MAX_OPEN) // 4))
+    return max(8, min(MAX_OPEN, int((soft if soft != resource.RLIM_INFINITY else 2 * MAX_OPEN) * share)))
 
 
 def say(text: str) -> None:
@@ -55,166 +63,168 @@ def describe(exc: BaseException) -> str:
 
 
 class BatchWriter:
-    """Writes batches of entries into their files, exactly once; a subclass says where batches come from.
+    """Writes the batches of one source into their files, exactly once, with one fdatasync per batch.
 
-    Before appending, the ledger records every target file's size (and what the source
-    will have consumed); after the appends it commits. A crash in between is undone at
-    the next start by cutting the files back, and the source hands the batch out again.
+    A batch is routed and rendered, then committed as one journal record (each target
+    file's size before it, its bytes, where the source stands after it); only then is the
+    source acknowledged and are the files appended, without a sync. A checkpoint (every
+    second, before a rotation, at stop) syncs the log file system, saves the ledger and
+    empties the journal. After a crash the records since the last checkpoint are redone.
     """
 
-    max_items = 16384
-
-    def __init__(self, settings: Settings, folders: Folders) -> None:
+    def __init__(self, settings: Settings, folders: Folders,
+                 open_source: Callable[[Ledger], Source] | None = None) -> None:
         self.settings = settings
         self.folders = folders
         self.durable = settings.fsync != "off"
         self.ledger = Ledger(folders.state, durable=self.durable)
+        self.journal = Journal(folders.state, durable=self.durable, checkpoint=self.ledger.checkpoint)
         self.tree = LogTree(settings.log_dir)
-        self.files = OpenFiles(self.tree, durable=self.durable, limit=descriptor_share())
+        self.files = OpenFiles(self.tree, limit=descriptor_share(LOG_FILES_SHARE))
         self.registry = Registry(settings.home)
         self.internal_path = relative_path(INTERNAL, SYSTEM, settings.log_suffix)
         self.probe = Probe(folders.state)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
         self.created: dict[str, float] = {}  # files the last batch created -> when (the daemon's clock)
         self.one_at_a_time = 0  # items still to take singly, after a batch failed for no reason of the disk
-        self.oversized: set[str] = set()  # files that met EFBIG, for the archiver to rotate
+        self.oversized: set[str] = set()  # files that would pass RLIMIT_FSIZE, for the archiver to rotate
+        fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        self.largest_file = float("inf") if fsize == resource.RLIM_INFINITY else fsize
+        self.unapplied: tuple[Batch, bytes] | None = None  # committed, but its appends failed: redone first
+        self.last_checkpoint = time.monotonic()
         self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
-
-    # What a source provides.
-
-    source = "nothing"  # what the daemon drains, said at start-up
-
-    def take(self, limit: int) -> list[Any]:
-        """The next batch of at most `limit` raw items (empty when there is nothing to do)."""
-        raise NotImplementedError
-
-    def key(self, item: Any) -> str:
-        """A name for the item that stays the same when it is handed out again (for the crash probe)."""
-        raise NotImplementedError
-
-    def entry(self, item: Any) -> Entry:
-        """The entry an item carries; any exception means the item is bad."""
-        raise NotImplementedError
-
-    def set_aside(self, item: Any, why: str) -> Entry:
-        """Quarantine a bad item; return the INTERNAL entry that reports it."""
-        raise NotImplementedError
-
-    def consumed(self, batch: list[Any]) -> dict[str, int]:
-        """What the ledger records as consumed once the batch is committed."""
-        return {}
-
-    def ids(self, batch: list[Any]) -> list[str] | None:
-        """Ids the ledger commits with the batch, for a source that may deliver an item twice."""
-        return None
-
-    def committed(self, batch: list[Any], consumed: dict[str, int]) -> None:
-        """The batch is in its files: acknowledge it at the source."""
-
-    def rewind(self, batch: list[Any] | None = None) -> None:
-        """A batch (or, after a crash, whatever was in flight) was not committed: hand it out again."""
-
-    def idle(self) -> None:
-        """Nothing to write this time round."""
-
-    def scan(self) -> None:
-        """Look for new input (cheap; called often while idle)."""
-
-    def sweep(self) -> None:
-        """Tidy up the source (called at start and once a minute)."""
-
-    def waiting_bytes(self) -> int | None:
-        """How much waits at the source, when the source can tell."""
-        return None
+        self.source: Source = NoSource()
+        try:
+            self._recover()
+            if open_source is not None:
+                self.source = open_source(self.ledger)
+            self.checkpoint()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        """Release files and folders; a disk that fails now is reported, never raised (we are stopping)."""
-        try:
-            self.files.close()
-        except OSError as exc:
-            say(f"closing the log files failed ({describe(exc)}); the journal redoes any unsynced batch at the next start")
+        """Release the source, files and folders; a disk that fails now is reported, never raised (we are stopping)."""
+        self.source.close()
+        self.files.close()
         self.tree.close()
         self.probe.close()
+        self.journal.close()
+
+    # Recovery and checkpoints.
+
+    def _recover(self) -> None:
+        """Redo the batches journaled since the last checkpoint (and undo a batch a ledger of the version before left)."""
+        pending = self.ledger.pending
+        if pending is not None:
+            for relpath, size in pending["files"].items():
+                try:
+                    self.files.truncate(relpath, size)
+                except OSError as exc:
+                    if exc.errno in DISK_ERRORS:
+                        raise
+                    # No longer a file we may open (swapped for a folder or a link): nothing of ours to cut.
+                    say(f"could not cut {relpath} back to {size} bytes: {describe(exc)}")
+            self.ledger.abort()
+            say(f"undid an unfinished batch over {len(pending['files'])} files")
+        redo = self.journal.to_redo
+        for batch, data in redo:
+            self._apply(batch, data)
+            self.ledger.advance(batch.advance)
+            self.ledger.last_ids.extend(batch.ids)
+        if redo:
+            say(f"redid {len(redo)} journaled batches since the last checkpoint")
+        self.journal.to_redo = []
+
+    def checkpoint(self) -> None:
+        """Make every committed batch durable in its files, save the ledger, empty the journal."""
+        if self.unapplied is not None:
+            self._apply(*self.unapplied)
+            self.unapplied = None
+        if self.journal.size == 0:
+            return
+        if self.durable:
+            self.files.sync()
+            self.source.sync()
+        self.ledger.checkpoint = self.journal.seq
+        self.ledger.last_ids = []  # the source's own record of them is on disk now
+        self.ledger.save()
+        self.journal.empty()
+        self.last_checkpoint = time.monotonic()
+        self.source.tidy()
 
     # The core.
 
-    def recover(self) -> None:
-        """Undo a batch a crash left half written: cut its files back, keep its items at the source."""
-        pending = self.ledger.pending
-        if pending is None:
-            return
-        for relpath, size in pending["files"].items():
-            try:
-                self.files.truncate(relpath, size)
-            except OSError as exc:
-                if exc.errno in DISK_ERRORS:
-                    raise
-                # No longer a file we may open (swapped for a folder or a link): nothing of ours to cut.
-                say(f"could not cut {relpath} back to {size} bytes: {describe(exc)}")
-        self.ledger.abort()
-        self.rewind()
-        say(f"undid an unfinished batch over {len(pending['files'])} files")
-
     def step(self, *, only_notes: bool = False) -> int:
         """Write one batch (or, `only_notes`, just the INTERNAL notes waiting); return how many items it committed."""
-        self.recover()
+        source = self.source
+        if self.unapplied is not None:
+            self._apply(*self.unapplied)
+            self.unapplied = None
         self.created = {}
-        batch = [] if only_notes else self.take(1 if self.one_at_a_time else self.max_items)
+        self.notes.extend(source.notes)
+        source.notes.clear()
+        batch = [] if only_notes else source.take(1 if self.one_at_a_time else self.max_items)
         if not batch and not self.notes:
-            self.idle()
+            self.checkpoint()  # idle: make the last batches durable now
+            source.tidy()
             return 0
         try:
-            lines = self._lines(batch)
-            sizes = self._sizes(lines)
-            consumed = self.consumed(batch)
-            self.ledger.begin(sizes, consumed)
-            self._append(lines, sizes)
-            if self.durable:
-                self.files.sync(list(lines))
-            self.ledger.commit(self.ids(batch))
+            targets = self._targets(self._lines(batch))
+            data = b"".join(chunk for _, _, chunk in targets)
+            record = self.journal.append([(r, before, len(chunk)) for r, before, chunk in targets], data,
+                                         source.positions(batch), source.ids(batch))
         except BaseException as exc:
-            self.rewind(batch)  # written again after recover()
+            source.rewind(batch)  # taken again at the next step
             if not isinstance(exc, OSError) and isinstance(exc, Exception):
                 self._blame(batch)
             raise
+        # Committed: whatever happens now, the journal brings the batch back.
+        self.ledger.advance(record.advance)
         self.notes.clear()
         now = time.time()  # the daemon's clock judges a file's age, never a producer's
-        self.created = {r: now for r, size in sizes.items() if size == 0}
+        self.created = {r: now for r, before, _ in targets if before == 0}
         if self.probe.armed:
-            self.probe.committed({self.key(item) for item in batch})
+            self.probe.committed({source.key(item) for item in batch})
         self.one_at_a_time = max(0, self.one_at_a_time - len(batch))
-        self.committed(batch, consumed)
+        source.committed(batch)
         self._watch_for_bursts()
+        self._apply(record, data)
+        if time.monotonic() - self.last_checkpoint >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
+            self.checkpoint()
         return len(batch)
 
-    def _append(self, lines: dict[str, list[str]], sizes: dict[str, int]) -> None:
-        """Append each file's lines, INTERNAL last; a file past its largest size (EFBIG) sends them to INTERNAL."""
-        internal_path = self.internal_path
-        for relpath in [r for r in lines if r != internal_path]:
-            data = "".join(lines[relpath]).encode("utf-8")
-            try:
-                self.files.append(relpath, data)
-            except OSError as exc:
-                if exc.errno != errno.EFBIG or internal_path not in sizes:
-                    raise
-                # This file is full (RLIMIT_FSIZE, or the file system's largest file): it is rotated
-                # soon; its entries go to INTERNAL now rather than hold up everyone else's.
-                self.files.truncate(relpath, sizes[relpath])
-                self.oversized.add(relpath)
-                self._divert(lines, relpath, data.decode("utf-8"), exc, "; it will be rotated")
-        if internal_path in sizes:
-            self.files.append(internal_path, "".join(lines[internal_path]).encode("utf-8"))
+    max_items = 16384
 
-    def _divert(self, lines: dict[str, list[str]], relpath: str, entries: str, exc: OSError, then: str = "") -> None:
-        """Report a file that cannot be written, its entries' text included, in this batch's INTERNAL lines."""
-        note = internal(f"cannot write {relpath}: {describe(exc)}{then}",
+    def _apply(self, batch: Batch, data: bytes) -> None:
+        """Append a committed batch to its files; redone from the start (each file cut back first) after a failure."""
+        try:
+            for relpath, before, chunk in batch.shares(data):
+                try:
+                    self.files.redo(relpath, before, chunk)
+                except OSError as exc:
+                    if exc.errno in DISK_ERRORS or exc.errno == errno.EFBIG:
+                        raise
+                    # Opened fine when the batch was made, not now (a redo after a restart): not lost, reported.
+                    self.notes.append(self._diverted(relpath, chunk.decode("utf-8", "replace"), exc))
+        except BaseException:
+            self.unapplied = (batch, data)
+            raise
+
+    def _diverted(self, relpath: str, entries: str, exc: OSError, then: str = "") -> Entry:
+        """The INTERNAL entry reporting a file that cannot be written, its entries' text included."""
+        return internal(f"cannot write {relpath}: {describe(exc)}{then}",
                         {"file": relpath, "error": describe(exc), "entries": entries})
+
+    def _divert(self, lines: dict[str, list[str]], relpath: str, exc: OSError, then: str = "") -> None:
+        """Move a file's lines of this batch into its INTERNAL lines, reported."""
+        note = self._diverted(relpath, "".join(lines.pop(relpath)), exc, then)
         lines.setdefault(self.internal_path, []).extend(text for _, text in route(note, (INTERNAL,), self.settings))
 
     def _blame(self, batch: list[Any]) -> None:
         """A batch failed for no reason of the disk: take its items one at a time until the culprit is found."""
         if len(batch) == 1:
-            self.probe.failed(self.key(batch[0]))  # set aside at its second failure
+            self.probe.failed(self.source.key(batch[0]))  # set aside at its second failure
         self.one_at_a_time = max(self.one_at_a_time, len(batch))
 
     def _lines(self, batch: list[Any]) -> dict[str, list[str]]:
@@ -222,19 +232,20 @@ class BatchWriter:
         lines: dict[str, list[str]] = {}
         known = frozenset(self.registry.names())  # one look at the registry per batch
         probing = self.probe.armed  # only after a crash or a failed batch: a write per item
+        source = self.source
         for item in batch:
             routed = None
             if probing:
-                key = self.key(item)
+                key = source.key(item)
                 self.probe.before(key)
                 if self.probe.poisoned(key):
                     why = f"it crashed apilogd {self.probe.crashes(key)} times; set aside without being read again"
-                    routed = route(self.set_aside(item, why), known, self.settings)
+                    routed = route(source.set_aside(item, why), known, self.settings)
             if routed is None:
                 try:
-                    routed = route(self.entry(item), known, self.settings)
+                    routed = route(source.entry(item), known, self.settings)
                 except Exception as exc:  # any failure of one item is that item's alone
-                    routed = route(self.set_aside(item, describe(exc)), known, self.settings)
+                    routed = route(source.set_aside(item, describe(exc)), known, self.settings)
             for relpath, text in routed:
                 lines.setdefault(relpath, []).append(text)
         self.probe.between()
@@ -243,30 +254,44 @@ class BatchWriter:
                 lines.setdefault(relpath, []).append(text)
         return lines
 
-    def _sizes(self, lines: dict[str, list[str]]) -> dict[str, int]:
-        """Each target's size before the batch; a target that cannot be opened sends its entries to INTERNAL.
+    def _targets(self, lines: dict[str, list[str]]) -> list[tuple[str, int, bytes]]:
+        """(file, size before the batch, bytes) for each target, INTERNAL last; a file that cannot take its lines diverts them.
 
-        When INTERNAL itself cannot be opened, what it would have received goes to stderr (the
-        service manager's journal): one broken file never holds up everyone's entries.
+        A target that cannot be opened, or that would pass the largest file size allowed
+        (RLIMIT_FSIZE: rotated soon), sends its entries to INTERNAL. When INTERNAL itself cannot
+        be written, what it would have received goes to stderr (the service manager's journal):
+        one broken file never holds up everyone's entries.
         """
         internal_path = self.internal_path
-        sizes: dict[str, int] = {}
+        targets = []
         for relpath in [r for r in lines if r != internal_path]:
+            data = "".join(lines[relpath]).encode("utf-8")
             try:
-                sizes[relpath] = self.files.size(relpath)
+                before = self.files.size(relpath)
             except OSError as exc:
                 if exc.errno in DISK_ERRORS:
                     raise  # the disk, not this file: the batch waits in the source
-                self._divert(lines, relpath, "".join(lines.pop(relpath)), exc)
-        lines.setdefault(internal_path, [])  # journaled always: appends may divert entries to it
-        try:
-            sizes[internal_path] = self.files.size(internal_path)
-        except OSError as exc:
-            if exc.errno in DISK_ERRORS:
-                raise
-            texts = "".join(lines.pop(internal_path)).rstrip("\n")
-            say(f"cannot write {internal_path}: {describe(exc)}; what it would have received follows\n{texts}")
-        return sizes
+                self._divert(lines, relpath, exc)
+                continue
+            if before + len(data) > self.largest_file:
+                self.oversized.add(relpath)
+                self._divert(lines, relpath, OSError(errno.EFBIG, os.strerror(errno.EFBIG)), "; it will be rotated")
+                continue
+            targets.append((relpath, before, data))
+        if lines.get(internal_path):
+            data = "".join(lines[internal_path]).encode("utf-8")
+            try:
+                before = self.files.size(internal_path)
+                if before + len(data) > self.largest_file:
+                    self.oversized.add(internal_path)
+                    raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+                targets.append((internal_path, before, data))
+            except OSError as exc:
+                if exc.errno in DISK_ERRORS:
+                    raise
+                texts = data.decode("utf-8").rstrip("\n")
+                say(f"cannot write {internal_path}: {describe(exc)}; what it would have received follows\n{texts}")
+        return targets
 
     def _watch_for_bursts(self) -> None:
         """Report (never refuse) a flood of new user folders: every entry is still written."""

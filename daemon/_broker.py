@@ -25,9 +25,9 @@ from apilog._entry import Entry, internal
 from apilog._folder import Folder
 from apilog.exceptions import StateDamaged
 from apilog.settings import Settings, redacted
-from apilog.spool.ledger import DAMAGED, REPAIR_HINT, refuse_unrepaired
+from apilog.spool.ledger import DAMAGED, REPAIR_HINT, Ledger, refuse_unrepaired
 
-from ._batch import BatchWriter, describe, say
+from ._batch import describe, say
 from ._folders import Folders
 from .exceptions import BrokerUnavailable
 
@@ -39,11 +39,14 @@ _ID = re.compile(rb"[\x21-\x7e]{1,64}")
 
 
 class DeliveredIds:
-    """Ids of the most recent committed entries, in memory and in an append-only file of the state folder."""
+    """Ids of the most recent committed entries, in memory and in an append-only file of the state folder.
 
-    def __init__(self, state: Folder, *, durable: bool) -> None:
+    Appended without a sync: the journal holds the ids of every batch since the last
+    checkpoint, and a checkpoint syncs this file before it empties the journal.
+    """
+
+    def __init__(self, state: Folder) -> None:
         self.state = state
-        self.durable = durable
         self._order: deque[str] = deque()
         self._set: set[str] = set()
         try:
@@ -58,6 +61,7 @@ class DeliveredIds:
                                f"nothing was written; {REPAIR_HINT}")
         self._lines = len(known)
         self._remember(known)
+        self.fd = state.open(DELIVERED_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._set
@@ -66,19 +70,20 @@ class DeliveredIds:
         fresh = [i for i in ids if i not in self._set]
         if not fresh:
             return
-        fd = self.state.open(DELIVERED_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        try:
-            os.write(fd, "".join(f"{i}\n" for i in fresh).encode())
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.write(self.fd, "".join(f"{i}\n" for i in fresh).encode())
         self._lines += len(fresh)
         self._remember(fresh)
         if self._lines > 2 * REMEMBERED_IDS:  # keep the file about as short as the memory
-            self.state.write_atomic(DELIVERED_NAME, "".join(f"{i}\n" for i in self._order).encode(),
-                                    durable=self.durable)
+            self.state.write_atomic(DELIVERED_NAME, "".join(f"{i}\n" for i in self._order).encode())
+            os.close(self.fd)
+            self.fd = self.state.open(DELIVERED_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             self._lines = len(self._order)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
     def _remember(self, ids: list[str]) -> None:
         for entry_id in ids:
@@ -102,17 +107,18 @@ def parse_ids(raw: bytes) -> tuple[list[str], str | None]:
     return ids, bad
 
 
-class BrokerDrainer(BatchWriter):
-    """Moves apilog task messages from a Celery broker (APILOG_BROKER_URL) into their files."""
+class BrokerSource:
+    """Apilog task messages of a Celery broker (APILOG_BROKER_URL), acked once their batch is journaled."""
 
-    max_items = MAX_MESSAGES
-
-    def __init__(self, settings: Settings, folders: Folders) -> None:
-        super().__init__(settings, folders)
+    def __init__(self, settings: Settings, folders: Folders, ledger: Ledger) -> None:
         assert settings.broker_url is not None
-        self.delivered = DeliveredIds(folders.state, durable=self.durable)
-        self.delivered.add(self.ledger.last_ids)  # a crash may have come between the commit and this file
-        self.source = redacted(settings.broker_url)
+        self.settings = settings
+        self.folders = folders
+        self.durable = settings.fsync != "off"
+        self.notes: list[Entry] = []
+        self.delivered = DeliveredIds(folders.state)
+        self.delivered.add(ledger.last_ids)  # journaled since the last checkpoint: perhaps not in the file yet
+        self.name = redacted(settings.broker_url)
         self.queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
         self.inbox: list[Message] = []
         self.retry: list[Message] = []  # a batch that failed to be written, tried again as it was
@@ -121,26 +127,44 @@ class BrokerDrainer(BatchWriter):
         try:
             self._connect()
         except OSError as exc:
-            super().close()
+            self.delivered.close()
             raise BrokerUnavailable(str(exc)) from None
 
     def _connect(self) -> None:
         try:
             self.connection = Connection(self.settings.broker_url)
         except Exception as exc:  # kombu fails in many ways when a transport's client library is missing
-            raise OSError(f"cannot use the broker {self.source} ({exc!r}); is its client library installed?") from exc
+            raise OSError(f"cannot use the broker {self.name} ({exc!r}); is its client library installed?") from exc
         try:
             self.connection.ensure_connection(max_retries=1)
         except (*self.connection.connection_errors, KombuError, OSError) as exc:
             self.connection = None
-            raise OSError(f"cannot reach the broker {self.source}: {exc}") from exc
+            raise OSError(f"cannot reach the broker {self.name}: {exc}") from exc
         self.consumer = Consumer(self.connection.channel(), queues=[self.queue], on_message=self.inbox.append,
                                  no_ack=False, prefetch_count=MAX_MESSAGES)
         self.consumer.consume()
 
     def close(self) -> None:
         self._drop_connection()  # unacked messages go back to the broker
-        super().close()
+        self.delivered.close()
+
+    def sync(self) -> None:
+        self.delivered.sync()
+
+    def tidy(self) -> None:
+        """Acked messages are the broker's to forget: nothing to tidy here."""
+
+    def scan(self) -> None:
+        """The broker pushes messages to the consumer: nothing to look for."""
+
+    def sweep(self) -> None:
+        """The broker keeps its own queue tidy."""
+
+    def waiting_bytes(self) -> int | None:
+        return None  # the broker's own tools tell its backlog
+
+    def positions(self, batch: list[Message]) -> dict[str, int]:
+        return {}  # a broker forgets what it delivered once acked: the ids tell a redelivery
 
     def take(self, limit: int) -> list[Message]:
         if self.retry:
@@ -195,7 +219,7 @@ class BrokerDrainer(BatchWriter):
                f"{hashlib.sha256(_body_bytes(message)).hexdigest()[:16]}"
 
     def entry(self, message: Message) -> Entry:
-        return Entry.from_wire(_message.decode_body(message.body, message.content_type, message.headers))
+        return _message.decode_body(message.body, message.content_type, message.headers)
 
     def set_aside(self, message: Message, why: str) -> Entry:
         name = f"broker.{uuid.uuid4().hex}.msg"
@@ -207,7 +231,7 @@ class BrokerDrainer(BatchWriter):
     def ids(self, batch: list[Message]) -> list[str]:
         return [str(m.headers.get("id")) for m in batch if isinstance(m.headers, dict) and m.headers.get("id")]
 
-    def committed(self, batch: list[Message], consumed: dict[str, int]) -> None:
+    def committed(self, batch: list[Message]) -> None:
         self.delivered.add(self.ids(batch))
         for message in batch:
             if self.connection is None:
@@ -216,7 +240,7 @@ class BrokerDrainer(BatchWriter):
         if self.reconnect_after_batch:
             self._drop_connection()
 
-    def rewind(self, batch: list[Message] | None = None) -> None:
+    def rewind(self, batch: list[Message]) -> None:
         if batch:
             self.retry = batch + self.retry  # still unacked: written again, as it was, on the next step
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from apilog import _message
 from apilog._atomic import write_atomic
-from apilog._entry import Entry
 from apilog._folder import Folder, UnsafePath
 from apilog.settings import Settings
 from apilog.spool import layout
@@ -129,7 +128,7 @@ def status(settings: Settings) -> Status:
     times = []
     for payload in firsts:
         try:
-            times.append(Entry.from_wire(_message.decode(payload)).ts)
+            times.append(_message.decode(payload).ts)
         except Exception:  # noqa: BLE001 - a bad record is the daemon's to quarantine, not status's to fail on
             continue
     oldest = time.time() - min(times) if times else None
@@ -151,7 +150,7 @@ def status(settings: Settings) -> Status:
 def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
     """Rotate every live file now; the running daemon does it (one owner), else this process does."""
     from ._archive import Archiver  # noqa: PLC0415 - watchdog is only needed here
-    from .service import open_drainer  # noqa: PLC0415
+    from ._batch import BatchWriter  # noqa: PLC0415
 
     holder = lock_holder(settings.home)
     if holder is None:
@@ -160,10 +159,9 @@ def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
             stack.callback(InstanceLock(home).release)  # no daemon may start while we rotate
             folders = open_folders(settings, home)
             stack.callback(folders.close)
-            drainer = open_drainer(settings, folders)
-            stack.callback(drainer.close)
-            drainer.recover()  # never rotate a file holding half a batch
-            archiver = Archiver(settings, drainer.tree, drainer.files)
+            writer = BatchWriter(settings, folders)  # redoes what the journal holds: no half batch is rotated
+            stack.callback(writer.close)
+            archiver = Archiver(settings, writer.tree, writer.files, before_rotation=writer.checkpoint)
             rotated = archiver.rotate_all()
             archiver.close(wait=True)
         return rotated

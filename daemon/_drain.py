@@ -10,9 +10,10 @@ from apilog import _message
 from apilog._entry import Entry, internal
 from apilog._folder import Folder
 from apilog.settings import Settings
+from apilog.spool.ledger import Ledger
 from apilog.spool.reader import Record, SpoolReader, boundaries, offset_problem
 
-from ._batch import BatchWriter, descriptor_share
+from ._batch import SEGMENTS_SHARE, descriptor_share
 from ._folders import Folders
 from ._watch import ChangeWatcher
 
@@ -54,14 +55,17 @@ def set_aside_range(folders: Folders, name: str, fd: int, start: int, durable: b
     return end, {"segment": name, "from": start, "to": end, "moved_to": str(folders.quarantine.path / target)}
 
 
-class Drainer(BatchWriter):
-    """Moves records from the spool into their files, exactly once."""
+class SpoolSource:
+    """The spool's records, in each producer's order; its positions are the ledger's committed offsets."""
 
-    def __init__(self, settings: Settings, folders: Folders) -> None:
-        super().__init__(settings, folders)
+    def __init__(self, settings: Settings, folders: Folders, ledger: Ledger) -> None:
+        self.folders = folders
+        self.ledger = ledger
+        self.durable = settings.fsync != "off"
+        self.notes: list[Entry] = []
         self._check_offsets()
-        self.reader = SpoolReader(folders.segments, self.ledger.offsets, max_open=descriptor_share())
-        self.source = str(settings.spool_dir)
+        self.reader = SpoolReader(folders.segments, self.ledger.offsets, max_open=descriptor_share(SEGMENTS_SHARE))
+        self.name = str(settings.spool_dir)
         # Appends wake their segment: thousands of live producers cost nothing while they are quiet.
         self.appends = ChangeWatcher(folders.segments.path, ".seg", recursive=False, poll=False)
         self.reader.watched = self.appends.observer is not None
@@ -94,7 +98,9 @@ class Drainer(BatchWriter):
     def close(self) -> None:
         self.appends.stop()
         self.reader.close()
-        super().close()
+
+    def sync(self) -> None:
+        """Nothing of its own to sync: the ledger is the spool's record of what was written."""
 
     def sweep(self) -> None:
         """Tidy the spool's `tmp/`, quarantining anything with bytes in it."""
@@ -119,18 +125,20 @@ class Drainer(BatchWriter):
     def key(self, record: Record) -> str:
         return f"{record.segment}@{record.start}"
 
-    def consumed(self, batch: list[Record]) -> dict[str, int]:
+    def positions(self, batch: list[Record]) -> dict[str, int]:
         return {record.segment: record.end for record in batch}  # records come in order per segment
 
-    def committed(self, batch: list[Record], consumed: dict[str, int]) -> None:
-        self.reader.commit(consumed)
-        self.idle()
+    def ids(self, batch: list[Record]) -> list[str]:
+        return []  # a record is read once: its offset says whether it was written
 
-    def rewind(self, batch: list[Record] | None = None) -> None:
+    def committed(self, batch: list[Record]) -> None:
+        self.reader.commit(self.positions(batch))
+
+    def rewind(self, batch: list[Record]) -> None:
         self.reader.rewind(self.ledger.offsets)
 
-    def idle(self) -> None:
-        """Remove segments that are sealed and written to their end."""
+    def tidy(self) -> None:
+        """Remove segments that are sealed and written to their end (and durable there: called after checkpoints)."""
         for name in self.reader.drained():
             self.reader.remove(name)
             self.ledger.forget(name)
@@ -143,7 +151,7 @@ class Drainer(BatchWriter):
     def entry(self, record: Record) -> Entry:
         if record.damaged is not None:
             raise ValueError(record.damaged)
-        return Entry.from_wire(_message.decode(record.payload))
+        return _message.decode(record.payload)
 
     def set_aside(self, record: Record, why: str) -> Entry:
         # The inode too: a name reused by someone else must never overwrite what was set aside before.

@@ -1,4 +1,4 @@
-"""`apilogd repair`: rebuild a damaged ledger or delivered-ids file without writing any entry twice.
+"""`apilogd repair`: rebuild a damaged journal, ledger or delivered-ids file without writing any entry twice.
 
 What the damaged file still says for certain is kept. Records whose fate it cannot tell
 (written already or not) are neither written again nor dropped: they are copied whole
@@ -20,6 +20,7 @@ from apilog import _message
 from apilog._entry import internal
 from apilog._folder import Folder
 from apilog.settings import Settings
+from apilog.spool.journal import JOURNAL_NAME, scan
 from apilog.spool.ledger import (
     DAMAGED,
     LEDGER_NAME,
@@ -46,16 +47,16 @@ class _Salvage:
     pending: dict[str, Any] | None = None
     doubtful: set[str] = field(default_factory=set)  # segments a lost in-flight batch may have written from
     last_ids: list[str] = field(default_factory=list)
+    checkpoint: int = 0
 
 
 def _salvage(raw: bytes) -> _Salvage:
     try:
-        parse(raw)
+        found = parse(raw)
     except ValueError:
         pass
     else:
-        found = json.loads(raw)
-        return _Salvage(found.get("offsets", {}), True, found.get("pending"), set(), found.get("last_ids", []))
+        return _Salvage(found.offsets, True, found.pending, set(), found.last_ids, found.checkpoint)
     out = _Salvage()
     try:
         data = json.loads(raw)
@@ -96,8 +97,45 @@ def _damaged_copy(state: Folder, name: str, sound: Callable[[bytes], bool]) -> s
     return None if sound(raw) else state.set_aside(name, DAMAGED)
 
 
-def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[str, Any] | None]:
-    """Rebuild the ledger if it is damaged; return what was done, and the INTERNAL report (None if nothing)."""
+def _rebuild_journal(folders: Folders, durable: bool) -> list[str]:
+    """Keep the whole records of a damaged (or lost) journal; return what was done (nothing when it is sound).
+
+    The records after the damage are lost: which records of the spool they wrote is unknown,
+    so the ledger is then rebuilt doubting every segment (`_rebuild_ledger(doubt_all=True)`).
+    """
+    state = folders.state
+    lost = not state.exists(JOURNAL_NAME) and state.exists(LIVED_NAME) and _checkpoint_of(state) > 0
+    aside = _damaged_copy(state, JOURNAL_NAME, lambda raw: scan(raw)[2] is None)
+    if aside is None and not lost:
+        return []
+    kept: list[Any] = []
+    end = 0
+    if aside is not None:
+        with contextlib.suppress(OSError):
+            raw = state.read(aside, 1 << 31)
+            kept, end, _ = scan(raw)
+            state.write_atomic(JOURNAL_NAME, raw[:end], durable=durable)
+        state.rename(aside, f"{aside}.{REPAIRED}")
+    if not state.exists(JOURNAL_NAME):
+        state.write_atomic(JOURNAL_NAME, b"", durable=durable)
+    source = f"{state.path / aside} (kept as {aside}.{REPAIRED})" if aside else "nothing (it was missing)"
+    return [f"journal: rebuilt {state.path / JOURNAL_NAME} from {source}: kept its first {len(kept)} whole "
+            f"records ({end} bytes), redone at the next start"]
+
+
+def _checkpoint_of(state: Folder) -> int:
+    try:
+        return parse(state.read(LEDGER_NAME)).checkpoint
+    except (OSError, ValueError):
+        return 1  # unknown: a journal may have been lost with it
+
+
+def _rebuild_ledger(folders: Folders, durable: bool, *,
+                    doubt_all: bool = False) -> tuple[list[str], dict[str, Any] | None]:
+    """Rebuild the ledger if it is damaged (or, `doubt_all`, the journal was); return what was done and the report.
+
+    The report is the INTERNAL entry's body, None when nothing was rebuilt.
+    """
     state = folders.state
 
     def sound(raw: bytes) -> bool:
@@ -110,11 +148,16 @@ def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[st
     aside = _damaged_copy(state, LEDGER_NAME, sound)
     salvage = _Salvage()  # a ledger lost whole, or not a file at all, says nothing
     if aside is None:
-        if state.exists(LEDGER_NAME) or not state.exists(LIVED_NAME):
+        if not doubt_all and (state.exists(LEDGER_NAME) or not state.exists(LIVED_NAME)):
             return ["ledger: sound or none yet, nothing to repair"], None
+        with contextlib.suppress(OSError):
+            salvage = _salvage(state.read(LEDGER_NAME))
     else:
         with contextlib.suppress(OSError):
             salvage = _salvage(state.read(aside))
+    if doubt_all:  # records of a lost stretch of the journal may have come from any segment
+        salvage.listing_complete = False
+        salvage.doubtful = set(folders.segments.names())
     offsets: dict[str, int] = {}
     moved: list[dict[str, Any]] = []
     for name in sorted(folders.segments.names()):
@@ -142,7 +185,8 @@ def _rebuild_ledger(folders: Folders, durable: bool) -> tuple[list[str], dict[st
                 moved.append(item)
         finally:
             os.close(fd)
-    ledger = {"offsets": offsets, "pending": salvage.pending, "last_ids": salvage.last_ids}
+    ledger = {"offsets": offsets, "pending": salvage.pending, "last_ids": salvage.last_ids,
+              "checkpoint": salvage.checkpoint}
     state.write_atomic(LEDGER_NAME, json.dumps(ledger, separators=(",", ":")).encode(), durable=durable)
     if aside is not None:
         state.rename(aside, f"{aside}.{REPAIRED}")
@@ -180,8 +224,9 @@ def repair(settings: Settings) -> list[str]:
         folders = open_folders(settings, home)
         stack.callback(folders.close)
         durable = settings.fsync != "off"
-        done, report = _rebuild_ledger(folders, durable)
-        done += _rebuild_delivered(folders, durable)
+        done = _rebuild_journal(folders, durable)
+        ledger_done, report = _rebuild_ledger(folders, durable, doubt_all=bool(done))
+        done += ledger_done + _rebuild_delivered(folders, durable)
     if report is not None and settings.uses_spool:  # a writer of a broker drains no local spool
         _tell_internal("apilogd repair rebuilt a damaged ledger", {**report, "at": time.time()}, settings)
     return done
@@ -191,6 +236,6 @@ def _tell_internal(heading: str, body: dict[str, Any], settings: Settings) -> No
     """Leave an INTERNAL entry in the spool: the daemon writes it once it runs again."""
     writer = SpoolWriter(settings.spool_dir, fsync=settings.fsync != "off")
     try:
-        writer.append(_message.encode(internal(heading, body).to_wire()))
+        writer.append(_message.encode(internal(heading, body)))
     finally:
         writer.close()

@@ -11,20 +11,23 @@ import signal
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
 
 from apilog._entry import internal
 from apilog._folder import UnsafePath
 from apilog.settings import Settings
+from apilog.spool.ledger import Ledger
 
 from ._archive import Archiver
 from ._batch import BatchWriter, describe, say
-from ._broker import BrokerDrainer
+from ._broker import BrokerSource
 from ._control import STATS_NAME, answer_archive_request
-from ._drain import Drainer
+from ._drain import SpoolSource
 from ._folders import Folders, open_folders, open_home
 from ._instance import InstanceLock
 from ._notify import notify
+from ._source import Source
 from .exceptions import DaemonError, UnsafeSetup
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool, at first
@@ -43,11 +46,11 @@ def _raise_descriptor_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def open_drainer(settings: Settings, folders: Folders) -> BatchWriter:
+def open_source(settings: Settings, folders: Folders) -> Callable[[Ledger], Source]:
     """The source this configuration drains: the embedded spool, or the broker."""
     if settings.uses_spool:
-        return Drainer(settings, folders)
-    return BrokerDrainer(settings, folders)
+        return lambda ledger: SpoolSource(settings, folders, ledger)
+    return lambda ledger: BrokerSource(settings, folders, ledger)
 
 
 class _Signals:
@@ -106,9 +109,9 @@ class Service:
                 stack.callback(InstanceLock(home).release)
                 folders = open_folders(conf, home)
                 stack.callback(folders.close)
-                drainer = open_drainer(conf, folders)
+                drainer = BatchWriter(conf, folders, open_source(conf, folders))
                 stack.callback(drainer.close)
-                archiver = Archiver(conf, drainer.tree, drainer.files)
+                archiver = Archiver(conf, drainer.tree, drainer.files, before_rotation=drainer.checkpoint)
                 stack.callback(archiver.close)
                 crashed = drainer.probe.start()
             except UnsafePath as exc:
@@ -118,13 +121,18 @@ class Service:
                 raise DaemonError(f"cannot start: {describe(exc)}{where}") from None
             if crashed:
                 say("the last run did not stop cleanly: inputs are probed one at a time until a batch commits")
-            drainer.sweep()
-            drainer.scan()
+            drainer.source.sweep()
+            drainer.source.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
-            say(f"draining {drainer.source} into {conf.log_dir}")
+            say(f"draining {drainer.source.name} into {conf.log_dir}")
             self._loop(drainer, archiver)
             notify("STOPPING=1")
             self._last_notes(drainer)
+            try:
+                drainer.checkpoint()  # a clean stop leaves nothing to redo
+            except OSError as exc:  # stopping all the same: the journal has the batches
+                say(f"could not make the last batches durable in their files ({describe(exc)}); "
+                    "the journal redoes them at the next start")
             drainer.probe.stop()  # a clean stop: the next start suspects nothing
         say("stopped")
         return 0
@@ -141,10 +149,10 @@ class Service:
             try:
                 if idle or now - last_scan >= SCAN_EVERY:
                     last_scan = now
-                    drainer.scan()
+                    drainer.source.scan()
                 if now - last_sweep >= SWEEP_EVERY:
                     last_sweep = now
-                    drainer.sweep()
+                    drainer.source.sweep()
                 done = drainer.step()
             except Exception as exc:  # noqa: BLE001 - the loop outlives anything one input or one disk does
                 if isinstance(exc, OSError):
@@ -199,7 +207,7 @@ class Service:
             return
         self.last_report = now
         last_minute = sum(n for _, n in self.written)
-        waiting = drainer.waiting_bytes()
+        waiting = drainer.source.waiting_bytes()
         backlog = "" if waiting is None else f"; {waiting} bytes waiting in the spool"
         notify(f"STATUS=wrote {last_minute} entries in the last minute{backlog}")
         stats = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}

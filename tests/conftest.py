@@ -97,7 +97,7 @@ def record(stream: str, user: str, text: str, *, max_entry_bytes: int = 65536) -
     """One framed spool record carrying an entry, as `delay()` writes it."""
     entry, _ = build(stream, user, text, timestamp=False, registry=Registry(Path("/nonexistent")),
                      timestamps_default=False, max_entry_bytes=max_entry_bytes)
-    return frame(_message.encode(entry.to_wire()))
+    return frame(_message.encode(entry))
 
 
 class Daemon:

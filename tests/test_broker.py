@@ -62,7 +62,7 @@ def test_redelivered_message_is_written_once(broker: str, home: Path) -> None:
     """A message delivered twice (as a broker does after a lost ack) is written once; garbage is quarantined."""
     entry, _ = build("INFO", "cal", "only once", timestamp=False, registry=Registry(home),
                      timestamps_default=False, max_entry_bytes=65536)
-    body = _message.task_body(entry.to_wire())
+    body = _message.task_body(entry)
     headers = {"task": _message.TASK_NAME, "id": entry.id, "lang": "py"}
     _publish_raw(broker, body, headers)
     _control.start(settings.load())

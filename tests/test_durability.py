@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from apilogd import _control
-from apilogd._drain import Drainer
+from apilogd._batch import BatchWriter
+from apilogd._drain import SpoolSource
 from apilogd._folders import open_folders, open_home
+from apilogd.service import open_source
 
 from apilog import logger, settings
 from apilog.spool._frame import frame
@@ -50,7 +52,10 @@ def _crash_child(point: str) -> None:
     """Run one batch of the real drain code and SIGKILL this process at `point`."""
     settings.reset()
     conf = settings.load()
-    drainer = Drainer(conf, open_folders(conf, open_home(conf)))
+    folders = open_folders(conf, open_home(conf))
+    writer = BatchWriter(conf, folders, open_source(conf, folders))
+    source = writer.source
+    assert isinstance(source, SpoolSource)
 
     def wrap(obj: Any, name: str, before: Callable[..., None] | None = None, after: bool = False) -> None:
         original = getattr(obj, name)
@@ -70,25 +75,51 @@ def _crash_child(point: str) -> None:
     def half_then_die(relpath: str, data: bytes) -> None:
         calls["append"] += 1
         if calls["append"] == 3:
-            os.write(drainer.files.fd(relpath), data[: len(data) // 2])
+            os.write(writer.files.fd(relpath), data[: len(data) // 2])
             _kill_self()
 
-    if point == "after-begin":
-        wrap(drainer.ledger, "begin", after=True)
+    def torn_record(*args: Any) -> None:
+        real_write = os.write
+
+        def half(fd: int, data: Any) -> int:
+            if fd == writer.journal.fd:
+                real_write(fd, bytes(data)[: len(data) // 2])
+                _kill_self()
+            return real_write(fd, data)
+
+        os.write = half  # type: ignore[assignment]  # only in this child, which dies in it
+
+    if point == "mid-record":
+        wrap(writer.journal, "append", before=torn_record)
+    elif point == "after-record":
+        wrap(writer.journal, "append", after=True)
     elif point == "mid-append":
-        wrap(drainer.files, "append", before=half_then_die)
-    elif point == "before-commit":
-        wrap(drainer.ledger, "commit", before=lambda *a: _kill_self())
-    elif point == "after-commit":
-        wrap(drainer.reader, "remove", before=lambda *a: _kill_self())
-    drainer.reader.scan()
-    drainer.step()
+        wrap(writer.files, "append", before=half_then_die)
+    elif point == "after-appends":
+        wrap(writer, "_apply", after=True)
+    elif point == "mid-checkpoint":
+        wrap(writer.ledger, "save", after=True)
+    elif point == "after-ack":
+        wrap(source.reader, "remove", before=lambda *a: _kill_self())
+    source.scan()
+    writer.step()
+    writer.checkpoint()
     os._exit(0)  # the crash point was not reached
 
 
-@pytest.mark.parametrize("point", ["after-begin", "mid-append", "before-commit", "after-commit"])
+CRASH_POINTS = ["mid-record", "after-record", "mid-append", "after-appends", "mid-checkpoint", "after-ack"]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
 def test_crash_at_each_journal_step(home: Path, point: str) -> None:
-    """SIGKILL at each step of a batch; after a restart every entry is in its file exactly once, whole."""
+    """SIGKILL at each step of a batch; after a restart every entry is in its file exactly once, whole.
+
+    mid-record: the journal record torn (never committed; the batch is read again from the spool).
+    after-record: committed, no file touched (redone from the journal). mid-append: a torn line
+    (cut back, redone). after-appends: every line in, no checkpoint (redone over itself).
+    mid-checkpoint: the ledger saved, the journal not yet emptied (its records are not redone).
+    after-ack: a drained segment being removed.
+    """
     expected = _log_batch(60)
     _seal_producer()
     child = multiprocessing.get_context("fork").Process(target=_crash_child, args=(point,))
@@ -187,7 +218,8 @@ def test_disk_full_then_space_back(home: Path, small_disk: Path, monkeypatch: py
         assert _control.status(settings.load()).backlog > 0
         filler.unlink()
         wait_written(timeout=40)
-        wait_for(lambda: "recovered from a write error" in (small_disk / "system" / "INTERNAL.log").read_text(),
+        internal = small_disk / "system" / "INTERNAL.log"
+        wait_for(lambda: internal.exists() and "recovered from a write error" in internal.read_text(),
                  what="the recovery note")
     finally:
         assert daemon.stop() == 0

@@ -1,9 +1,9 @@
-"""The consumer's ledger: committed offset per segment, and the journal of the batch being written.
+"""The consumer's ledger: committed offset per segment as of the last checkpoint of the journal.
 
-Exactly-once into files: before a batch is appended, the ledger records the size each
-target file had and the offsets the batch will advance to (`begin`); after the appends,
-`commit` moves the offsets. A crash in between leaves `pending` set, and recovery cuts
-each file back to its recorded size, so the batch is written again, once.
+Batches are committed in the journal (journal.py); a checkpoint saves the offsets they
+moved to here, with the number of the last journal record they cover, and empties the
+journal. A ledger of the version before the journal may still carry a `pending` batch:
+recovery undoes it by cutting each file back to its recorded size.
 
 The ledger is checked whole when it is read: a damaged one is set aside and apilogd
 refuses to drain until `apilogd repair` has rebuilt it, since guessing offsets would
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from .._folder import Folder
 from ..exceptions import StateDamaged
@@ -28,14 +28,18 @@ LIVED_NAME = "probe"  # made at a daemon's first start (daemon/_probe.py); its p
 
 
 def read_offsets(state_dir: Path) -> dict[str, int]:
-    """The committed offsets as last written (for readers other than the daemon); empty when unreadable."""
+    """The offsets of the last checkpoint: what is in its files and on disk (for readers other than the daemon)."""
     try:
-        return parse(Path(state_dir, LEDGER_NAME).read_bytes())[0]
+        return parse(Path(state_dir, LEDGER_NAME).read_bytes()).offsets
     except (OSError, ValueError):
         return {}
 
 
-def _segment_name(name: object) -> bool:
+def is_entry_id(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= 64
+
+
+def is_segment_name(name: object) -> bool:
     if type(name) is not str or not 0 < len(name) <= 255 or "/" in name or "\0" in name or name in (".", ".."):
         return False
     try:
@@ -45,14 +49,15 @@ def _segment_name(name: object) -> bool:
     return True
 
 
-def _relpath(path: object) -> bool:
+def is_relpath(path: object) -> bool:
+    """A path apilogd writes below the log folder."""
     if type(path) is not str or "\0" in path:
         return False
     parts = path.split("/")
-    return len(parts) >= 2 and parts[0] in ("system", "users") and all(_segment_name(p) for p in parts)
+    return len(parts) >= 2 and parts[0] in ("system", "users") and all(is_segment_name(p) for p in parts)
 
 
-def _offsets(value: object, what: str, check: Any = _segment_name) -> dict[str, int]:
+def _offsets(value: object, what: str, check: Any = is_segment_name) -> dict[str, int]:
     if type(value) is not dict:
         raise ValueError(f"{what} is not an object")
     for key, offset in value.items():
@@ -63,8 +68,15 @@ def _offsets(value: object, what: str, check: Any = _segment_name) -> dict[str, 
     return value
 
 
-def parse(raw: bytes) -> tuple[dict[str, int], dict[str, Any] | None, list[str]]:
-    """Offsets, pending batch and last ids of a ledger; ValueError saying what is wrong with it."""
+class Parsed(NamedTuple):
+    offsets: dict[str, int]
+    pending: dict[str, Any] | None  # a batch in flight, as the version before the journal recorded it
+    last_ids: list[str]
+    checkpoint: int  # the last journal record these offsets cover
+
+
+def parse(raw: bytes) -> Parsed:
+    """What a ledger says; ValueError saying what is wrong with it."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -76,12 +88,15 @@ def parse(raw: bytes) -> tuple[dict[str, int], dict[str, Any] | None, list[str]]
     if pending is not None:
         if type(pending) is not dict:
             raise ValueError("pending is not an object")
-        _offsets(pending.get("files"), "pending files", _relpath)
+        _offsets(pending.get("files"), "pending files", is_relpath)
         _offsets(pending.get("offsets"), "pending offsets")
     last_ids = data.get("last_ids", [])
-    if type(last_ids) is not list or not all(type(i) is str and 0 < len(i) <= 64 for i in last_ids):
+    if type(last_ids) is not list or not all(is_entry_id(i) for i in last_ids):
         raise ValueError("last_ids is not a list of entry ids")
-    return offsets, pending, last_ids
+    checkpoint = data.get("checkpoint", 0)
+    if type(checkpoint) is not int or checkpoint < 0:
+        raise ValueError("checkpoint is not a journal record number")
+    return Parsed(offsets, pending, last_ids, checkpoint)
 
 
 def unrepaired(state: Folder, name: str) -> str | None:
@@ -100,7 +115,7 @@ def refuse_unrepaired(state: Folder, name: str) -> None:
 
 
 class Ledger:
-    """Committed offsets and the pending batch, persisted atomically on every change."""
+    """Committed offsets as of the last checkpoint, replaced atomically at each one."""
 
     def __init__(self, state: Folder, *, durable: bool) -> None:
         self.state = state
@@ -117,7 +132,7 @@ class Ledger:
         except OSError as exc:  # a folder, a link or a FIFO in its place
             self.damaged(f"not a plain file: {exc.strerror or exc}")
         try:
-            self.offsets, self.pending, self.last_ids = parse(raw)
+            self.offsets, self.pending, self.last_ids, self.checkpoint = parse(raw)
         except ValueError as exc:
             self.damaged(str(exc))
         self.save()  # from now on its absence means it was lost
@@ -128,21 +143,15 @@ class Ledger:
         raise StateDamaged(f"{self.path} is damaged ({why}); moved to {self.state.path / aside}; "
                            f"nothing was written; {REPAIR_HINT}")
 
-    def begin(self, files: dict[str, int], advance: dict[str, int]) -> None:
-        """Record, before appending, each target file's size and where the batch ends."""
-        self.pending = {"files": files, "offsets": advance}
-        self.save()
-
-    def commit(self, ids: list[str] | None = None) -> None:
-        """The batch is in its files: move the offsets (or record a broker batch's ids), clear the journal."""
-        assert self.pending is not None
-        self.offsets.update(self.pending["offsets"])
-        self.pending = None
-        self.last_ids = ids or []
-        self.save()
+    def advance(self, positions: dict[str, int]) -> None:
+        """A committed batch moved these offsets (never backwards: a journal replayed twice changes nothing)."""
+        offsets = self.offsets
+        for name, offset in positions.items():
+            if offset > offsets.get(name, -1):
+                offsets[name] = offset
 
     def abort(self) -> None:
-        """The batch was undone: clear the journal, keep the offsets."""
+        """The batch in flight of a ledger before the journal was undone: forget it, keep the offsets."""
         self.pending = None
         self.save()
 
@@ -151,6 +160,7 @@ class Ledger:
         self.offsets.pop(segment, None)
 
     def save(self) -> None:
-        state = {"offsets": self.offsets, "pending": self.pending, "last_ids": self.last_ids}
+        state = {"offsets": self.offsets, "pending": self.pending, "last_ids": self.last_ids,
+                 "checkpoint": self.checkpoint}
         body = json.dumps(state, separators=(",", ":"))
         self.state.write_atomic(LEDGER_NAME, body.encode(), durable=self.durable)

@@ -1,0 +1,213 @@
+"""The daemon's write-ahead journal: each batch's bytes, appended and made durable with one fdatasync.
+
+A batch is committed once its record is in the journal: the log files are then appended
+without a sync, and a crash at any point after is repaired by redoing the records since the
+last checkpoint (each file cut back to its size before the batch, the batch's bytes written
+again). A checkpoint syncs the log files, saves the ledger with the last record it covers,
+and empties the journal. A record torn by a crash while it was being appended was never
+committed: no file was touched for it, and it is cut off.
+
+Record: magic, header length, data length, CRC-32 of header and data; the header (JSON)
+names each target file with its size before the batch and its share of the data, the
+offsets the batch moves its sources to, and the ids it commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import NoReturn
+
+import msgspec
+
+from .._folder import Folder
+from ..exceptions import StateDamaged
+from .ledger import (
+    DAMAGED,
+    LIVED_NAME,
+    REPAIR_HINT,
+    is_entry_id,
+    is_relpath,
+    is_segment_name,
+    refuse_unrepaired,
+)
+
+JOURNAL_NAME = "journal"
+MAGIC = b"APJ1"
+HEADER = struct.Struct("<4sIII")  # magic, header length, data length, crc32(header + data)
+MAX_RECORD = 1 << 30
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """One committed batch: what its record's header says."""
+
+    seq: int
+    files: list[tuple[str, int, int]]  # (relative path, size before the batch, bytes appended)
+    advance: dict[str, int]  # source position -> offset once the batch is in
+    ids: list[str]  # entry ids a broker source must not write again
+
+    def shares(self, data: bytes) -> Iterator[tuple[str, int, bytes]]:
+        """(relative path, size before, bytes) for each file of the batch."""
+        at = 0
+        for relpath, before, length in self.files:
+            yield relpath, before, data[at:at + length]
+            at += length
+
+
+_decode = msgspec.json.Decoder(Batch).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _encode_batch(batch: Batch) -> bytes:
+    try:
+        return _encode(batch)
+    except UnicodeEncodeError:  # a segment named in bytes that are not UTF-8: escaped as the stdlib does
+        return json.dumps(msgspec.to_builtins(batch), separators=(",", ":")).encode()
+
+
+def _decode_batch(head: memoryview) -> Batch:
+    try:
+        return _decode(head)
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError:  # perhaps such an escape, which msgspec refuses
+        try:
+            return msgspec.convert(json.loads(bytes(head)), Batch)
+        except (ValueError, RecursionError):
+            raise msgspec.DecodeError("not JSON") from None
+
+
+def _problem(batch: Batch, data_len: int) -> str | None:
+    """What is wrong with a record whose checksum holds (a hand edit, a bug): None when it is sound."""
+    if batch.seq < 1:
+        return f"record number {batch.seq}"
+    for relpath, before, length in batch.files:
+        if not is_relpath(relpath) or before < 0 or length < 0:
+            return f"a file entry {relpath[:80]!r} that apilogd never writes"
+    if sum(length for _, _, length in batch.files) != data_len:
+        return "file shares that do not add up to its data"
+    if any(not is_segment_name(name) or offset < 0 for name, offset in batch.advance.items()):
+        return "a source position that is not one"
+    if not all(is_entry_id(i) for i in batch.ids):
+        return "an id that is not an entry id"
+    return None
+
+
+def _record_at(raw: bytes, at: int) -> tuple[Batch, bytes, int] | str:
+    """The record starting at `at`, its data and where the next begins; or why there is none."""
+    if len(raw) - at < HEADER.size:
+        return "a torn record header"
+    magic, head_len, data_len, crc = HEADER.unpack_from(raw, at)
+    start = at + HEADER.size
+    end = start + head_len + data_len
+    if magic != MAGIC or head_len + data_len > MAX_RECORD:
+        return "not a journal record"
+    if end > len(raw):
+        return "a torn record"
+    view = memoryview(raw)
+    if zlib.crc32(view[start:end]) != crc:
+        return "a record whose checksum does not match"
+    try:
+        batch = _decode_batch(view[start:start + head_len])
+    except msgspec.DecodeError as exc:
+        return f"a record header that is not one ({exc})"
+    problem = _problem(batch, data_len)
+    return f"a record with {problem}" if problem else (batch, raw[start + head_len:end], end)
+
+
+def scan(raw: bytes) -> tuple[list[tuple[Batch, bytes]], int, str | None]:
+    """Whole records from the start, where they end, and why what follows is not one (None at a clean end).
+
+    The problem is None too for a torn tail (a crash while appending): only a bad record with a
+    good one after it, or a record that reads but says nonsense, means the journal is damaged.
+    """
+    records: list[tuple[Batch, bytes]] = []
+    at, last = 0, 0
+    while at < len(raw):
+        found = _record_at(raw, at)
+        if isinstance(found, str):
+            if found.startswith("a record with") or _a_record_after(raw, at + 1):
+                return records, at, f"{found} at byte {at}"
+            return records, at, None
+        batch, data, at = found
+        if batch.seq <= last:
+            return records, at, f"record {batch.seq} after record {last}"
+        last = batch.seq
+        records.append((batch, data))
+    return records, at, None
+
+
+def _a_record_after(raw: bytes, start: int) -> bool:
+    at = raw.find(MAGIC, start)
+    while at >= 0:
+        if not isinstance(_record_at(raw, at), str):
+            return True
+        at = raw.find(MAGIC, at + 1)
+    return False
+
+
+class Journal:
+    """The journal file of the state folder: records appended, replayed at start, emptied at each checkpoint."""
+
+    def __init__(self, state: Folder, *, durable: bool, checkpoint: int) -> None:
+        self.state = state
+        self.path = state.path / JOURNAL_NAME
+        self.durable = durable
+        if not state.exists(JOURNAL_NAME):
+            refuse_unrepaired(state, JOURNAL_NAME)
+            if checkpoint and state.exists(LIVED_NAME):  # a daemon journaled here: records may be lost with it
+                raise StateDamaged(f"{self.path} is missing, though apilogd ran here before; "
+                                   f"nothing was written; {REPAIR_HINT}")
+        try:
+            self.fd = state.open_plain(JOURNAL_NAME, os.O_RDWR | os.O_APPEND, 0o640)
+        except OSError as exc:
+            if not isinstance(exc, PermissionError) and exc.errno is not None:
+                self._damaged(f"not a plain file: {exc.strerror or exc}")
+            raise
+        raw = state.read(JOURNAL_NAME, MAX_RECORD * 2)
+        records, end, problem = scan(raw)
+        if problem is not None:
+            os.close(self.fd)
+            self._damaged(problem)
+        if end < len(raw):  # torn by a crash while it was appended: never committed, no file touched
+            os.ftruncate(self.fd, end)
+        self.size = end
+        self.seq = max([checkpoint] + [batch.seq for batch, _ in records])
+        self.to_redo = [(batch, data) for batch, data in records if batch.seq > checkpoint]
+
+    def _damaged(self, why: str) -> NoReturn:
+        aside = self.state.set_aside(JOURNAL_NAME, DAMAGED)
+        raise StateDamaged(f"{self.path} is damaged ({why}); moved to {self.state.path / aside}; "
+                           f"nothing was written; {REPAIR_HINT}")
+
+    def append(self, files: list[tuple[str, int, int]], data: bytes, advance: dict[str, int],
+               ids: list[str]) -> Batch:
+        """Commit a batch: its record appended and, when durable, on disk before this returns."""
+        batch = Batch(self.seq + 1, files, advance, ids)
+        head = _encode_batch(batch)
+        record = HEADER.pack(MAGIC, len(head), len(data), zlib.crc32(data, zlib.crc32(head))) + head + data
+        view = memoryview(record)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+            if self.durable:
+                os.fdatasync(self.fd)
+        except BaseException:
+            os.ftruncate(self.fd, self.size)  # a half-written record must not precede the next one
+            raise
+        self.seq = batch.seq
+        self.size += len(record)
+        return batch
+
+    def empty(self) -> None:
+        """Every record is covered by a saved checkpoint: start the journal afresh."""
+        os.ftruncate(self.fd, 0)
+        self.size = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,95 @@
+"""What the batch writer drains: the small protocol a source (the spool, a broker) implements."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from apilog._entry import Entry
+
+
+class Source(Protocol):
+    """Hands out items in batches, says what entry each carries, and is told when a batch is committed."""
+
+    name: str  # what is drained, said at start-up
+    notes: list[Entry]  # INTERNAL entries about the source, written with the next batch
+
+    def take(self, limit: int) -> list[Any]:
+        """The next batch of at most `limit` raw items (empty when there is nothing to do)."""
+
+    def key(self, item: Any) -> str:
+        """A name for the item that stays the same when it is handed out again (for the crash probe)."""
+
+    def entry(self, item: Any) -> Entry:
+        """The entry an item carries; any exception means the item is bad."""
+
+    def set_aside(self, item: Any, why: str) -> Entry:
+        """Quarantine a bad item; return the INTERNAL entry that reports it."""
+
+    def positions(self, batch: list[Any]) -> dict[str, int]:
+        """Where the source stands once the batch is committed (kept in the journal, then the ledger)."""
+
+    def ids(self, batch: list[Any]) -> list[str]:
+        """Ids the journal keeps with the batch, for a source that may deliver an item twice."""
+
+    def committed(self, batch: list[Any]) -> None:
+        """The batch is in the journal: acknowledge it at the source."""
+
+    def rewind(self, batch: list[Any]) -> None:
+        """A batch was not committed: hand it out again."""
+
+    def tidy(self) -> None:
+        """Everything committed is durable in its files: drop what is consumed (called after each checkpoint)."""
+
+    def scan(self) -> None:
+        """Look for new input (cheap; called often while idle)."""
+
+    def sweep(self) -> None:
+        """Tidy up the source (called at start and once a minute)."""
+
+    def sync(self) -> None:
+        """Make the source's own record of what it acknowledged durable (before the journal is emptied)."""
+
+    def waiting_bytes(self) -> int | None:
+        """How much waits at the source, when the source can tell."""
+
+    def close(self) -> None:
+        """Release the source (unacknowledged items stay there)."""
+
+
+class NoSource:
+    """A source with nothing in it: for replaying the journal without draining (`apilog archive` offline)."""
+
+    name = "nothing"
+
+    def __init__(self) -> None:
+        self.notes: list[Entry] = []
+
+    def take(self, limit: int) -> list[Any]:
+        return []
+
+    # take() hands out nothing, so nothing is ever asked about an item.
+    def key(self, item: Any) -> str:
+        raise LookupError(item)
+
+    def entry(self, item: Any) -> Entry:
+        raise LookupError(item)
+
+    def set_aside(self, item: Any, why: str) -> Entry:
+        raise LookupError(item)
+
+    def positions(self, batch: list[Any]) -> dict[str, int]:
+        return {}
+
+    def ids(self, batch: list[Any]) -> list[str]:
+        return []
+
+    def committed(self, batch: list[Any]) -> None: ...
+    def rewind(self, batch: list[Any]) -> None: ...
+    def tidy(self) -> None: ...
+    def scan(self) -> None: ...
+    def sweep(self) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+    def waiting_bytes(self) -> int | None:
+        return None
