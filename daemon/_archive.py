@@ -37,6 +37,7 @@ from ._watch import ChangeWatcher
 AGE_CHECK_EVERY = 1.0  # seconds between looks at live files' ages
 ROTATIONS_PER_TICK = 16
 SWEEP_EVERY = 30.0  # seconds between walks of the whole tree (the backstop of the events)
+FIRST_SWEEP_AFTER = 5.0  # seconds after start
 _TEXT_STAMP = re.compile(rb" \xc2\xa7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
 _JSONL_TS = re.compile(rb'"ts":"([^"]+)"')
 
@@ -54,6 +55,8 @@ class Archiver:
         self.root = settings.log_dir
         self.first_entry: dict[str, float] = {}  # live file -> event time of its first entry
         self.notes: list[tuple[str, dict[str, object]]] = []  # INTERNAL reports for the drainer
+        # Files others create or move; the daemon's own appends are counted as it writes them (`grew`),
+        # not watched: an inotify event per file per batch costs more than the batch with thousands of users.
         self.watcher = ChangeWatcher(self.root, settings.log_suffix)
         if self.watcher.fallback_reason:
             self.notes.append(("archiver falls back to polling", {"reason": self.watcher.fallback_reason}))
@@ -63,7 +66,8 @@ class Archiver:
         self._compressor = threading.Thread(target=self._compress_loop, name="apilog-gzip", daemon=True)
         self._compressor.start()
         self._last_age_check = 0.0
-        self._last_sweep = 0.0
+        # The first walk of the tree (it reads each file's first entry) waits for a start-up backlog to drain.
+        self._last_sweep = time.time() - SWEEP_EVERY + FIRST_SWEEP_AFTER
 
     def close(self, *, wait: bool = False) -> None:
         """Stop watching and compressing; `wait` finishes the queued compressions first."""
@@ -76,6 +80,11 @@ class Archiver:
         """A batch created these files: remember when their first entries happened."""
         for relpath, ts in first_entries.items():
             self.first_entry.setdefault(relpath, ts)
+
+    def grew(self, sizes: dict[str, int]) -> None:
+        """The last batch left these files at these sizes: those past APILOG_ROTATE_BYTES are due."""
+        limit = self.settings.rotate_bytes
+        self._due.update(relpath for relpath, size in sizes.items() if size > limit)
 
     def rotate_soon(self, relpaths: set[str]) -> None:
         """Files that cannot grow any more (EFBIG): rotate them at the next tick, whatever their size."""

@@ -86,6 +86,7 @@ class BatchWriter:
         self.probe = Probe(folders.state)
         self.notes: list[Entry] = []  # INTERNAL entries waiting for the next batch
         self.created: dict[str, float] = {}  # files the last batch created -> when (the daemon's clock)
+        self.sizes: dict[str, int] = {}  # files the last batch appended to -> their size after it
         self.one_at_a_time = 0  # items still to take singly, after a batch failed for no reason of the disk
         self.oversized: set[str] = set()  # files that would pass RLIMIT_FSIZE, for the archiver to rotate
         fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -151,7 +152,6 @@ class BatchWriter:
         self.ledger.save()
         self.journal.empty()
         self.last_checkpoint = time.monotonic()
-        self.source.tidy()
 
     # The core.
 
@@ -161,7 +161,7 @@ class BatchWriter:
         if self.unapplied is not None:
             self._apply(*self.unapplied)
             self.unapplied = None
-        self.created = {}
+        self.created, self.sizes = {}, {}
         self.notes.extend(source.notes)
         source.notes.clear()
         batch = [] if only_notes else source.take(1 if self.one_at_a_time else self.max_items)
@@ -184,24 +184,29 @@ class BatchWriter:
         self.notes.clear()
         now = time.time()  # the daemon's clock judges a file's age, never a producer's
         self.created = {r: now for r, before, _ in targets if before == 0}
+        self.sizes = {r: before + len(chunk) for r, before, chunk in targets}
         if self.probe.armed:
             self.probe.committed({source.key(item) for item in batch})
         self.one_at_a_time = max(0, self.one_at_a_time - len(batch))
         source.committed(batch)
         self._watch_for_bursts()
-        self._apply(record, data)
+        self._apply(record, data, redo=False)
+        source.tidy()  # in the files, and the journal can bring it back: consumed input may go
         if time.monotonic() - self.last_checkpoint >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
             self.checkpoint()
         return len(batch)
 
     max_items = 16384
 
-    def _apply(self, batch: Batch, data: bytes) -> None:
-        """Append a committed batch to its files; redone from the start (each file cut back first) after a failure."""
+    def _apply(self, batch: Batch, data: bytes, *, redo: bool = True) -> None:
+        """Append a committed batch to its files; `redo` (after a failure or a crash) cuts each file back first."""
         try:
             for relpath, before, chunk in batch.shares(data):
                 try:
-                    self.files.redo(relpath, before, chunk)
+                    if redo:
+                        self.files.redo(relpath, before, chunk)
+                    else:
+                        self.files.append(relpath, chunk)  # its size was measured for this batch
                 except OSError as exc:
                     if exc.errno in DISK_ERRORS or exc.errno == errno.EFBIG:
                         raise

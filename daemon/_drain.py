@@ -13,9 +13,9 @@ from apilog.settings import Settings
 from apilog.spool.ledger import Ledger
 from apilog.spool.reader import Record, SpoolReader, boundaries, offset_problem
 
+from ._appends import Appends
 from ._batch import SEGMENTS_SHARE, descriptor_share
 from ._folders import Folders
-from ._watch import ChangeWatcher
 
 MAX_BYTES = 16 * 1024 * 1024
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -67,8 +67,8 @@ class SpoolSource:
         self.reader = SpoolReader(folders.segments, self.ledger.offsets, max_open=descriptor_share(SEGMENTS_SHARE))
         self.name = str(settings.spool_dir)
         # Appends wake their segment: thousands of live producers cost nothing while they are quiet.
-        self.appends = ChangeWatcher(folders.segments.path, ".seg", recursive=False, poll=False)
-        self.reader.watched = self.appends.observer is not None
+        self.appends = Appends(folders.segments.path)
+        self.reader.watched = self.appends.watching
 
     def _check_offsets(self) -> None:
         """A committed offset must end a whole record inside its segment; where it does not, the segment is set aside.
@@ -96,7 +96,7 @@ class SpoolSource:
         self.ledger.save()
 
     def close(self) -> None:
-        self.appends.stop()
+        self.appends.close()
         self.reader.close()
 
     def sync(self) -> None:
@@ -112,7 +112,7 @@ class SpoolSource:
 
     def scan(self) -> None:
         self.reader.scan()
-        self.reader.touched(self.appends.take())
+        self.reader.touched(self.appends.take())  # None: inotify lost events, every segment is looked at
         for name, why in self.reader.fresh_rejections:
             self.notes.append(internal(f"set aside a spool entry that is not a segment: {why}",
                                        {"name": name, "folder": str(self.folders.segments.path), "reason": why,
@@ -138,7 +138,7 @@ class SpoolSource:
         self.reader.rewind(self.ledger.offsets)
 
     def tidy(self) -> None:
-        """Remove segments that are sealed and written to their end (and durable there: called after checkpoints)."""
+        """Remove segments that are sealed and written to their end."""
         for name in self.reader.drained():
             self.reader.remove(name)
             self.ledger.forget(name)

@@ -38,7 +38,7 @@ class Source(Protocol):
         """A batch was not committed: hand it out again."""
 
     def tidy(self) -> None:
-        """Everything committed is durable in its files: drop what is consumed (called after each checkpoint)."""
+        """Every committed item is in its files (and in the journal until a checkpoint): drop what is consumed."""
 
     def scan(self) -> None:
         """Look for new input (cheap; called often while idle)."""

@@ -10,7 +10,6 @@ from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
     FileCreatedEvent,
-    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -22,7 +21,7 @@ from watchdog.observers.polling import PollingObserver
 from apilog._tree import ARCHIVE
 
 POLL_SECONDS = 2.0
-_EVENTS = [FileModifiedEvent, FileCreatedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
+_EVENTS = [FileCreatedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
 # watchdog warns when a new folder's watch races its creation event; the watch is kept either way.
 warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
@@ -51,10 +50,8 @@ class _Collector(FileSystemEventHandler):
 class ChangeWatcher:
     """Watches the log tree; `take()` returns the live files that changed since the last call."""
 
-    def __init__(self, root: Path, suffix: str, *, recursive: bool = True, poll: bool = True) -> None:
+    def __init__(self, root: Path, suffix: str) -> None:
         self.root = root
-        self.recursive = recursive
-        self.poll = poll  # fall back to polling when inotify is refused; else watch nothing (`observer` None)
         self.collector = _Collector(root, suffix)
         self.mode = "inotify"
         self.fallback_reason: str | None = None
@@ -63,15 +60,12 @@ class ChangeWatcher:
     def _start(self, *, polling: bool) -> BaseObserver | None:
         try:
             observer: BaseObserver = PollingObserver(timeout=POLL_SECONDS) if polling else Observer()
-            # Only what can make a live file due; opens, closes and reads would be noise per batch.
-            observer.schedule(self.collector, str(self.root), recursive=self.recursive, event_filter=_EVENTS)
+            # Files others create or move; the daemon counts its own appends (Archiver.grew), unwatched.
+            observer.schedule(self.collector, str(self.root), recursive=True, event_filter=_EVENTS)
             observer.start()
         except OSError as exc:  # inotify's watch or instance limit: poll instead
             if polling:
                 raise
-            if not self.poll:
-                self.fallback_reason, self.mode = f"inotify unavailable ({exc.strerror or exc})", "none"
-                return None
             self.fallback_reason = f"inotify unavailable ({exc.strerror or exc}); polling every {POLL_SECONDS:.0f}s"
             self.mode = "polling"
             return self._start(polling=True)

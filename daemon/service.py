@@ -173,6 +173,7 @@ class Service:
                 say(f"recovered from: {failure}")
                 failure = None
             archiver.written(drainer.created)
+            archiver.grew(drainer.sizes)
             archiver.rotate_soon(drainer.oversized)
             drainer.oversized.clear()
             self._archive(drainer, archiver)

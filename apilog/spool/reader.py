@@ -308,9 +308,9 @@ class SpoolReader:
         seg.garbage += len(raw)
         return Record(seg.name, seg.pos, seg.pos + len(raw), raw, damaged=why)
 
-    def touched(self, names: set[str]) -> None:
-        """Segments that changed (inotify on the folder): look at them again at once."""
-        for name in names:
+    def touched(self, names: set[str] | None) -> None:
+        """Segments that changed (inotify on the folder; None: any may have): look at them again at once."""
+        for name in self._segments if names is None else names:
             seg = self._segments.get(name)
             if seg is not None:
                 seg.quiet = None
