@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
 import time
 import uuid
 from collections.abc import Iterable
@@ -58,6 +61,24 @@ class Entry(msgspec.Struct, tag_field="v", tag=WIRE_VERSION):
         return "rejected input: " + "; ".join(self.problems), body
 
 
+class _Ids:
+    """Entry ids in uuid form: 74 random bits drawn per process (again after a fork), then a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = str(uuid.uuid4())[:24]  # xxxxxxxx-xxxx-4xxx-yxxx-: version and variant kept
+        self.counter = itertools.count(secrets.randbits(40))
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+new_id = _Ids()  # a third of uuid4()'s cost; unique across hosts as long as 74 random bits are
+
+
 def build(
     stream: Any = None,
     location: Any = None,
@@ -103,7 +124,7 @@ def build(
         if both:
             original["m"] = jsonable(m)
     entry = Entry(
-        id=str(uuid.uuid4()),
+        id=new_id(),
         ts=ts,
         streams=streams,
         location=where,
@@ -137,7 +158,7 @@ def _targets(stream: Any, registry: _streams.Registry, problems: list[str]) -> t
     else:
         problems.append(f"stream must be a name or a list of names, got {type(stream).__name__}")
         return [], False
-    known = registry.names()
+    known = registry.names(cached=True)
     streams: list[str] = []
     screen = False
     for piece in pieces:
@@ -153,7 +174,7 @@ def _targets(stream: Any, registry: _streams.Registry, problems: list[str]) -> t
             continue
         if name == _streams.SCREEN:
             screen = True
-        elif name not in known:
+        elif name not in known and name not in (known := registry.names()):  # added a moment ago?
             problems.append(f"unknown stream {name!r}")
         elif name not in streams:
             streams.append(name)
@@ -202,7 +223,7 @@ def _cut_text(text: str, limit: int) -> tuple[str, int]:
 def internal(heading: str, body: dict[str, Any]) -> Entry:
     """An entry apilog writes about itself to system INTERNAL."""
     return Entry(
-        id=str(uuid.uuid4()),
+        id=new_id(),
         ts=time.time(),
         streams=[_streams.INTERNAL],
         location=SYSTEM,

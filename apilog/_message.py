@@ -5,7 +5,6 @@ from __future__ import annotations
 import binascii
 import json
 import os
-import re
 import socket
 from typing import Any
 
@@ -100,16 +99,17 @@ def _envelope(task_id: str, body: str) -> dict[str, Any]:
     }
 
 
-_ID, _BODY = json.dumps("\x00id\x00")[1:-1], json.dumps("\x00body\x00")[1:-1]
-_template: tuple[int, list[str]] = (-1, [])
+_template: tuple[int, list[bytes]] = (-1, [])
+_BODY_MARK, _ID_MARK = "\x00body\x00", "\x00id\x00"
 
 
-def _pieces() -> list[str]:
-    """The envelope's JSON split around its id and body markers, made once per process (the origin names the pid)."""
+def _pieces() -> list[bytes]:
+    """The envelope's JSON cut at its body and id markers: [head, body, id, ...] (made once per process: the origin names the pid)."""
     global _template
     if _template[0] != os.getpid():
-        text = json.dumps(_envelope("\x00id\x00", "\x00body\x00"), separators=(",", ":"))
-        _template = (os.getpid(), re.split(f"({re.escape(_ID)}|{re.escape(_BODY)})", text))
+        text = json.dumps(_envelope(_ID_MARK, _BODY_MARK), separators=(",", ":"))
+        head, _, rest = text.partition(json.dumps(_BODY_MARK)[1:-1])
+        _template = (os.getpid(), [head.encode()] + [p.encode() for p in rest.split(json.dumps(_ID_MARK)[1:-1])])
     return _template[1]
 
 
@@ -119,12 +119,12 @@ def encode(entry: Entry | dict[str, Any]) -> bytes:
     Filled into a template made from the same dict kombu would store: the body is base64, and
     the id is escaped as JSON.
     """
-    body = binascii.b2a_base64(task_body(entry), newline=False).decode("ascii")
+    body = binascii.b2a_base64(task_body(entry), newline=False)
     task_id = str(entry["id"]) if isinstance(entry, dict) else entry.id
     if not task_id.replace("-", "").isalnum():
         task_id = json.dumps(without_surrogates(task_id))[1:-1]  # apply_async(task_id=...) may name it anything
-    fill = {_ID: task_id, _BODY: body}
-    return "".join([fill.get(piece, piece) for piece in _pieces()]).encode()
+    head, *tail = _pieces()
+    return head + body + task_id.encode().join(tail)
 
 
 def decode(payload: bytes) -> Entry:

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ DEFAULT_STREAMS = (
 )
 INTERNAL = "INTERNAL"
 SCREEN = "SCREEN"  # printed by the caller, never spooled
+RECHECK_SECONDS = 1.0  # how stale the caller's view of the registry may be (apilogd checks every batch)
 MAX_STREAMS = 256  # a flood of names must not grow the registry without bound
 
 _NAME = re.compile(r"[A-Z0-9_-]+(?: [A-Z0-9_-]+)*")
@@ -51,9 +53,18 @@ class Registry:
         self.path = home / "streams.json"
         self._stamp: tuple[int, int, int] | None = None
         self._names: tuple[str, ...] = DEFAULT_STREAMS
+        self._looked = -RECHECK_SECONDS  # monotonic time of the last look at the file
 
-    def names(self) -> tuple[str, ...]:
-        """Known streams in registry order; the defaults while no registry exists."""
+    def names(self, *, cached: bool = False) -> tuple[str, ...]:
+        """Known streams in registry order; the defaults while no registry exists.
+
+        `cached` (the caller's hot path) looks at the file at most once a second; a name not
+        found there is looked for again at once (`normalize`d names only: see `_entry._targets`).
+        """
+        now = time.monotonic()
+        if cached and now - self._looked < RECHECK_SECONDS:
+            return self._names
+        self._looked = now
         try:
             st = os.stat(self.path)
         except FileNotFoundError:

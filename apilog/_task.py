@@ -103,7 +103,7 @@ class LogTask(Task):  # type: ignore[misc]
             captures[-1].append(entry)
             return Receipt(entry.id, spooled=False)
         try:
-            if self.app is app and conf.uses_spool and not options:
+            if self is logger and conf.uses_spool and not options:  # apilog's own app (`self.app` costs a proxy)
                 writer_for(conf.spool_dir, conf.fsync == "always").append(_message.encode(entry))
                 return Receipt(entry.id, spooled=True)
             if self.app is app:

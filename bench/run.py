@@ -383,7 +383,7 @@ def main() -> None:
                 return drain(home)
 
             row(f"apilog drain, {entries:,} over {users:,} users with files", median_of(args.rounds, cold))
-            row("  same, apilogd already running (files open)",
+            row(f"  same, apilogd already running, {users:,} users",
                 median_of(args.rounds, lambda u=users: warm_drain(fresh(base, "users"), entries, u)))
 
     if "backlog" in only:

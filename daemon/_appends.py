@@ -30,6 +30,10 @@ class Appends:
     def watching(self) -> bool:
         return self.inotify is not None
 
+    def fileno(self) -> int | None:
+        """Readable once an event waits (None when not watching)."""
+        return None if self.inotify is None else self.inotify.fileno()
+
     def take(self) -> set[str] | None:
         if self.inotify is None:
             return set()

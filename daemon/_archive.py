@@ -63,18 +63,25 @@ class Archiver:
         self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._queued: set[str] = set()  # plain archives waiting for or under compression
         self._due: set[str] = set()  # live files found due, not yet rotated
+        self._swept: set[str] = set()  # found due by the sweeper thread, taken by tick()
+        self._lock = threading.Lock()  # guards _swept and _queued, shared with the two threads
+        self._closing = threading.Event()
         self._compressor = threading.Thread(target=self._compress_loop, name="apilog-gzip", daemon=True)
         self._compressor.start()
+        # Walking the tree (a stat per file, each file's first entry read once) takes a while with
+        # thousands of users: done in its own thread, it never holds up a batch.
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="apilog-sweep", daemon=True)
+        self._sweeper.start()
         self._last_age_check = 0.0
-        # The first walk of the tree (it reads each file's first entry) waits for a start-up backlog to drain.
-        self._last_sweep = time.time() - SWEEP_EVERY + FIRST_SWEEP_AFTER
 
     def close(self, *, wait: bool = False) -> None:
         """Stop watching and compressing; `wait` finishes the queued compressions first."""
         self.watcher.stop()
+        self._closing.set()
         self._jobs.put(None)
         # Within systemd's stop timeout; an unfinished job is redone at the next start.
         self._compressor.join(timeout=None if wait else 5)
+        self._sweeper.join(timeout=5)
 
     def written(self, first_entries: dict[str, float]) -> None:
         """A batch created these files: remember when their first entries happened."""
@@ -100,15 +107,27 @@ class Archiver:
         if self.settings.rotate_age and now - self._last_age_check >= AGE_CHECK_EVERY:
             self._last_age_check = now
             due.update(r for r in self.first_entry if self._too_old(r, now))
-        if now - self._last_sweep >= SWEEP_EVERY:
-            self._last_sweep = now
-            due.update(self.sweep(now))
+        with self._lock:
+            due.update(self._swept)
+            self._swept.clear()
         # Each rotation costs a few fsyncs: a bounded share per tick keeps the loop (and SIGTERM) responsive.
         chosen = sorted(due)[:ROTATIONS_PER_TICK]
         for relpath in chosen:
             due.discard(relpath)
             self.rotate(relpath, now)
         return len(chosen)
+
+    def _sweep_loop(self) -> None:
+        wait = FIRST_SWEEP_AFTER  # a start-up backlog drains first
+        while not self._closing.wait(wait):
+            wait = SWEEP_EVERY
+            try:
+                found = self.sweep(time.time())
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again; rotation by size goes on
+                self.notes.append(("archive sweep failed, will retry", {"error": f"{type(exc).__name__}: {exc}"}))
+                continue
+            with self._lock:
+                self._swept.update(found)
 
     def sweep(self, now: float) -> set[str]:
         """Walk the tree: learn files and ages, find what is due, resume compression, apply retention."""
@@ -159,7 +178,9 @@ class Archiver:
         return target
 
     def _enqueue(self, relpath: str) -> None:
-        if relpath not in self._queued:
+        with self._lock:  # the sweeper resumes compressions too
+            if relpath in self._queued:
+                return
             self._queued.add(relpath)
             self._jobs.put(relpath)
 
@@ -221,7 +242,9 @@ class Archiver:
                 if match is None:
                     continue
                 plain = relpath.removesuffix(".gz.tmp")
-                if match["tmp"] and plain not in self._queued:
+                with self._lock:
+                    in_hand = plain in self._queued
+                if match["tmp"] and not in_hand:
                     self.tree.unlink(relpath)  # a compression cut short; its plain copy is still there
                 elif not match["gz"]:
                     self._enqueue(relpath)
@@ -241,7 +264,8 @@ class Archiver:
                 self.notes.append(("archive compression failed; will retry at the next sweep",
                                    {"file": relpath, "error": str(exc)}))
             finally:
-                self._queued.discard(relpath)
+                with self._lock:
+                    self._queued.discard(relpath)
 
     def compress(self, relpath: str) -> None:
         """gzip a plain archive beside itself, durably, then remove the plain copy."""

@@ -119,6 +119,7 @@ class BrokerSource:
         self.delivered = DeliveredIds(folders.state)
         self.delivered.add(ledger.last_ids)  # journaled since the last checkpoint: perhaps not in the file yet
         self.name = redacted(settings.broker_url)
+        self.wakeup: int | None = None  # take() itself waits on the broker
         self.queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
         self.inbox: list[Message] = []
         self.retry: list[Message] = []  # a batch that failed to be written, tried again as it was

@@ -69,6 +69,7 @@ class SpoolSource:
         # Appends wake their segment: thousands of live producers cost nothing while they are quiet.
         self.appends = Appends(folders.segments.path)
         self.reader.watched = self.appends.watching
+        self.wakeup = self.appends.fileno()
 
     def _check_offsets(self) -> None:
         """A committed offset must end a whole record inside its segment; where it does not, the segment is set aside.

@@ -12,6 +12,7 @@ class Source(Protocol):
 
     name: str  # what is drained, said at start-up
     notes: list[Entry]  # INTERNAL entries about the source, written with the next batch
+    wakeup: int | None  # a descriptor that turns readable when input arrives (ends an idle wait)
 
     def take(self, limit: int) -> list[Any]:
         """The next batch of at most `limit` raw items (empty when there is nothing to do)."""
@@ -60,6 +61,7 @@ class NoSource:
     """A source with nothing in it: for replaying the journal without draining (`apilog archive` offline)."""
 
     name = "nothing"
+    wakeup: int | None = None
 
     def __init__(self) -> None:
         self.notes: list[Entry] = []

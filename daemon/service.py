@@ -78,9 +78,10 @@ class _Signals:
     def _on_archive(self, signum: int, frame: FrameType | None) -> None:
         self.archive = True
 
-    def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float, wake: int | None = None) -> None:
+        """Sleep until a signal, `seconds`, or (when given) the descriptor `wake` is readable."""
         if not self.stop:
-            select.select([self._read], [], [], seconds)
+            select.select([self._read] if wake is None else [self._read, wake], [], [], seconds)
         with contextlib.suppress(BlockingIOError):
             os.read(self._read, 512)
 
@@ -179,7 +180,7 @@ class Service:
             self._archive(drainer, archiver)
             idle = done == 0
             if idle:
-                signals.sleep(idle_wait)
+                signals.sleep(idle_wait, drainer.source.wakeup)  # a producer's append ends the wait
                 idle_wait = min(IDLE_WAIT_MAX, idle_wait * 1.5)
             else:
                 idle_wait = IDLE_WAIT

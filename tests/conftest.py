@@ -83,12 +83,16 @@ def unstamp(text: str, since: float, until: float) -> str:
     return STAMP.sub(check, text)
 
 
-def segment(home: Path, name: str, *, locked: bool) -> int:
-    """Create a segment the way a producer does: locked aside, then renamed into place."""
+def segment(home: Path, name: str) -> int:
+    """Create a segment the way a producer does: locked aside, then renamed into place.
+
+    Written through the returned descriptor, and sealed when it is closed (the lock goes with
+    it, as with a producer that dies): kept open, it is a live producer's. Never unlocked
+    before: an unlocked, empty segment is sealed and drained (removed) at once.
+    """
     dirs = spool.ensure(home / "spool")
     fd = os.open(dirs["tmp"] / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    if locked:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     os.rename(dirs["tmp"] / name, dirs["segments"] / name)
     return fd
 

@@ -58,7 +58,7 @@ def test_a_low_descriptor_limit_slows_apilogd_but_never_stalls_it(home: Path, tm
     """
     users = 300
     for s in range(20):
-        fd = segment(home, f"{s}-p.00000001.seg", locked=False)
+        fd = segment(home, f"{s}-p.00000001.seg")
         os.write(fd, b"".join(record("INFO", f"u{u}", f"from {s}") for u in range(s, users, 20)))
         os.close(fd)
     daemon = Daemon(tmp_path, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))

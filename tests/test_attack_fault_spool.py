@@ -41,7 +41,7 @@ def test_a_producer_truncating_its_own_segment_does_not_stop_the_daemon_for_ever
     entry is written until an admin runs `apilogd repair`. One bad segment stops the daemon (D7),
     and a member of the app's group, who owns the segment, has in effect damaged apilogd's state (D8).
     """
-    fd = segment(home, "555-evil.00000001.seg", locked=True)  # a live producer's segment
+    fd = segment(home, "555-evil.00000001.seg")  # a live producer's segment
     os.write(fd, record("INFO", "eve", "e1") + record("INFO", "eve", "e2"))
     first = Daemon(tmp_path)
     try:
@@ -70,7 +70,7 @@ def test_a_record_naming_one_stream_many_times_is_written_once(daemon: Path) -> 
     users/kim/INFO.log (D2: exactly once in each of its stream files). With a 16 MB record the
     same trick writes one entry ~2 million times.
     """
-    fd = segment(daemon, "600-dup.00000001.seg", locked=False)
+    fd = segment(daemon, "600-dup.00000001.seg")
     os.write(fd, _forged(streams=["INFO", "INFO", "INFO"], message="only once") + record("INFO", "kim", "after"))
     os.close(fd)
     log = daemon / "logs/users/kim/INFO.log"
@@ -88,7 +88,7 @@ def test_sigterm_is_honoured_within_10s_while_a_forged_record_renders(home: Path
     """
     daemon = Daemon(tmp_path)
     assert daemon.ready()
-    fd = segment(home, "601-slow.00000001.seg", locked=False)
+    fd = segment(home, "601-slow.00000001.seg")
     os.write(fd, _forged(streams=["INFO"] * 100, message="\\" * 1_000_000))
     os.close(fd)
     time.sleep(1.5)  # inside the batch that holds it
@@ -113,7 +113,7 @@ def test_jsonl_lines_stay_strict_json_whatever_a_record_carries(home: Path, tmp_
     """
     monkeypatch.setenv("APILOG_FORMAT", "jsonl")
     settings.reset()
-    fd = segment(home, "602-nan.00000001.seg", locked=False)
+    fd = segment(home, "602-nan.00000001.seg")
     os.write(fd, _forged(message={"a": float("nan"), "b": float("-inf")}))
     os.close(fd)
     daemon = Daemon(tmp_path)

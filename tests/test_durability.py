@@ -144,7 +144,7 @@ def test_crash_at_each_journal_step(home: Path, point: str) -> None:
 
 def test_half_written_record_waits_for_a_live_producer(daemon: Path) -> None:
     """A record half written by a live producer is neither taken nor quarantined; once whole, it is written."""
-    fd = segment(daemon, "999-live.00000001.seg", locked=True)
+    fd = segment(daemon, "999-live.00000001.seg")
     half = record("INFO", "olga", "finished later")
     os.write(fd, half[:30])
     time.sleep(0.5)
@@ -158,7 +158,7 @@ def test_half_written_record_waits_for_a_live_producer(daemon: Path) -> None:
 
 def test_torn_tail_of_a_dead_producer_is_quarantined(daemon: Path) -> None:
     """A producer that died mid-write leaves a torn tail: the whole records are written, the tail quarantined."""
-    fd = segment(daemon, "998-dead.00000001.seg", locked=False)
+    fd = segment(daemon, "998-dead.00000001.seg")
     os.write(fd, record("INFO", "pat", "whole one") + record("INFO", "pat", "torn one")[:40])
     os.close(fd)
     internal = daemon / "logs" / "system" / "INTERNAL.log"
@@ -178,7 +178,7 @@ def test_garbage_is_quarantined_and_never_blocks(daemon: Path) -> None:
     pickled = {**good, "content-type": "application/x-python-serialize",
                "body": base64.b64encode(pickle.dumps(([], {}, {}))).decode()}
     foreign = {**good, "headers": {**good["headers"], "task": "os.system"}}
-    fd = segment(daemon, "997-garbage.00000001.seg", locked=False)
+    fd = segment(daemon, "997-garbage.00000001.seg")
     os.write(fd, b"\x00\xffnot a record at all" + _framed(pickled) + _framed(foreign)
              + frame(b"{not json") + record("INFO", "quinn", "after the garbage"))
     os.close(fd)

@@ -43,7 +43,7 @@ def _with_body(body: bytes) -> bytes:
 
 def test_poison_records_are_quarantined_and_the_rest_flows(daemon: Path) -> None:
     """JSON nested 100,000 deep (as the message, or in its body) is quarantined; the records around it are written."""
-    fd = segment(daemon, "900-poison.00000001.seg", locked=False)
+    fd = segment(daemon, "900-poison.00000001.seg")
     os.write(fd, record("INFO", "ana", "a1") + frame(DEEP) + record("INFO", "ana", "a2")
              + _with_body(DEEP) + record("INFO", "ana", "a3"))
     os.close(fd)
@@ -142,7 +142,7 @@ def test_a_record_that_kills_the_daemon_is_set_aside_after_its_second_crash(home
     # Rendering it takes long enough to be caught in the act (a producer's own size limit does not bind a forger).
     slow = record("INFO", "gil", "\\" * 3_000_000, max_entry_bytes=1 << 24)
     first = record("INFO", "gil", "before")
-    fd = segment(home, "800-killer.00000001.seg", locked=False)
+    fd = segment(home, "800-killer.00000001.seg")
     os.write(fd, first + slow + record("INFO", "gil", "after"))
     os.close(fd)
     key = f"800-killer.00000001.seg@{len(first)}"
@@ -299,7 +299,7 @@ def test_a_log_disk_gone_read_only_keeps_entries_and_stops_cleanly(home: Path, t
 def test_thousands_of_segments_within_a_low_descriptor_limit(home: Path, tmp_path: Path) -> None:
     """3,000 producers' segments with `ulimit -n 1024` (soft and hard): ready, and every entry written once."""
     for n in range(3000):
-        fd = segment(home, f"{n}-many.00000001.seg", locked=False)
+        fd = segment(home, f"{n}-many.00000001.seg")
         os.write(fd, record("INFO", "pia", f"from producer {n}"))
         os.close(fd)
     daemon = Daemon(tmp_path, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))
