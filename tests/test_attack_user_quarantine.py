@@ -12,20 +12,22 @@ SEGMENT = "4242-0badc0de.00000001.seg"
 
 # The victim: a producer that died in the middle of a write leaves a torn record at the end of its segment.
 TORN = f"""
-import sys
+import os, sys
 sys.path.insert(0, sys.argv[1])
 from tests.conftest import record
 whole = record('INFO', 'vic', 'before the crash')
-open('spool/segments/{SEGMENT}', 'wb').write(whole + whole[:40] + b'VICTIM-TORN-TAIL')
+open('spool/tmp/{SEGMENT}', 'wb').write(whole + whole[:40] + b'VICTIM-TORN-TAIL')
+os.rename('spool/tmp/{SEGMENT}', 'spool/segments/{SEGMENT}')  # published whole, as a producer that died
 print(len(whole))
 """
 
 # The attacker, once the victim's segment is drained and removed: a file of its own under the same name,
 # with damaged bytes at the same offset.
 SAME_NAME = f"""
-import sys
+import os, sys
 offset = int(sys.argv[1])
-open('spool/segments/{SEGMENT}', 'wb').write(b'x' * offset + b'APL1' + b'\\xff' * 8 + b'ATTACKER')
+open('spool/tmp/{SEGMENT}', 'wb').write(b'x' * offset + b'APL1' + b'\\xff' * 8 + b'ATTACKER')
+os.rename('spool/tmp/{SEGMENT}', 'spool/segments/{SEGMENT}')
 """
 
 

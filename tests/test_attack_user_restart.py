@@ -30,9 +30,10 @@ NON_UTF8_NAME = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 from tests.conftest import record
-fd = os.open(b'spool/segments/\\xffeve.00000001.seg', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+fd = os.open(b'spool/tmp/\\xffeve.00000001.seg', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 os.write(fd, b''.join(record('INFO', 'eve', f'e{n}') for n in range(3)))
 os.close(fd)
+os.rename(b'spool/tmp/\\xffeve.00000001.seg', b'spool/segments/\\xffeve.00000001.seg')
 """
 
 
