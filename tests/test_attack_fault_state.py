@@ -192,3 +192,62 @@ def test_a_deleted_ledger_writes_nothing_twice(home: Path, tmp_path: Path) -> No
         daemon.stop()
     written = [line.removeprefix("INFO:  ") for line in _lines(home)]
     assert len(written) == len(set(written)), f"entries written twice after the ledger was lost: {written}"
+
+
+def _journal_two_batches(home: Path, files: list[tuple[str, int, int]], data: bytes) -> None:
+    """Append two records to the journal as a daemon killed before its checkpoint leaves them."""
+    from apilog._folder import Folder
+    from apilog.spool.journal import Journal
+    from apilog.spool.ledger import parse
+
+    with Folder.at(home / "state") as state:
+        journal = Journal(state, durable=False, checkpoint=parse(state.read("ledger.json")).checkpoint)
+        journal.append(files, data, {}, [])
+        journal.append([("users/lia/INFO.log", 0, 0)], b"", {}, [])
+        journal.close()
+
+
+def test_a_journal_record_naming_a_path_out_of_the_tree_is_refused_and_repaired(home: Path, tmp_path: Path) -> None:
+    """A journal record with a valid checksum whose file is `users/../../etc/passwd` (a hand edit, a bug).
+
+    Redoing it would write outside the log tree: apilogd must refuse in one line, exit 78 and name
+    `apilogd repair`; the repair keeps what is certain and every entry is then written once.
+    """
+    _half_drained(home, tmp_path)
+    _journal_two_batches(home, [("users/../../etc/passwd", 0, 6)], b"pwned\n")
+    _refuses_cleanly(tmp_path)
+    assert not (home / "logs" / ".." / ".." / "etc" / "passwd").exists()
+    _repair_then_each_once(home, tmp_path)
+
+
+def test_a_journal_damaged_before_its_last_record_is_refused_and_repaired(home: Path, tmp_path: Path) -> None:
+    """A flipped byte in the first of two journal records (a failing disk): not a torn tail.
+
+    Guessing would redo a batch wrongly or skip one: apilogd must refuse in one line, exit 78
+    and name `apilogd repair`; the repair keeps the whole records before the damage and sets
+    aside what it cannot place, and nothing is written twice.
+    """
+    _half_drained(home, tmp_path)
+    _journal_two_batches(home, [("users/lia/INFO.log", 0, 9)], b"INFO:  x\n")
+    journal = home / "state" / "journal"
+    raw = bytearray(journal.read_bytes())
+    raw[30] ^= 0xFF
+    journal.write_bytes(bytes(raw))
+    _refuses_cleanly(tmp_path)
+    _repair_then_each_once(home, tmp_path)
+
+
+def test_a_journal_torn_in_its_last_record_is_cut_off_and_nothing_is_lost(home: Path, tmp_path: Path) -> None:
+    """A crash while a record was appended leaves it torn: that batch was never committed, so it is
+    cut off and read again from the spool; apilogd starts without a word of damage."""
+    _half_drained(home, tmp_path)
+    journal = home / "state" / "journal"
+    journal.write_bytes(journal.read_bytes() + b"APJ1\x10\x00\x00\x00")
+    daemon = Daemon(tmp_path)
+    try:
+        assert daemon.ready(15), daemon.stderr
+        wait_written(10)
+    finally:
+        assert daemon.stop() == 0
+    assert _lines(home) == [f"INFO:  e{n}" for n in range(8)]
+    assert journal.stat().st_size == 0  # checkpointed: the torn bytes are gone
