@@ -31,6 +31,7 @@ from ._folders import Folders
 from ._probe import Probe
 from ._source import NoSource, Source
 
+MAX_ITEMS = 16384  # items per batch: one journal record, one write per file
 CHECKPOINT_EVERY = 1.0  # seconds of batches the journal holds before the log files are synced
 CHECKPOINT_BYTES = 64 * 1024 * 1024  # or bytes: a restart redoes at most this much
 LOG_FILES_SHARE, SEGMENTS_SHARE = 0.6, 0.2  # of the descriptor limit: thousands of users' files stay open
@@ -164,7 +165,7 @@ class BatchWriter:
         self.created, self.sizes = {}, {}
         self.notes.extend(source.notes)
         source.notes.clear()
-        batch = [] if only_notes else source.take(1 if self.one_at_a_time else self.max_items)
+        batch = [] if only_notes else source.take(1 if self.one_at_a_time else MAX_ITEMS)
         if not batch and not self.notes:
             self.checkpoint()  # idle: make the last batches durable now
             source.tidy()
@@ -195,8 +196,6 @@ class BatchWriter:
         if time.monotonic() - self.last_checkpoint >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
             self.checkpoint()
         return len(batch)
-
-    max_items = 16384
 
     def _apply(self, batch: Batch, data: bytes, *, redo: bool = True) -> None:
         """Append a committed batch to its files; `redo` (after a failure or a crash) cuts each file back first."""

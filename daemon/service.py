@@ -32,6 +32,7 @@ from .exceptions import DaemonError, UnsafeSetup
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool, at first
 IDLE_WAIT_MAX = 0.25  # after a while of nothing to do: an idle look at thousands of segments is not free
+LINGER, LINGER_BELOW = 0.025, 1024  # after a batch under LINGER_BELOW items, wait LINGER seconds for more
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
 SWEEP_EVERY = 60.0  # seconds between tidyings of the spool's tmp folder
 BACKOFF_MAX = 10.0  # well inside WatchdogSec=, which the loop must keep feeding
@@ -158,7 +159,7 @@ class Service:
             except Exception as exc:  # noqa: BLE001 - the loop outlives anything one input or one disk does
                 if isinstance(exc, OSError):
                     failure = describe(exc) + (f" (errno {exc.errno})" if exc.errno else "")
-                    what = "write failed, entries stay in the spool"
+                    what = "write failed, entries wait in the spool or the journal"
                 else:
                     failure = describe(exc)
                     what = "a batch failed; its items are retried one at a time and a culprit is set aside"
@@ -184,6 +185,8 @@ class Service:
                 idle_wait = min(IDLE_WAIT_MAX, idle_wait * 1.5)
             else:
                 idle_wait = IDLE_WAIT
+                if done < LINGER_BELOW:
+                    signals.sleep(LINGER)  # let a trickle gather: a batch (and its fdatasync) per few entries costs
 
     @staticmethod
     def _last_notes(drainer: BatchWriter) -> None:
