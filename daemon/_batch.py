@@ -31,7 +31,7 @@ from ._folders import Folders
 from ._probe import Probe
 from ._source import NoSource, Source
 
-MAX_ITEMS = 16384  # items per batch: one journal record, one write per file
+MAX_ITEMS = 32768  # items per batch: one journal record, one write per file
 CHECKPOINT_EVERY = 1.0  # seconds of batches the journal holds before the log files are synced
 CHECKPOINT_BYTES = 64 * 1024 * 1024  # or bytes: a restart redoes at most this much
 LOG_FILES_SHARE, SEGMENTS_SHARE = 0.6, 0.2  # of the descriptor limit: thousands of users' files stay open

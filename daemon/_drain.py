@@ -17,7 +17,7 @@ from ._appends import Appends
 from ._batch import SEGMENTS_SHARE, descriptor_share
 from ._folders import Folders
 
-MAX_BYTES = 16 * 1024 * 1024
+MAX_BYTES = 32 * 1024 * 1024  # of records per batch (with MAX_ITEMS): fewer batches, fewer writes per file
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
