@@ -251,3 +251,12 @@ def test_a_journal_torn_in_its_last_record_is_cut_off_and_nothing_is_lost(home: 
         assert daemon.stop() == 0
     assert _lines(home) == [f"INFO:  e{n}" for n in range(8)]
     assert journal.stat().st_size == 0  # checkpointed: the torn bytes are gone
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_FILE))
+def test_a_journal_that_is_not_a_plain_file_is_refused_and_repaired(home: Path, tmp_path: Path, kind: str) -> None:
+    """state/journal swapped for a folder, a symlink or a FIFO: refused in one line (exit 78), then repaired."""
+    _half_drained(home, tmp_path)
+    NOT_A_FILE[kind](home / "state" / "journal", tmp_path)
+    _refuses_cleanly(tmp_path)
+    _repair_then_each_once(home, tmp_path)

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import msgspec
 
-from .._folder import Folder
+from .._folder import Folder, UnsafePath
 from ..exceptions import StateDamaged
 from .ledger import (
     DAMAGED,
@@ -132,10 +132,10 @@ def scan(raw: bytes) -> tuple[list[tuple[Batch, bytes]], int, str | None]:
             if found.startswith("a record with") or _a_record_after(raw, at + 1):
                 return records, at, f"{found} at byte {at}"
             return records, at, None
-        batch, data, at = found
+        batch, data, end = found
         if batch.seq <= last:
-            return records, at, f"record {batch.seq} after record {last}"
-        last = batch.seq
+            return records, at, f"record {batch.seq} after record {last} at byte {at}"
+        last, at = batch.seq, end
         records.append((batch, data))
     return records, at, None
 
@@ -163,10 +163,8 @@ class Journal:
                                    f"nothing was written; {REPAIR_HINT}")
         try:
             self.fd = state.open_plain(JOURNAL_NAME, os.O_RDWR | os.O_APPEND, 0o640)
-        except OSError as exc:
-            if not isinstance(exc, PermissionError) and exc.errno is not None:
-                self._damaged(f"not a plain file: {exc.strerror or exc}")
-            raise
+        except UnsafePath as exc:  # a folder, a link, a FIFO or a hard link in its place
+            self._damaged(f"not a plain file: {exc.strerror or exc}")
         raw = state.read(JOURNAL_NAME, MAX_RECORD * 2)
         records, end, problem = scan(raw)
         if problem is not None:
