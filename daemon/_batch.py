@@ -140,9 +140,7 @@ class BatchWriter:
 
     def checkpoint(self) -> None:
         """Make every committed batch durable in its files, save the ledger, empty the journal."""
-        if self.unapplied is not None:
-            self._apply(*self.unapplied)
-            self.unapplied = None
+        self._apply_unapplied()
         if self.journal.size == 0:
             return
         if self.durable:
@@ -159,9 +157,7 @@ class BatchWriter:
     def step(self, *, only_notes: bool = False) -> int:
         """Write one batch (or, `only_notes`, just the INTERNAL notes waiting); return how many items it committed."""
         source = self.source
-        if self.unapplied is not None:
-            self._apply(*self.unapplied)
-            self.unapplied = None
+        self._apply_unapplied()
         self.created, self.sizes = {}, {}
         self.notes.extend(source.notes)
         source.notes.clear()
@@ -196,6 +192,12 @@ class BatchWriter:
         if time.monotonic() - self.last_checkpoint >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
             self.checkpoint()
         return len(batch)
+
+    def _apply_unapplied(self) -> None:
+        """Redo the committed batch whose appends failed last time (a full or failing disk), before anything else."""
+        if self.unapplied is not None:
+            self._apply(*self.unapplied)
+            self.unapplied = None
 
     def _apply(self, batch: Batch, data: bytes, *, redo: bool = True) -> None:
         """Append a committed batch to its files; `redo` (after a failure or a crash) cuts each file back first."""

@@ -147,11 +147,13 @@ def _rebuild_ledger(folders: Folders, durable: bool, *,
 
     aside = _damaged_copy(state, LEDGER_NAME, sound)
     salvage = _Salvage()  # a ledger lost whole, or not a file at all, says nothing
+    source = "nothing (it was missing)"
     if aside is None:
         if not doubt_all and (state.exists(LEDGER_NAME) or not state.exists(LIVED_NAME)):
             return ["ledger: sound or none yet, nothing to repair"], None
         with contextlib.suppress(OSError):
             salvage = _salvage(state.read(LEDGER_NAME))
+            source = "itself, doubting every segment (the journal was damaged)"
     else:
         with contextlib.suppress(OSError):
             salvage = _salvage(state.read(aside))
@@ -190,7 +192,7 @@ def _rebuild_ledger(folders: Folders, durable: bool, *,
     state.write_atomic(LEDGER_NAME, json.dumps(ledger, separators=(",", ":")).encode(), durable=durable)
     if aside is not None:
         state.rename(aside, f"{aside}.{REPAIRED}")
-    source = f"{state.path / aside} (kept as {aside}.{REPAIRED})" if aside else "nothing (it was missing)"
+        source = f"{state.path / aside} (kept as {aside}.{REPAIRED})"
     done = [f"ledger: rebuilt {state.path / LEDGER_NAME} from {source}; {len(offsets)} segment offsets"]
     if salvage.pending is not None:
         done.append("ledger: the batch in flight is undone at the next start, then written once")
