@@ -32,7 +32,7 @@ from ._probe import Probe
 from ._source import NoSource, Source
 
 MAX_ITEMS = 32768  # items per batch: one journal record, one write per file
-CHECKPOINT_EVERY = 1.0  # seconds of batches the journal holds before the log files are synced
+CHECKPOINT_EVERY = 1.0  # age of the journal's oldest record when the log files are synced
 CHECKPOINT_BYTES = 64 * 1024 * 1024  # or bytes: a restart redoes at most this much
 LOG_FILES_SHARE, SEGMENTS_SHARE = 0.6, 0.2  # of the descriptor limit: thousands of users' files stay open
 NEW_FOLDERS_PER_MINUTE = 1000  # more new user folders than this in a minute is reported as a burst
@@ -79,7 +79,8 @@ class BatchWriter:
         self.folders = folders
         self.durable = settings.fsync != "off"
         self.ledger = Ledger(folders.state, durable=self.durable)
-        self.journal = Journal(folders.state, durable=self.durable, checkpoint=self.ledger.checkpoint)
+        self.journal = Journal(folders.state, durable=self.durable,
+                               checkpoint=self.ledger.checkpoint if self.ledger.journaled else None)
         self.tree = LogTree(settings.log_dir)
         self.files = OpenFiles(self.tree, limit=descriptor_share(LOG_FILES_SHARE))
         self.registry = Registry(settings.home)
@@ -93,7 +94,7 @@ class BatchWriter:
         fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         self.largest_file = float("inf") if fsize == resource.RLIM_INFINITY else fsize
         self.unapplied: tuple[Batch, bytes] | None = None  # committed, but its appends failed: redone first
-        self.last_checkpoint = time.monotonic()
+        self.journal_since = 0.0  # when the journal's oldest record was committed (it is empty after a checkpoint)
         self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
         self.source: Source = NoSource()
         try:
@@ -129,6 +130,12 @@ class BatchWriter:
                     say(f"could not cut {relpath} back to {size} bytes: {describe(exc)}")
             self.ledger.abort()
             say(f"undid an unfinished batch over {len(pending['files'])} files")
+        torn = self.journal.torn
+        if torn is not None:  # cut by a crash before any of its files was touched, or cut since: damage
+            for relpath, before, _ in torn.files:
+                if self.files.size_on_disk(relpath) > before:
+                    self.journal.damaged(f"its last record is cut, yet {relpath} holds that batch's bytes")
+            self.journal.cut_torn()
         redo = self.journal.to_redo
         for batch, data in redo:
             self._apply(batch, data)
@@ -150,7 +157,6 @@ class BatchWriter:
         self.ledger.last_ids = []  # the source's own record of them is on disk now
         self.ledger.save()
         self.journal.empty()
-        self.last_checkpoint = time.monotonic()
 
     # The core.
 
@@ -169,6 +175,8 @@ class BatchWriter:
         try:
             targets = self._targets(self._lines(batch))
             data = b"".join(chunk for _, _, chunk in targets)
+            if self.journal.size == 0:  # a burst after a quiet spell runs a full second before its checkpoint
+                self.journal_since = time.monotonic()
             record = self.journal.append([(r, before, len(chunk)) for r, before, chunk in targets], data,
                                          source.positions(batch), source.ids(batch))
         except BaseException as exc:
@@ -189,7 +197,7 @@ class BatchWriter:
         self._watch_for_bursts()
         self._apply(record, data, redo=False)
         source.tidy()  # in the files, and the journal can bring it back: consumed input may go
-        if time.monotonic() - self.last_checkpoint >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
+        if time.monotonic() - self.journal_since >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
             self.checkpoint()
         return len(batch)
 
@@ -205,7 +213,12 @@ class BatchWriter:
             for relpath, before, chunk in batch.shares(data):
                 try:
                     if redo:
-                        self.files.redo(relpath, before, chunk)
+                        found = self.files.redo(relpath, before, chunk)
+                        if found is not None:
+                            self.notes.append(internal(
+                                f"{relpath} was cut outside apilogd: the journal left it at {before} bytes, "
+                                f"it had {found}; the batch's entries were written at its end",
+                                {"file": relpath, "expected_bytes": before, "found_bytes": found}))
                     else:
                         self.files.append(relpath, chunk)  # its size was measured for this batch
                 except OSError as exc:

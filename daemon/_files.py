@@ -23,41 +23,70 @@ def syncfs(fd: int) -> None:
 
 
 class OpenFiles:
-    """Append handles kept open across batches, least recently used closed first."""
+    """Append handles kept open across batches, least recently used closed first, each with its size.
+
+    Only apilogd appends to a live file, so a size measured once when the file is opened and
+    then counted up by each append saves an fstat per file per batch (thousands per batch with
+    thousands of users). A file cut outside apilogd is measured again at a redo.
+    """
 
     def __init__(self, tree: LogTree, *, limit: int = MAX_OPEN) -> None:
         self.tree = tree
         self.limit = limit
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._open: OrderedDict[str, list[int]] = OrderedDict()  # relpath -> [fd, size]
 
-    def fd(self, relpath: str) -> int:
-        """An append handle for `relpath`, created 0640 (and its folders 0750) if missing."""
-        fd = self._fds.get(relpath)
-        if fd is not None:
-            self._fds.move_to_end(relpath)
-            return fd
-        fd = self.tree.open_append(relpath)
-        self._fds[relpath] = fd
-        while len(self._fds) > self.limit:
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
+    def _handle(self, relpath: str) -> list[int]:
+        handle = self._open.get(relpath)
+        if handle is not None:
+            self._open.move_to_end(relpath)
+            return handle
+        fd = self.tree.open_append(relpath)  # created 0640 (and its folders 0750) if missing
+        handle = self._open[relpath] = [fd, os.fstat(fd).st_size]
+        while len(self._open) > self.limit:
+            os.close(self._open.popitem(last=False)[1][0])
+        return handle
 
     def size(self, relpath: str) -> int:
-        return os.fstat(self.fd(relpath)).st_size
+        """The size of `relpath` after every append so far (opening it if need be)."""
+        return self._handle(relpath)[1]
+
+    def size_on_disk(self, relpath: str) -> int:
+        """The size of `relpath`, 0 when it is missing or not a file apilogd could write (never created here)."""
+        if relpath in self._open:
+            return self._open[relpath][1]
+        try:
+            fd = self.tree.open_existing(relpath, os.O_RDONLY)
+        except OSError:
+            return 0
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def append(self, relpath: str, data: bytes) -> None:
-        fd = self.fd(relpath)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        handle = self._handle(relpath)
+        try:
+            written = os.write(handle[0], data)
+            while written < len(data):  # a short write (a signal, a nearly full disk): the rest follows
+                written += os.write(handle[0], memoryview(data)[written:])
+        except BaseException:
+            self.forget(relpath)  # how much went in is unknown: measured again when next opened
+            raise
+        handle[1] += written
 
-    def redo(self, relpath: str, before: int, data: bytes) -> None:
-        """Make `relpath` end with `data` after its first `before` bytes, whatever a crash left of an earlier try."""
-        size = self.size(relpath)
+    def redo(self, relpath: str, before: int, data: bytes) -> int | None:
+        """Make `relpath` end with `data` after its first `before` bytes, whatever a crash left of an earlier try.
+
+        Returns the size found when the file was shorter than `before` (cut or removed outside
+        apilogd since): the bytes then go at its end, never past a hole.
+        """
+        handle = self._handle(relpath)
+        handle[1] = size = os.fstat(handle[0]).st_size  # measured, not counted: this follows a failure
         if size > before:
-            os.ftruncate(self.fd(relpath), before)
-        # Shorter than the journal says (cut or removed by hand since): the bytes go at its end, never past a hole.
+            os.ftruncate(handle[0], before)
+            handle[1] = before
         self.append(relpath, data)
+        return size if size < before else None
 
     def sync(self) -> None:
         """Every append so far on disk: one syncfs of the log tree's file system."""
@@ -77,12 +106,12 @@ class OpenFiles:
             os.close(fd)
 
     def forget(self, relpath: str) -> None:
-        fd = self._fds.pop(relpath, None)
-        if fd is not None:
-            os.close(fd)
+        handle = self._open.pop(relpath, None)
+        if handle is not None:
+            os.close(handle[0])
 
     def close(self) -> None:
         """Close every handle (what they wrote is made durable by `sync`, not by closing)."""
-        while self._fds:
+        while self._open:
             with contextlib.suppress(OSError):
-                os.close(self._fds.popitem()[1])
+                os.close(self._open.popitem()[1][0])

@@ -56,7 +56,7 @@ def _salvage(raw: bytes) -> _Salvage:
     except ValueError:
         pass
     else:
-        return _Salvage(found.offsets, True, found.pending, set(), found.last_ids, found.checkpoint)
+        return _Salvage(found.offsets, True, found.pending, set(), found.last_ids, found.checkpoint or 0)
     out = _Salvage()
     try:
         data = json.loads(raw)
@@ -104,7 +104,7 @@ def _rebuild_journal(folders: Folders, durable: bool) -> list[str]:
     so the ledger is then rebuilt doubting every segment (`_rebuild_ledger(doubt_all=True)`).
     """
     state = folders.state
-    lost = not state.exists(JOURNAL_NAME) and state.exists(LIVED_NAME) and _checkpoint_of(state) > 0
+    lost = not state.exists(JOURNAL_NAME) and state.exists(LIVED_NAME) and _journaled(state)
     aside = _damaged_copy(state, JOURNAL_NAME, lambda raw: scan(raw)[2] is None)
     if aside is None and not lost:
         return []
@@ -123,11 +123,12 @@ def _rebuild_journal(folders: Folders, durable: bool) -> list[str]:
             f"records ({end} bytes), redone at the next start"]
 
 
-def _checkpoint_of(state: Folder) -> int:
+def _journaled(state: Folder) -> bool:
+    """Whether the ledger was saved by a version with the journal (so a journal was kept here)."""
     try:
-        return parse(state.read(LEDGER_NAME)).checkpoint
+        return parse(state.read(LEDGER_NAME)).checkpoint is not None
     except (OSError, ValueError):
-        return 1  # unknown: a journal may have been lost with it
+        return True  # unknown: a journal may have been lost with it
 
 
 def _rebuild_ledger(folders: Folders, durable: bool, *,

@@ -32,6 +32,7 @@ from .exceptions import DaemonError, UnsafeSetup
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool, at first
 IDLE_WAIT_MAX = 0.25  # after a while of nothing to do: an idle look at thousands of segments is not free
+IDLE_WAIT_WOKEN_MAX = 1.0  # the same where an append wakes the loop (inotify): the look is only a backstop
 LINGER, LINGER_BELOW = 0.025, 1024  # after a batch under LINGER_BELOW items, wait LINGER seconds for more
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
 SWEEP_EVERY = 60.0  # seconds between tidyings of the spool's tmp folder
@@ -181,8 +182,10 @@ class Service:
             self._archive(drainer, archiver)
             idle = done == 0
             if idle:
-                signals.sleep(idle_wait, drainer.source.wakeup)  # a producer's append ends the wait
-                idle_wait = min(IDLE_WAIT_MAX, idle_wait * 1.5)
+                # A producer's append ends the wait; the watchdog is fed on time whatever the wait.
+                signals.sleep(min(idle_wait, self.watchdog_every or idle_wait), drainer.source.wakeup)
+                idle_wait = min(IDLE_WAIT_MAX if drainer.source.wakeup is None else IDLE_WAIT_WOKEN_MAX,
+                                idle_wait * 1.5)
             else:
                 idle_wait = IDLE_WAIT
                 if done < LINGER_BELOW:

@@ -10,7 +10,9 @@ exactly once), or simply goes on writing every entry once.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -260,3 +262,90 @@ def test_a_journal_that_is_not_a_plain_file_is_refused_and_repaired(home: Path, 
     NOT_A_FILE[kind](home / "state" / "journal", tmp_path)
     _refuses_cleanly(tmp_path)
     _repair_then_each_once(home, tmp_path)
+
+
+def _crashed_after_appends() -> list[tuple[str, str]]:
+    """A daemon that journaled and appended its first batch, then died before any checkpoint."""
+    from .test_durability import _crash_child, _log_batch, _seal_producer
+
+    expected = _log_batch(60)
+    _seal_producer()
+    child = multiprocessing.get_context("fork").Process(target=_crash_child, args=("after-appends",))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    return expected
+
+
+def _every_line_once(home: Path, expected: list[tuple[str, str]]) -> None:
+    by_file: dict[str, list[str]] = {}
+    for relpath, line in expected:
+        by_file.setdefault(relpath, []).append(line)
+    for relpath, lines in by_file.items():
+        written = (home / "logs" / relpath).read_text().splitlines(keepends=True)
+        assert sorted(written) == sorted(lines), f"{relpath}: not each entry once"
+
+
+def test_a_journal_lost_before_its_first_checkpoint_is_refused_and_repaired(home: Path, tmp_path: Path) -> None:
+    """The journal removed after a daemon committed and appended its first batch, before any checkpoint.
+
+    Found by an attack: with no checkpoint saved yet, a missing journal looked like a fresh
+    start, and the whole segment was read again and written twice. The ledger says a journaling
+    daemon ran here: refuse in one line (exit 78); after `apilogd repair` nothing is written twice.
+    """
+    expected = _crashed_after_appends()
+    assert json.loads((home / "state" / "ledger.json").read_bytes())["checkpoint"] == 0
+    (home / "state" / "journal").unlink()
+    _refuses_cleanly(tmp_path)
+    assert _cli("repair").returncode == 0
+    daemon = Daemon(tmp_path)
+    try:
+        assert daemon.ready(), daemon.stderr
+        wait_written(15)
+    finally:
+        daemon.stop()
+    _every_line_once(home, expected)
+
+
+def test_a_journal_record_cut_after_its_batch_was_written_is_refused(home: Path, tmp_path: Path) -> None:
+    """The journal's last record cut (a bad restore, a disk that lied about its flush) after its batch reached the files.
+
+    Found by an attack: the cut record looked torn by a crash (never committed), so its entries
+    were read again and written twice. A crash tears a record before any file is touched: a file
+    already holding the batch's bytes proves damage. Refused (exit 78); repaired, each entry once.
+    """
+    expected = _crashed_after_appends()
+    journal = home / "state" / "journal"
+    journal.write_bytes(journal.read_bytes()[:-10])
+    _refuses_cleanly(tmp_path)
+    assert _cli("repair").returncode == 0
+    daemon = Daemon(tmp_path)
+    try:
+        assert daemon.ready(), daemon.stderr
+        wait_written(15)
+    finally:
+        daemon.stop()
+    _every_line_once(home, expected)
+
+
+def test_a_log_file_cut_by_hand_before_a_redo_gets_its_batch_once_and_a_report(home: Path, tmp_path: Path) -> None:
+    """An operator empties a live file (copytruncate) between a batch and the restart that redoes it.
+
+    The redo finds the file shorter than the journal left it: the batch's entries go at its end,
+    once, and INTERNAL says the file was cut outside apilogd.
+    """
+    logger.delay("INFO", "crash0", "written before", timestamp=False)
+    daemon = Daemon(tmp_path)
+    assert daemon.ready(), daemon.stderr
+    wait_written()
+    assert daemon.stop() == 0
+    expected = _crashed_after_appends()
+    (home / "logs" / "users" / "crash0" / "INFO.log").write_bytes(b"")  # "written before" and the batch
+    daemon = Daemon(tmp_path)
+    try:
+        assert daemon.ready(), daemon.stderr
+        wait_written(15)
+    finally:
+        assert daemon.stop() == 0
+    _every_line_once(home, expected)
+    assert "users/crash0/INFO.log was cut outside apilogd" in (home / "logs" / "system" / "INTERNAL.log").read_text()

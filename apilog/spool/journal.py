@@ -140,6 +140,26 @@ def scan(raw: bytes) -> tuple[list[tuple[Batch, bytes]], int, str | None]:
     return records, at, None
 
 
+def torn_header(raw: bytes, at: int) -> Batch | None:
+    """What the torn record at `at` says, when its header at least is whole and sound; None otherwise.
+
+    Its checksum cannot be checked (its data is cut), so this is a witness, not a record: a crash
+    tears a record before any of its files is touched, and a file grown past its size before the
+    batch means the record had been whole, and was cut since.
+    """
+    if len(raw) - at < HEADER.size:
+        return None
+    magic, head_len, data_len, _ = HEADER.unpack_from(raw, at)
+    start = at + HEADER.size
+    if magic != MAGIC or start + head_len > len(raw):
+        return None
+    try:
+        batch = _decode_batch(memoryview(raw)[start:start + head_len])
+    except msgspec.DecodeError:
+        return None
+    return None if _problem(batch, data_len) else batch
+
+
 def _a_record_after(raw: bytes, start: int) -> bool:
     at = raw.find(MAGIC, start)
     while at >= 0:
@@ -152,31 +172,48 @@ def _a_record_after(raw: bytes, start: int) -> bool:
 class Journal:
     """The journal file of the state folder: records appended, replayed at start, emptied at each checkpoint."""
 
-    def __init__(self, state: Folder, *, durable: bool, checkpoint: int) -> None:
+    def __init__(self, state: Folder, *, durable: bool, checkpoint: int | None) -> None:
+        """`checkpoint`: the last record the ledger covers; None for a ledger older than the journal."""
         self.state = state
         self.path = state.path / JOURNAL_NAME
         self.durable = durable
+        self.fd = -1
         if not state.exists(JOURNAL_NAME):
             refuse_unrepaired(state, JOURNAL_NAME)
-            if checkpoint and state.exists(LIVED_NAME):  # a daemon journaled here: records may be lost with it
+            # The journal is made before the probe file and lives as long as the state folder:
+            # missing after a daemon of this version ran here, it was lost, and its records with it.
+            if checkpoint is not None and state.exists(LIVED_NAME):
                 raise StateDamaged(f"{self.path} is missing, though apilogd ran here before; "
                                    f"nothing was written; {REPAIR_HINT}")
+        checkpoint = checkpoint or 0
         try:
             self.fd = state.open_plain(JOURNAL_NAME, os.O_RDWR | os.O_APPEND, 0o640)
         except UnsafePath as exc:  # a folder, a link, a FIFO or a hard link in its place
-            self._damaged(f"not a plain file: {exc.strerror or exc}")
+            self.damaged(f"not a plain file: {exc.strerror or exc}")
         raw = state.read(JOURNAL_NAME, MAX_RECORD * 2)
         records, end, problem = scan(raw)
         if problem is not None:
-            os.close(self.fd)
-            self._damaged(problem)
-        if end < len(raw):  # torn by a crash while it was appended: never committed, no file touched
+            self.damaged(problem)
+        # Torn by a crash while it was appended: never committed, no file touched. Cut off now, or,
+        # when its header can still be read, by `cut_torn` once the writer has seen its files untouched.
+        self.torn = torn_header(raw, end) if end < len(raw) else None
+        if end < len(raw) and self.torn is None:
             os.ftruncate(self.fd, end)
         self.size = end
         self.seq = max([checkpoint] + [batch.seq for batch, _ in records])
         self.to_redo = [(batch, data) for batch, data in records if batch.seq > checkpoint]
 
-    def _damaged(self, why: str) -> NoReturn:
+    def cut_torn(self) -> None:
+        """The torn last record's files hold none of its bytes: it was never committed; cut it off."""
+        if self.torn is not None:
+            os.ftruncate(self.fd, self.size)
+            self.torn = None
+
+    def damaged(self, why: str) -> NoReturn:
+        """Set the journal aside and refuse to go on: one line naming it and the way out."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         aside = self.state.set_aside(JOURNAL_NAME, DAMAGED)
         raise StateDamaged(f"{self.path} is damaged ({why}); moved to {self.state.path / aside}; "
                            f"nothing was written; {REPAIR_HINT}")

@@ -72,7 +72,7 @@ class Parsed(NamedTuple):
     offsets: dict[str, int]
     pending: dict[str, Any] | None  # a batch in flight, as the version before the journal recorded it
     last_ids: list[str]
-    checkpoint: int  # the last journal record these offsets cover
+    checkpoint: int | None  # the last journal record these offsets cover; None: a ledger older than the journal
 
 
 def parse(raw: bytes) -> Parsed:
@@ -93,8 +93,8 @@ def parse(raw: bytes) -> Parsed:
     last_ids = data.get("last_ids", [])
     if type(last_ids) is not list or not all(is_entry_id(i) for i in last_ids):
         raise ValueError("last_ids is not a list of entry ids")
-    checkpoint = data.get("checkpoint", 0)
-    if type(checkpoint) is not int or checkpoint < 0:
+    checkpoint = data.get("checkpoint")
+    if checkpoint is not None and (type(checkpoint) is not int or checkpoint < 0):
         raise ValueError("checkpoint is not a journal record number")
     return Parsed(offsets, pending, last_ids, checkpoint)
 
@@ -132,9 +132,11 @@ class Ledger:
         except OSError as exc:  # a folder, a link or a FIFO in its place
             self.damaged(f"not a plain file: {exc.strerror or exc}")
         try:
-            self.offsets, self.pending, self.last_ids, self.checkpoint = parse(raw)
+            self.offsets, self.pending, self.last_ids, checkpoint = parse(raw)
         except ValueError as exc:
             self.damaged(str(exc))
+        self.journaled = checkpoint is not None  # saved by a version that keeps a journal
+        self.checkpoint = checkpoint or 0
         self.save()  # from now on its absence means it was lost
 
     def damaged(self, why: str) -> NoReturn:

@@ -219,9 +219,17 @@ class SpoolReader:
                         return out
                 if not (seg.sealed and seg.pos >= os.fstat(seg.fd).st_size):
                     if not seg.sealed:  # read to its end, its producer alive: look again when it grows
-                        seg.quiet = (seg.pos, time.monotonic() + SEAL_RECHECK)
+                        seg.quiet = (seg.pos, time.monotonic() + self._recheck_after())
                     break  # this producer's later segments wait until this one is final and read
         return out
+
+    def _recheck_after(self) -> float:
+        """Seconds until a quiet segment's lock is checked again.
+
+        More held segments than descriptors means each check reopens one: spread the checks
+        so they cost the same as with every segment open (a seal is then seen a little later).
+        """
+        return SEAL_RECHECK * max(1.0, len(self._segments) / self.max_open)
 
     def _quiet(self, seg: _Segment) -> bool:
         """A live producer's segment read to its end that has not grown: skipped without opening it.
