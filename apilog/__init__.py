@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from ._bridge import LoggingHandler
 from ._context import current_user, user
 from ._task import LogTask, Receipt, app, logger, register
@@ -22,4 +25,7 @@ __all__ = [
     "register",
     "user",
 ]
-__version__ = "0.1.0"
+try:
+    __version__ = _version("apilog")  # one place: pyproject.toml
+except PackageNotFoundError:  # a source tree run without installing it
+    __version__ = "0+unknown"

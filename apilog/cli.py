@@ -20,6 +20,7 @@ from .settings import Settings
 
 
 @click.group(cls=Group)
+@click.version_option(package_name="apilog", prog_name="apilog")
 def main() -> None:
     """apilog: per-user, per-stream logs for web API backends."""
 

@@ -83,12 +83,42 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off); got {raw!r}")
 
 
-def _int(minimum: int) -> Callable[[str, str], int]:
+# Human quantities: "10 MB", "64 KiB", "1 day", "1d 12h". K, M, G alone count in 1024s, as systemd does.
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+            "h": 3600, "hr": 3600, "hour": 3600, "d": 86400, "day": 86400, "w": 604800, "week": 604800}
+_DURATION_UNITS = {**_SECONDS, **{f"{name}s": n for name, n in _SECONDS.items() if len(name) > 1}}
+_QUANTITY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
+
+
+def _quantity(raw: str, units: Mapping[str, int], bare: int) -> int | None:
+    """The sum of `raw`'s number-and-unit terms in base units (a bare number counts `bare`); None when it is not one."""
+    text = raw.strip().lower()
+    total, at = 0.0, 0
+    while at < len(text):
+        match = _QUANTITY.match(text, at)
+        if match is None or (match.group(2) and match.group(2) not in units):
+            return None
+        total += float(match.group(1)) * (units[match.group(2)] if match.group(2) else bare)
+        at = match.end()
+    return round(total) if text and total == round(total) else None
+
+
+def _int(minimum: int, *, units: Mapping[str, int] | None = None, per: int = 1,
+         like: str = "") -> Callable[[str, str], int]:
+    """A whole number at least `minimum`; with `units`, also a human quantity counted in `per` base units."""
     def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number; got {raw!r}") from None
+        text = raw.strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            value = int(text)
+        else:
+            found = _quantity(text, units, per) if units else None
+            if found is None or found % per:
+                wanted = f"a whole number or {like}" if units else "a whole number"
+                raise ConfigError(f"{name} must be {wanted}; got {raw!r}")
+            value = found // per
         if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}; got {value}")
         return value
@@ -117,8 +147,11 @@ def _broker(name: str, raw: str) -> str | None:
 
 
 def redacted(url: str) -> str:
-    """A broker URL fit to print: its password replaced by ***."""
-    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+    """A broker URL fit to print: its password replaced by *** (by kombu, which parses every broker's URL form)."""
+    # Imported on use: reading settings stays light.
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url, mask="***"))
 
 
 def zone_of(tz_name: str) -> tzinfo | None:
@@ -163,10 +196,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "APILOG_TIMESTAMPS": _bool,
     "APILOG_TZ": _zone,
     "APILOG_FSYNC": _choice(FSYNC_MODES),
-    "APILOG_MAX_ENTRY_BYTES": _int(1024),
-    "APILOG_ROTATE_BYTES": _int(1),
-    "APILOG_ROTATE_AGE": _int(0),
-    "APILOG_RETAIN_DAYS": _int(0),
+    "APILOG_MAX_ENTRY_BYTES": _int(1024, units=_SIZE_UNITS, like="a size such as 64 KiB"),
+    "APILOG_ROTATE_BYTES": _int(1, units=_SIZE_UNITS, like="a size such as 10 MB"),
+    "APILOG_ROTATE_AGE": _int(0, units=_DURATION_UNITS, like="a duration such as 1 day or 12h"),
+    "APILOG_RETAIN_DAYS": _int(0, units=_DURATION_UNITS, per=86400, like="whole days such as 30 days or 2 weeks"),
     "APILOG_STRICT": _bool,
 }
 

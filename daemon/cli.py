@@ -29,6 +29,7 @@ def _group_of(path: Path) -> str:
 
 
 @click.group(cls=Group)
+@click.version_option(package_name="apilog", prog_name="apilogd")
 def main() -> None:
     """apilogd: drains the apilog spool into per-user, per-stream log files."""
 
@@ -76,7 +77,7 @@ def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None
     files, commands = _units.plan(user=user, env=dict(os.environ), root=root)
     if dry_run:
         for unit in files:
-            click.echo(f"# {unit.path}\n{unit.text}")
+            click.echo(f"# {unit.path} (mode {unit.mode:o})\n{unit.shown or unit.text}")
         for command in commands:
             click.echo(f"would run: {' '.join(command)}")
         return

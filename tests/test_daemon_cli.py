@@ -98,3 +98,23 @@ def test_bad_setting_is_a_clear_error(home: Path, monkeypatch) -> None:  # type:
     out = _cli("run")
     assert out.returncode == 1
     assert "APILOG_FSYNC must be one of off, batch, always; got 'sometimes'" in out.stderr
+
+
+def test_both_commands_say_their_version() -> None:
+    """SPEC 15: `apilog --version` and `apilogd --version` print the installed version and exit 0."""
+    from importlib.metadata import version
+
+    for command in ([sys.executable, "-m", "apilog"], APILOGD):
+        done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith(f"version {version('apilog')}"), done.stdout
+
+
+def test_status_never_prints_a_broker_password(home: Path) -> None:
+    """A password holding `@` and `:` was printed in part (`redis://app:***@ss@host`); kombu's sanitizer hides all of it."""
+    url = "redis://app:s3cr:et@pa55@broker.example:6379/0"
+    done = subprocess.run([*APILOGD, "status"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "APILOG_BROKER_URL": url})
+    assert "broker:      redis://app:***@broker.example:6379/0" in done.stdout, done.stdout
+    for part in ("s3cr", ":et@", "pa55"):
+        assert part not in done.stdout

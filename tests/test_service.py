@@ -33,7 +33,8 @@ def test_rendered_units_verify(home: Path, tmp_path: Path) -> None:
     system = tmp_path / "etc/systemd/system/apilogd.service"
     user = tmp_path / "home/u/.config/systemd/user/apilogd.service"
     assert f"ExecStart={sys.executable} -m apilogd run" in system.read_text()
-    assert "Environment=APILOG_BROKER_URL=redis://localhost:6379/0" in system.read_text()
+    assert "EnvironmentFile=/etc/apilog/apilogd.env" in system.read_text()
+    assert 'APILOG_BROKER_URL="redis://localhost:6379/0"' in (tmp_path / "etc/apilog/apilogd.env").read_text()
     assert (tmp_path / "etc/systemd/system/apilogd.service.d/broker-network.conf").exists()
     assert (tmp_path / "etc/sysusers.d/apilog.conf").read_text().strip().endswith('u apilog - "apilog log writer" /var/lib/apilog')
     for unit in (system, user):
@@ -50,6 +51,51 @@ def test_system_unit_security_score(home: Path, tmp_path: Path) -> None:
     score = float(re.search(r"Overall exposure level for apilogd.service: ([\d.]+)", result.stdout).group(1))
     print("exposure", score)
     assert score <= 1.0
+
+
+SECRET = "pa%ss w$rd\"q`\\@:x"  # every character a unit or a shell would take for something else
+
+
+def test_a_broker_password_never_sits_in_a_unit_and_reads_back_whole(home: Path, tmp_path: Path) -> None:
+    """Found by review: the broker URL went into a 0644 unit as Environment=, and systemd drops a line with
+    a `%` it cannot expand, so the daemon silently drained the local spool instead.
+
+    Now the settings go to an EnvironmentFile of mode 0600; the unit names it. What the service
+    manager reads back from it (shell quoting, which systemd's parser follows) is the URL, whole.
+    """
+    url = f"amqp://app:{SECRET}@broker.example:5672//"
+    for scope, env_file, unit in (("--system", "etc/apilog/apilogd.env", "etc/systemd/system/apilogd.service"),
+                                  ("--user", "home/u/.config/apilog/apilogd.env", "home/u/.config/systemd/user/apilogd.service")):
+        done = _render(tmp_path, scope, env={"APILOG_BROKER_URL": url, "XDG_CONFIG_HOME": "/home/u/.config"})
+        assert done.returncode == 0, done.stderr
+        path, unit_text = tmp_path / env_file, (tmp_path / unit).read_text()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert "pa%ss" not in unit_text and "w$rd" not in unit_text
+        assert f"EnvironmentFile=/{env_file}" in unit_text
+        read = subprocess.run(["bash", "-c", 'set -a; . "$0"; printf %s "$APILOG_BROKER_URL"', str(path)],
+                              capture_output=True, text=True, env={}, check=True)
+        assert read.stdout == url
+    shown = subprocess.run([*APILOGD, "install-service", "--system", "--dry-run"], capture_output=True, text=True,
+                           env={**os.environ, "APILOG_BROKER_URL": url})
+    assert shown.returncode == 0 and "amqp://app:***@broker.example" in shown.stdout
+    assert "w$rd" not in shown.stdout and "w\\$rd" not in shown.stdout
+
+
+@needs_analyze
+def test_a_python_path_with_a_space_and_a_percent_sign_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ExecStart= names this installation's Python: a `%` in its path is doubled and a space quoted, or systemd misreads it."""
+    from apilogd import _units
+
+    python = tmp_path / "venv 100%" / "python"
+    python.parent.mkdir()
+    python.symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(python))
+    files, _ = _units.plan(user=False, env={}, root=tmp_path / "root")
+    _units.install(files)
+    unit = tmp_path / "root/etc/systemd/system/apilogd.service"
+    assert f'ExecStart="{tmp_path}/venv 100%%/python" -m apilogd run' in unit.read_text()
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:

@@ -46,6 +46,11 @@ def test_systemd_directories(home: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         ("APILOG_ROTATE_BYTES", "0", "APILOG_ROTATE_BYTES must be at least 1"),
         ("APILOG_ROTATE_AGE", "-5", "APILOG_ROTATE_AGE must be at least 0"),
         ("APILOG_RETAIN_DAYS", "1.5", "APILOG_RETAIN_DAYS must be a whole number"),
+        ("APILOG_RETAIN_DAYS", "36 hours", "APILOG_RETAIN_DAYS must be a whole number or whole days"),
+        ("APILOG_ROTATE_BYTES", "10 parsecs", "APILOG_ROTATE_BYTES must be a whole number or a size such as 10 MB"),
+        ("APILOG_ROTATE_BYTES", "1.5", "APILOG_ROTATE_BYTES must be a whole number or a size"),
+        ("APILOG_ROTATE_AGE", "1 fortnight", "APILOG_ROTATE_AGE must be a whole number or a duration"),
+        ("APILOG_MAX_ENTRY_BYTES", "1 kB", "APILOG_MAX_ENTRY_BYTES must be at least 1024; got 1000"),
         ("APILOG_STRICT", "2", "APILOG_STRICT must be 1 or 0"),
         ("APILOG_LOG_DIR", "relative/logs", "APILOG_LOG_DIR must be an absolute path"),
         ("APILOG_BROKER_URL", "localhost:6379", "APILOG_BROKER_URL must be a Celery broker URL"),
@@ -71,3 +76,33 @@ def test_toml_file_and_environment_wins(home: Path, monkeypatch: pytest.MonkeyPa
     (home / "apilog.toml").write_text("rotate_bytes = 0\n")
     with pytest.raises(ConfigError, match="APILOG_ROTATE_BYTES must be at least 1"):
         settings.load()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field", "expected"),
+    [
+        ("APILOG_ROTATE_BYTES", "10 MB", "rotate_bytes", 10_000_000),
+        ("APILOG_ROTATE_BYTES", "10 MiB", "rotate_bytes", 10 * 2**20),
+        ("APILOG_ROTATE_BYTES", "10M", "rotate_bytes", 10 * 2**20),  # K, M, G alone count in 1024s, as in systemd
+        ("APILOG_ROTATE_BYTES", "1.5 kB", "rotate_bytes", 1500),
+        ("APILOG_MAX_ENTRY_BYTES", "64 KiB", "max_entry_bytes", 65536),
+        ("APILOG_ROTATE_AGE", "1 day", "rotate_age", 86400),
+        ("APILOG_ROTATE_AGE", "1d 12h", "rotate_age", 129600),
+        ("APILOG_ROTATE_AGE", "90 minutes", "rotate_age", 5400),
+        ("APILOG_ROTATE_AGE", "3600", "rotate_age", 3600),
+        ("APILOG_RETAIN_DAYS", "2 weeks", "retain_days", 14),
+        ("APILOG_RETAIN_DAYS", "30 days", "retain_days", 30),
+        ("APILOG_RETAIN_DAYS", "30", "retain_days", 30),
+    ],
+)
+def test_sizes_and_durations_read_as_people_write_them(home: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                                                        value: str, field: str, expected: int) -> None:
+    monkeypatch.setenv(name, value)
+    assert getattr(settings.load(), field) == expected
+
+
+def test_human_values_in_the_toml_file(home: Path) -> None:
+    home.mkdir()
+    (home / "apilog.toml").write_text('rotate_bytes = "5 MB"\nrotate_age = "12 hours"\nretain_days = "1 week"\n')
+    loaded = settings.load()
+    assert (loaded.rotate_bytes, loaded.rotate_age, loaded.retain_days) == (5_000_000, 43200, 7)
