@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
 
 from ._bridge import LoggingHandler
 from ._context import current_user, user
-from ._task import LogTask, Receipt, app, logger, register
 from .exceptions import ApilogError, BadInput, ConfigError, SpoolError, StreamError
+
+if TYPE_CHECKING:
+    from ._task import LogTask, Receipt, app, logger, register
+
+# Celery and kombu take half a second to import: loaded with the first of these, not by `import apilog`.
+_FROM_TASK = frozenset({"LogTask", "Receipt", "app", "logger", "register"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_TASK:
+        from . import _task
+
+        return getattr(_task, name)
+    raise AttributeError(f"module 'apilog' has no attribute {name!r}")
 
 __all__ = [
     "ApilogError",

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from ._task import logger
 from ._tree import USERS, decode_user
 from .settings import Settings
 
@@ -17,6 +16,9 @@ WAIT_SECONDS = 30.0
 
 def log_samples() -> int:
     """The examples of the README; returns how many calls were made."""
+    # Celery is loaded by the demo, not by every `apilog` command.
+    from ._task import logger
+
     logger.delay(m="Log entry here.")
     logger.delay("INFO", "usera1@gizzleMail.com", "Viewed the billing page.", timestamp=True)
     logger.delay("ERROR", "system", "Payment provider timed out after 30s.")

@@ -21,7 +21,6 @@ from apilog.spool.ledger import Ledger
 
 from ._archive import Archiver
 from ._batch import BatchWriter, describe, say
-from ._broker import BrokerSource
 from ._control import STATS_NAME, answer_archive_request
 from ._drain import SpoolSource
 from ._folders import Folders, open_folders, open_home
@@ -52,6 +51,9 @@ def open_source(settings: Settings, folders: Folders) -> Callable[[Ledger], Sour
     """The source this configuration drains: the embedded spool, or the broker."""
     if settings.uses_spool:
         return lambda ledger: SpoolSource(settings, folders, ledger)
+    # kombu is loaded only by a daemon that drains a broker.
+    from ._broker import BrokerSource
+
     return lambda ledger: BrokerSource(settings, folders, ledger)
 
 

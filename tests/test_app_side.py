@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,13 @@ def test_testing_capture(home: Path) -> None:
     assert entries[0].location == "zed" and entries[0].message == {"ip": "x"}
     assert entries[1].problems == ["unknown stream 'NOPE'"]
     assert not (home / "spool").exists()
+
+
+def test_importing_apilog_or_its_commands_leaves_celery_unloaded() -> None:
+    """`import apilog`, its settings and both commands' modules load neither Celery nor kombu (half a second);
+    the first use of `logger` does."""
+    probe = ("import sys, apilog, apilog.settings, apilog.cli, apilogd.cli, apilogd.service; "
+             "print('celery' in sys.modules, 'kombu' in sys.modules); "
+             "from apilog import logger; print('celery' in sys.modules, type(logger).__name__)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "False", "True", "LogTask"]
