@@ -34,10 +34,10 @@ class LoggingHandler(logging.Handler):
         return chosen
 
     def emit(self, record: logging.LogRecord) -> None:
-        from ._task import logger  # noqa: PLC0415 - Celery loads only once a record is logged
+        from ._task import logger
 
         try:
             location = getattr(record, "user", None) or current_user() or SYSTEM
             logger.delay(self.stream_for(record.levelno), location, self.format(record))
-        except Exception:  # a handler must never raise into the code that logged
+        except Exception:  # noqa: BLE001 - a handler must never raise into the code that logged
             self.handleError(record)

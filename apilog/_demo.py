@@ -22,7 +22,7 @@ def log_samples() -> int:
     logger.delay(m="Log entry here.")
     logger.delay("INFO", "usera1@gizzleMail.com", "Viewed the billing page.", timestamp=True)
     logger.delay("ERROR", "system", "Payment provider timed out after 30s.")
-    data = {"email": "usera1@gizzleMail.com", "ip": "203.0.113.7", "time_in": datetime.now()}
+    data = {"email": "usera1@gizzleMail.com", "ip": "203.0.113.7", "time_in": datetime.now().astimezone()}
     logger.delay("LOGIN", "usera1@gizzleMail.com", data, dict_to_string=True, heading="New Login")
     logger.delay("WARN", "userb2@gizzleMail.com", "Password will expire in 3 days.")
     logger.delay("SECURITY ALERT", "userb2@gizzleMail.com", "5 failed logins from 198.51.100.23")
@@ -32,7 +32,7 @@ def log_samples() -> int:
 
 
 def run(settings: Settings) -> None:
-    from apilogd import _control  # noqa: PLC0415 - the daemon is only needed by the demo
+    from apilogd import _control
 
     pid, started = _control.start(settings)
     click.echo(f"apilogd started (pid {pid})" if started else f"apilogd is already running (pid {pid})")

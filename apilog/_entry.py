@@ -41,7 +41,8 @@ class Entry(msgspec.Struct, tag_field="v", tag=WIRE_VERSION):
 
     def to_wire(self) -> dict[str, Any]:
         """The entry as plain JSON data (a Celery task's `entry` argument)."""
-        return without_surrogates(msgspec.to_builtins(self))
+        wire: dict[str, Any] = without_surrogates(msgspec.to_builtins(self))
+        return wire
 
     @classmethod
     def from_wire(cls, wire: Any) -> Entry:
@@ -144,7 +145,8 @@ def _message(message: Any) -> str | dict[str, Any]:
     if isinstance(message, str):
         return message
     if isinstance(message, dict):
-        return jsonable(message)
+        plain: dict[str, Any] = jsonable(message)
+        return plain
     return safe_str(message)
 
 

@@ -14,7 +14,7 @@ def safe_str(value: object) -> str:
     """`str(value)`, or a placeholder when its `__str__` itself fails."""
     try:
         return str(value)
-    except Exception:  # a broken __str__ must not break the call
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break the call
         return f"<unprintable {type(value).__name__}>"
 
 

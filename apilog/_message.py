@@ -104,7 +104,10 @@ _BODY_MARK, _ID_MARK = "\x00body\x00", "\x00id\x00"
 
 
 def _pieces() -> list[bytes]:
-    """The envelope's JSON cut at its body and id markers: [head, body, id, ...] (made once per process: the origin names the pid)."""
+    """The envelope's JSON cut at its body and id markers: [head, body, id, ...].
+
+    Made once per process: the origin names the pid.
+    """
     global _template
     if _template[0] != os.getpid():
         text = json.dumps(_envelope(_ID_MARK, _BODY_MARK), separators=(",", ":"))

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ._render import STAMP_FORMAT
@@ -115,7 +115,7 @@ def _entry(stream: str, lines: list[str], source: str, settings: Settings) -> Wr
     match = _STAMP.search(lines[-1].rstrip("\n"))
     ts = None
     if match:
-        when = datetime.strptime(match.group(1), STAMP_FORMAT)
+        when = datetime.strptime(match.group(1), STAMP_FORMAT)  # noqa: DTZ007 - the zone is the settings', applied below
         ts = (when.replace(tzinfo=settings.tz) if settings.tz else when).timestamp()
     return Written(stream, ts, "".join(lines), source)
 
@@ -144,6 +144,6 @@ def since(value: str) -> float:
     match = _RELATIVE.match(value.strip())
     if match:
         unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
-        return (datetime.now(timezone.utc) - timedelta(seconds=int(match[1]) * unit)).timestamp()
+        return (datetime.now(UTC) - timedelta(seconds=int(match[1]) * unit)).timestamp()
     when = datetime.fromisoformat(value.strip())
-    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()

@@ -61,7 +61,7 @@ def route(entry: Entry, known: Collection[str], settings: Settings) -> list[tupl
     suffix = settings.log_suffix
     message, heading, dict_to_string = entry.message, entry.heading, entry.dict_to_string
     limit = settings.max_entry_bytes
-    if isinstance(message, str) and len(message) > limit or heading is not None and len(heading) > limit // 4:
+    if (isinstance(message, str) and len(message) > limit) or (heading is not None and len(heading) > limit // 4):
         message, heading = cut(message, heading, limit, problems)  # a forger skips the caller's cut; we do not
     if dict_to_string and isinstance(message, dict) and _indented_size(message) > RENDERED_FACTOR * limit:
         problems.append("written compact: indented, it would be over "

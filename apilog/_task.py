@@ -40,7 +40,7 @@ class _CeleryConfig:
     """The Celery settings of apilog's own app; its broker follows apilog's settings (`_use_broker_of`)."""
 
     task_serializer = "json"
-    accept_content = ["json"]
+    accept_content = ("json",)
     task_ignore_result = True
     task_default_queue = _message.QUEUE
     # Features that only cost a filesystem broker (NOTES.md): no events, no remote control.
@@ -173,4 +173,5 @@ def register(celery_app: Celery) -> LogTask:
     """Add the logging task to an app that already runs Celery; entries then travel on its broker."""
     # Celery binds the app to the task *class*: a subclass keeps apilog's own `logger` bound to its app.
     bound = type("LogTask", (LogTask,), {"__module__": __name__})
-    return celery_app.register_task(bound())
+    task: LogTask = celery_app.register_task(bound())
+    return task

@@ -253,7 +253,7 @@ _ARCHIVE_NAME = re.compile(
 
 def archive_name(live_name: str, stamp: str, counter: int) -> str:
     """`INFO.log` rotated at `stamp` -> `INFO.<stamp>[-N].log` (gzip adds `.gz`)."""
-    stem, dot, suffix = live_name.rpartition(".")
+    stem, _, suffix = live_name.rpartition(".")
     return f"{stem}.{stamp}{f'-{counter}' if counter else ''}.{suffix}"
 
 

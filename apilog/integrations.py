@@ -43,13 +43,13 @@ class ApilogASGIMiddleware:
 
 def init_flask(app: Any, get_user: Callable[[], str | None]) -> None:
     """Flask: `init_flask(app, lambda: flask.g.user)` sets the current user for each request."""
-    from flask import g  # noqa: PLC0415 - Flask is an optional extra
+    from flask import g
 
-    @app.before_request
+    @app.before_request  # type: ignore[untyped-decorator]  # `app` is any Flask app: not imported here
     def _apilog_set_user() -> None:
         g._apilog_token = _current_user.set(get_user() or None)
 
-    @app.teardown_request
+    @app.teardown_request  # type: ignore[untyped-decorator]
     def _apilog_reset_user(_exc: BaseException | None) -> None:
         token = g.pop("_apilog_token", None)
         if token is not None:

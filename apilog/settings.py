@@ -180,11 +180,9 @@ def _read_toml(home: Path) -> dict[str, str]:
         variable = f"APILOG_{key.upper()}"
         if variable not in _PARSERS or variable == "APILOG_HOME":
             raise ConfigError(f"{path}: unknown setting {key!r}")
-        if isinstance(value, bool):
-            value = int(value)
         if not isinstance(value, (str, int)):
             raise ConfigError(f"{path}: {key} ({variable}) must be a string or a number")
-        values[variable] = str(value)
+        values[variable] = str(int(value) if isinstance(value, bool) else value)
     return values
 
 

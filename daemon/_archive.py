@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from apilog._render import STAMP_FORMAT
 from apilog._tree import (
@@ -161,7 +161,7 @@ class Archiver:
             return None
         self.before_rotation()
         self.files.forget(relpath)  # the next entry opens a fresh live file
-        stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
         folder, _, name = relpath.rpartition("/")
         counter = 0
         while True:
@@ -228,7 +228,7 @@ class Archiver:
             match = _TEXT_STAMP.search(head)
             if match:
                 with contextlib.suppress(ValueError):
-                    when = datetime.strptime(match.group(1).decode(), STAMP_FORMAT)
+                    when = datetime.strptime(match.group(1).decode(), STAMP_FORMAT)  # noqa: DTZ007 - zone applied below
                     return when.replace(tzinfo=self.settings.tz).timestamp() if self.settings.tz else when.timestamp()
         return mtime
 
@@ -279,9 +279,9 @@ class Archiver:
         try:
             dst = self.tree.open_append(tmp)
             try:
-                with os.fdopen(src, "rb", closefd=False) as plain, os.fdopen(dst, "wb", closefd=False) as raw:
-                    with gzip.GzipFile(filename=os.path.basename(relpath), mode="wb", fileobj=raw, mtime=0) as packed:
-                        shutil.copyfileobj(plain, packed, 1 << 20)
+                with (os.fdopen(src, "rb", closefd=False) as plain, os.fdopen(dst, "wb", closefd=False) as raw,
+                      gzip.GzipFile(filename=os.path.basename(relpath), mode="wb", fileobj=raw, mtime=0) as packed):
+                    shutil.copyfileobj(plain, packed, 1 << 20)
                 os.fsync(dst)
             finally:
                 os.close(dst)

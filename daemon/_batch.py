@@ -263,7 +263,7 @@ class BatchWriter:
             if routed is None:
                 try:
                     routed = route(source.entry(item), known, self.settings)
-                except Exception as exc:  # any failure of one item is that item's alone
+                except Exception as exc:  # noqa: BLE001 - any failure of one item is that item's alone
                     routed = route(source.set_aside(item, describe(exc)), known, self.settings)
             for relpath, text in routed:
                 lines.setdefault(relpath, []).append(text)

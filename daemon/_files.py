@@ -93,7 +93,7 @@ class OpenFiles:
         syncfs(self.tree.root_fd)
 
     def truncate(self, relpath: str, size: int) -> None:
-        """Cut `relpath` back to `size` bytes (undoing a batch a ledger of the previous version left); a missing file stays missing."""
+        """Cut `relpath` back to `size` bytes (undoing what a ledger of the version before left); a missing file stays missing."""
         self.forget(relpath)
         try:
             fd = self.tree.open_existing(relpath, os.O_WRONLY)

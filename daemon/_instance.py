@@ -138,7 +138,7 @@ def _is_apilogd(args: list[str]) -> bool:
             return args[i + 1:i + 3] == ["apilogd", "run"]
         if arg.startswith("-m"):  # -mapilogd
             return arg[2:] == "apilogd" and args[i + 1:i + 2] == ["run"]
-        if arg == "-c" or arg == "-":
+        if arg in {"-c", "-"}:
             return False
         i += 2 if arg in _PY_OPTIONS_WITH_VALUE else 1
     return False

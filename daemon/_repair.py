@@ -119,8 +119,8 @@ def _rebuild_journal(folders: Folders, durable: bool) -> list[str]:
     if not state.exists(JOURNAL_NAME):
         state.write_atomic(JOURNAL_NAME, b"", durable=durable)
     source = f"{state.path / aside} (kept as {aside}.{REPAIRED})" if aside else "nothing (it was missing)"
-    return [f"journal: rebuilt {state.path / JOURNAL_NAME} from {source}: kept its first {len(kept)} whole "
-            f"records ({end} bytes), redone at the next start"]
+    return [(f"journal: rebuilt {state.path / JOURNAL_NAME} from {source}: kept its first {len(kept)} whole "
+             f"records ({end} bytes), redone at the next start")]
 
 
 def _journaled(state: Folder) -> bool:
@@ -197,9 +197,8 @@ def _rebuild_ledger(folders: Folders, durable: bool, *,
     done = [f"ledger: rebuilt {state.path / LEDGER_NAME} from {source}; {len(offsets)} segment offsets"]
     if salvage.pending is not None:
         done.append("ledger: the batch in flight is undone at the next start, then written once")
-    for item in moved:
-        done.append(f"ledger: bytes {item['from']}-{item['to']} of {item['segment']} could have been written "
-                    f"already; copied to {item['moved_to']} instead of being written again")
+    done.extend(f"ledger: bytes {item['from']}-{item['to']} of {item['segment']} could have been written "
+                f"already; copied to {item['moved_to']} instead of being written again" for item in moved)
     report = {"ledger": str(state.path / LEDGER_NAME), "damaged_copy": f"{aside}.{REPAIRED}" if aside else None,
               "set_aside": moved, "what_to_do": "check the set-aside records against the log files by hand"}
     return done, report

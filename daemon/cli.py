@@ -58,7 +58,7 @@ def stop() -> None:
 @main.command()
 def repair() -> None:
     """Rebuild a damaged state file (apilogd must be stopped); nothing is written twice or dropped."""
-    from ._repair import repair as run_repair  # noqa: PLC0415 - only for this command
+    from ._repair import repair as run_repair
 
     for line in run_repair(load_settings()):
         click.echo(line)

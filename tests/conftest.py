@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def unstamp(text: str, since: float, until: float) -> str:
     """`text` with every timestamp checked to lie in [since, until] (UTC) and replaced by `<TS>`."""
 
     def check(match: re.Match[str]) -> str:
-        when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+        when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
         assert int(since) <= when.timestamp() <= until, f"timestamp {match.group(1)} is not the call's time"
         return " \u00a7 [<TS>]"
 

@@ -49,7 +49,8 @@ ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def _app(site: Site, code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*site.python, "-c", code, *args], check=False, cwd=site.home, env=site.env, capture_output=True, text=True,
+    return subprocess.run([*site.python, "-c", code, *args], check=False, cwd=site.home, env=site.env,
+                          capture_output=True, text=True,
                           user=site.app_user, group=site.app_user, extra_groups=[site.group], umask=0o022)
 
 

@@ -32,7 +32,8 @@ os.rename('spool/tmp/{SEGMENT}', 'spool/segments/{SEGMENT}')
 
 
 def _run(site: Site, user: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*site.python, "-c", code, *args], check=False, cwd=site.home, env=site.env, capture_output=True, text=True,
+    return subprocess.run([*site.python, "-c", code, *args], check=False, cwd=site.home, env=site.env,
+                          capture_output=True, text=True,
                           user=user, group=user, extra_groups=[site.group], umask=0o022)
 
 

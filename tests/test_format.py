@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from hypothesis import given
@@ -15,7 +15,7 @@ from apilog._render import escape_line, render_jsonl, render_text
 
 from .conftest import log_file, wait_written
 
-ENTRY_START = re.compile(r"^[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:", re.M)
+ENTRY_START = re.compile(r"^[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:", re.MULTILINE)
 
 
 def test_escaping_through_the_daemon(daemon: Path) -> None:
@@ -36,18 +36,18 @@ def test_escaping_through_the_daemon(daemon: Path) -> None:
 
 def test_render_text_forms() -> None:
     """The one-line form, the heading form with a plain and a JSON body, and the stamp."""
-    ts = datetime(2024, 4, 9, 20, 39, 5, tzinfo=timezone.utc).timestamp()
-    one = render_text("INFO", "Log entry here.", heading=None, dict_to_string=False, ts=ts, tz=timezone.utc)
+    ts = datetime(2024, 4, 9, 20, 39, 5, tzinfo=UTC).timestamp()
+    one = render_text("INFO", "Log entry here.", heading=None, dict_to_string=False, ts=ts, tz=UTC)
     assert one == "INFO:  Log entry here. \u00a7 [2024-04-09 20:39:05]\n"
-    headed = render_text("INFO", "body", heading="Title", dict_to_string=False, ts=None, tz=timezone.utc)
+    headed = render_text("INFO", "body", heading="Title", dict_to_string=False, ts=None, tz=UTC)
     assert headed == "INFO: Title\n    body\n"
-    as_json = render_text("LOGIN", {"a": "é"}, heading=None, dict_to_string=True, ts=ts, tz=timezone.utc)
+    as_json = render_text("LOGIN", {"a": "é"}, heading=None, dict_to_string=True, ts=ts, tz=UTC)
     assert as_json == 'LOGIN:  {\n    "a": "é"\n} \u00a7 [2024-04-09 20:39:05]\n'
 
 
 def test_jsonl_record() -> None:
     """jsonl: one object per line with id, ISO time, stream, location, message and heading."""
-    line = render_jsonl("INFO", "a\nb", entry_id="x1", location="bob", heading=None, ts=0.0, tz=timezone.utc)
+    line = render_jsonl("INFO", "a\nb", entry_id="x1", location="bob", heading=None, ts=0.0, tz=UTC)
     assert line.endswith("\n") and line.count("\n") == 1
     assert json.loads(line) == {
         "id": "x1", "ts": "1970-01-01T00:00:00.000000+00:00", "stream": "INFO",
@@ -67,7 +67,7 @@ def test_escaped_text_is_one_line(text: str) -> None:
 def test_no_input_forges_a_second_entry(message: str, heading: str | None, data: dict[str, str]) -> None:
     """Whatever goes into message, heading or dict keys, only the first line starts with NAME:."""
     for body, as_string in ((message, False), (data, True), (data, False)):
-        text = render_text("INFO", body, heading=heading, dict_to_string=as_string, ts=0.0, tz=timezone.utc)
+        text = render_text("INFO", body, heading=heading, dict_to_string=as_string, ts=0.0, tz=UTC)
         lines = text.split("\n")
         assert lines[-1] == ""
         assert [n for n, line in enumerate(lines) if ENTRY_START.match(line)] == [0]

@@ -184,7 +184,7 @@ DAMAGE = {
     "garbage": lambda ledger: b"\x00\xff{{{ not json",
     "wrong shape": lambda ledger: b"[1, 2, 3]",
     "negative offset": lambda ledger: json.dumps(
-        {**ledger, "offsets": {k: -5 for k in ledger["offsets"]}}).encode(),
+        {**ledger, "offsets": dict.fromkeys(ledger["offsets"], -5)}).encode(),
     "dot-dot in a pending path": lambda ledger: json.dumps(
         {**ledger, "pending": {"files": {"users/../../etc/passwd": 0}, "offsets": ledger["offsets"]}}).encode(),
 }

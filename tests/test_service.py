@@ -36,7 +36,8 @@ def test_rendered_units_verify(home: Path, tmp_path: Path) -> None:
     assert "EnvironmentFile=/etc/apilog/apilogd.env" in system.read_text()
     assert 'APILOG_BROKER_URL="redis://localhost:6379/0"' in (tmp_path / "etc/apilog/apilogd.env").read_text()
     assert (tmp_path / "etc/systemd/system/apilogd.service.d/broker-network.conf").exists()
-    assert (tmp_path / "etc/sysusers.d/apilog.conf").read_text().strip().endswith('u apilog - "apilog log writer" /var/lib/apilog')
+    sysusers = (tmp_path / "etc/sysusers.d/apilog.conf").read_text().strip()
+    assert sysusers.endswith('u apilog - "apilog log writer" /var/lib/apilog')
     for unit in (system, user):
         result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

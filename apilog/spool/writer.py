@@ -123,7 +123,7 @@ class SpoolWriter:
 
     def _publish(self, name: str) -> int:
         """Create segment `name` locked in tmp/, then rename it into segments/; return its descriptor."""
-        assert self._dirs is not None
+        assert self._dirs is not None  # noqa: S101 - opened in __init__; for the type checker
         tmp, published = self._dirs["tmp"] / name, self._dirs["segments"] / name
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SEGMENT_MODE)
         made = tmp  # where the half-made segment is, to be removed if publishing it fails
