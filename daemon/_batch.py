@@ -93,6 +93,8 @@ class BatchWriter:
         self.oversized: set[str] = set()  # files that would pass RLIMIT_FSIZE, for the archiver to rotate
         fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         self.largest_file = float("inf") if fsize == resource.RLIM_INFINITY else fsize
+        self.quarantined = 0  # items committed batches set aside, since the service last took the count
+        self._set_aside_now = 0  # of the batch being made
         self.unapplied: tuple[Batch, bytes] | None = None  # committed, but its appends failed: redone first
         self.journal_since = 0.0  # when the journal's oldest record was committed (it is empty after a checkpoint)
         self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
@@ -186,6 +188,7 @@ class BatchWriter:
             raise
         # Committed: whatever happens now, the journal brings the batch back.
         self.ledger.advance(record.advance)
+        self.quarantined += self._set_aside_now
         self.notes.clear()
         now = time.time()  # the daemon's clock judges a file's age, never a producer's
         self.created = {r: now for r, before, _ in targets if before == 0}
@@ -252,6 +255,7 @@ class BatchWriter:
         known = frozenset(self.registry.names())  # one look at the registry per batch
         probing = self.probe.armed  # only after a crash or a failed batch: a write per item
         source = self.source
+        self._set_aside_now = 0
         for item in batch:
             routed = None
             if probing:
@@ -260,11 +264,13 @@ class BatchWriter:
                 if self.probe.poisoned(key):
                     why = f"it crashed apilogd {self.probe.crashes(key)} times; set aside without being read again"
                     routed = route(source.set_aside(item, why), known, self.settings)
+                    self._set_aside_now += 1
             if routed is None:
                 try:
                     routed = route(source.entry(item), known, self.settings)
                 except Exception as exc:  # noqa: BLE001 - any failure of one item is that item's alone
                     routed = route(source.set_aside(item, describe(exc)), known, self.settings)
+                    self._set_aside_now += 1
             for relpath, text in routed:
                 lines.setdefault(relpath, []).append(text)
         self.probe.between()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import grp
+import json
 import os
 from pathlib import Path
 
 import click
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from apilog._clitools import Group, load_settings
 from apilog.settings import redacted
 
 from . import _control, _units
+from ._metrics import textfile_path
 from .service import Service
 
 EXIT_STOPPED = 3  # LSB: program is not running
@@ -64,6 +67,23 @@ def repair() -> None:
         click.echo(line)
 
 
+@main.command()
+def metrics() -> None:
+    """Print apilogd's metrics in Prometheus text format: the running daemon's textfile, or what the disk says."""
+    conf = load_settings()
+    info = _control.status(conf)
+    path = textfile_path(conf.home)
+    if info.pid is not None and path.is_file():
+        click.echo(path.read_text(encoding="utf-8"), nl=False)
+        return
+    registry = CollectorRegistry()  # stopped: no counters to give, only what waits and what was set aside
+    Gauge("apilog_up", "1 while apilogd runs; 0 once it stopped cleanly", registry=registry).set(0)
+    if info.backlog is not None:
+        Gauge("apilog_backlog_entries", "Entries waiting in the spool", registry=registry).set(info.backlog)
+    Gauge("apilog_quarantine_files", "Files in the spool's quarantine folder", registry=registry).set(info.quarantined)
+    click.echo(generate_latest(registry).decode(), nl=False)
+
+
 @main.command("install-service")
 @click.option("--user", "scope", flag_value="user", help="Install a user unit (the default when not root).")
 @click.option("--system", "scope", flag_value="system", help="Install the system unit (the default as root).")
@@ -96,10 +116,20 @@ def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None
 
 
 @main.command()
-def status() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts and monitoring.")
+def status(as_json: bool) -> None:
     """Say whether apilogd runs, and how much waits in the spool (exit 0 running, 3 stopped)."""
     conf = load_settings()
     info = _control.status(conf)
+    if as_json:
+        click.echo(json.dumps({
+            "running": info.pid is not None, "pid": info.pid, "backlog": info.backlog,
+            "oldest_age_s": info.oldest_age, "written_last_minute": info.written_last_minute,
+            "quarantined": info.quarantined, "role": "local" if conf.uses_spool else "write",
+            "broker": redacted(conf.broker_url) if conf.broker_url else None,
+            "home": str(conf.home), "logs": str(conf.log_dir),
+        }))
+        raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)
     if info.pid is None:
         click.echo("apilogd is stopped")
     else:

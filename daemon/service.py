@@ -18,6 +18,7 @@ from apilog._entry import internal
 from apilog._folder import UnsafePath
 from apilog.settings import Settings
 from apilog.spool.ledger import Ledger
+from apilog.spool.reader import waiting as waiting_entries
 
 from ._archive import Archiver
 from ._batch import BatchWriter, describe, say
@@ -25,6 +26,7 @@ from ._control import STATS_NAME, answer_archive_request
 from ._drain import SpoolSource
 from ._folders import Folders, open_folders, open_home
 from ._instance import InstanceLock
+from ._metrics import Metrics
 from ._notify import notify
 from ._source import Source
 from .exceptions import DaemonError, UnsafeSetup
@@ -98,12 +100,14 @@ class Service:
         # Before the pidfile exists: a SIGTERM during start-up stops us cleanly once started.
         self.signals = _Signals()
         self.written: deque[tuple[float, int]] = deque()  # (when, entries) of the last minute's batches
+        self.metrics = Metrics(settings.home)
         self.last_report = 0.0
         usec = os.environ.get("WATCHDOG_USEC", "")
         watched = os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
         self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and watched else None
         self.last_ping = 0.0
         self.stats_failed = False
+        self.metrics_failed = False
 
     def run(self) -> int:
         conf = self.settings
@@ -139,6 +143,9 @@ class Service:
                 say(f"could not make the last batches durable in their files ({describe(exc)}); "
                     "the journal redoes them at the next start")
             drainer.probe.stop()  # a clean stop: the next start suspects nothing
+            self.metrics.up.set(0)
+            with contextlib.suppress(OSError):
+                self.metrics.write()
         say("stopped")
         return 0
 
@@ -158,8 +165,10 @@ class Service:
                 if now - last_sweep >= SWEEP_EVERY:
                     last_sweep = now
                     drainer.source.sweep()
+                began = time.perf_counter()
                 done = drainer.step()
             except Exception as exc:  # noqa: BLE001 - the loop outlives anything one input or one disk does
+                self.metrics.errors.labels(kind="write" if isinstance(exc, OSError) else "batch").inc()
                 if isinstance(exc, OSError):
                     failure = describe(exc) + (f" (errno {exc.errno})" if exc.errno else "")
                     what = "write failed, entries wait in the spool or the journal"
@@ -172,7 +181,12 @@ class Service:
                 signals.sleep(backoff)
                 continue
             backoff = 0.0
-            self._report(now, done, drainer)
+            written = done - drainer.quarantined  # set-aside items are items of the batch, not entries written
+            if done:
+                self.metrics.batch(written, time.perf_counter() - began)
+            self.metrics.quarantined.inc(drainer.quarantined)
+            drainer.quarantined = 0
+            self._report(now, written, drainer)
             if failure is not None:
                 drainer.notes.append(internal("recovered from a write error", {"error": failure}))
                 say(f"recovered from: {failure}")
@@ -207,10 +221,10 @@ class Service:
             notify("WATCHDOG=1")
             self.last_ping = now
 
-    def _report(self, now: float, done: int, drainer: BatchWriter) -> None:
-        """Every few seconds: a STATUS= line for systemctl, and state/stats.json for `apilogd status`."""
-        if done:
-            self.written.append((now, done))
+    def _report(self, now: float, written: int, drainer: BatchWriter) -> None:
+        """Every few seconds: a STATUS= line for systemctl, state/stats.json for `apilogd status`, the metrics file."""
+        if written:
+            self.written.append((now, written))
         while self.written and self.written[0][0] < now - 60:
             self.written.popleft()
         if now - self.last_report < REPORT_EVERY:
@@ -218,6 +232,7 @@ class Service:
         self.last_report = now
         last_minute = sum(n for _, n in self.written)
         waiting = drainer.source.waiting_bytes()
+        self._refresh_metrics(last_minute, waiting, drainer)
         backlog = "" if waiting is None else f"; {waiting} bytes waiting in the spool"
         notify(f"STATUS=wrote {last_minute} entries in the last minute{backlog}")
         stats = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}
@@ -229,15 +244,34 @@ class Service:
                 say(f"cannot update {STATS_NAME}: {describe(exc)}")
             self.stats_failed = True
 
+    def _refresh_metrics(self, last_minute: int, waiting: int | None, drainer: BatchWriter) -> None:
+        """The textfile for node_exporter, every report; a failure is said once, like stats.json's."""
+        metrics = self.metrics
+        metrics.written_last_minute.set(last_minute)
+        if waiting is not None:
+            conf = self.settings
+            metrics.backlog(waiting, lambda: waiting_entries(conf.spool_dir, drainer.ledger.offsets)[0])
+        try:
+            metrics.write()
+        except OSError as exc:
+            if not self.metrics_failed:
+                say(f"cannot update {metrics.path}: {describe(exc)}")
+            self.metrics_failed = True
+        else:
+            self.metrics_failed = False
+
     def _archive(self, drainer: BatchWriter, archiver: Archiver) -> None:
         """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""
         try:
             if self.signals.archive:
                 self.signals.archive = False
-                answer_archive_request(drainer.folders.state, archiver.rotate_all())
+                rotated = archiver.rotate_all()
+                answer_archive_request(drainer.folders.state, rotated)
             else:
-                archiver.tick()
+                rotated = archiver.tick()
+            self.metrics.rotations.inc(rotated)
         except Exception as exc:  # noqa: BLE001 - rotation waits for the next tick; writing goes on
+            self.metrics.errors.labels(kind="rotation").inc()
             say(f"rotation failed, will retry: {describe(exc)}")
             archiver.notes.append(("rotation failed, will retry", {"error": describe(exc)}))
         while archiver.notes:
