@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,9 +60,11 @@ def test_a_second_run_refuses(home: Path) -> None:
     """Only one apilogd per APILOG_HOME: a second `run` exits 1 and names the first's pid."""
     assert _cli("start").returncode == 0
     try:
+        first = int((home / "apilogd.pid").read_text())
         second = _cli("run")
         assert second.returncode == 1
         assert "already running" in second.stderr
+        assert re.search(rf"\bpid {first}\b", second.stderr), second.stderr
     finally:
         _cli("stop")
 

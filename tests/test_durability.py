@@ -8,7 +8,11 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -250,19 +254,57 @@ def test_stale_tmp_files_are_swept(home: Path) -> None:
     assert "quarantined a file left in the spool's tmp folder" in log_file(home, "system/INTERNAL.log")
 
 
-@pytest.mark.parametrize("mode", ["off", "always"])
-def test_fsync_modes_write_the_same(home: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    """APILOG_FSYNC=off and =always (producer fsyncs each call too) change durability, not content."""
+def _producer_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count this process's fdatasync and fsync calls (the producer side of delay())."""
+    calls: list[int] = []
+    for name in ("fdatasync", "fsync"):
+        real = getattr(os, name)
+
+        def counted(fd: int, real: Callable[[int], None] = real) -> None:
+            calls.append(fd)
+            real(fd)
+
+        monkeypatch.setattr(os, name, counted)
+    return calls
+
+
+def _daemon_syncs(tmp_path: Path) -> int:
+    """Run a real apilogd under strace until the spool is drained; return its fsync, fdatasync and syncfs calls."""
+    trace = tmp_path / "syncs.strace"
+    proc = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync,syncfs", "-o", str(trace),
+                             sys.executable, "-m", "apilogd", "run"], stderr=subprocess.DEVNULL)
+    try:
+        wait_written(30)
+        wait_for(lambda: (Path(settings.load().state_dir) / "journal").stat().st_size == 0, what="a checkpoint")
+    finally:
+        pid = _control.running_pid(settings.load().home)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)  # the daemon itself: strace, signalled, would only let go of it
+        else:
+            proc.kill()
+        assert proc.wait(30) == 0  # strace exits with its tracee's status
+    return sum(1 for line in trace.read_text().splitlines() if re.search(r"\b(fsync|fdatasync|syncfs)\(", line))
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("mode", ["off", "batch", "always"])
+def test_fsync_modes_sync_what_they_say(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """APILOG_FSYNC changes durability, never content: off syncs nothing, batch syncs in the daemon (the journal's
+    fdatasync and the checkpoint's syncfs), always also in the producer, at each call. Syncs are counted (strace)."""
     monkeypatch.setenv("APILOG_FSYNC", mode)
     settings.reset()
-    _control.start(settings.load())
-    try:
-        for n in range(20):
-            logger.delay("INFO", "sam", f"n{n}", timestamp=False)
-        wait_written()
-    finally:
-        _control.stop(settings.load())
+    producer = _producer_syncs(monkeypatch)
+    for n in range(20):
+        logger.delay("INFO", "sam", f"n{n}", timestamp=False)
+    _seal_producer()
+    daemon = _daemon_syncs(tmp_path)
     assert log_file(home, "users/sam/INFO.log") == "".join(f"INFO:  n{n}\n" for n in range(20))
+    if mode == "off":
+        assert (len(producer), daemon) == (0, 0)
+    elif mode == "batch":
+        assert len(producer) == 0 and daemon >= 2
+    else:
+        assert len(producer) >= 20 and daemon >= 2  # 20 calls one after another: each waits for its own
 
 
 def test_threads_share_fsyncs_without_losing_order(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -271,6 +313,7 @@ def test_threads_share_fsyncs_without_losing_order(home: Path, monkeypatch: pyte
 
     monkeypatch.setenv("APILOG_FSYNC", "always")
     settings.reset()
+    syncs = _producer_syncs(monkeypatch)
 
     def worker(t: int) -> None:
         for n in range(150):
@@ -281,6 +324,8 @@ def test_threads_share_fsyncs_without_losing_order(home: Path, monkeypatch: pyte
         thread.start()
     for thread in threads:
         thread.join()
+    print("fdatasyncs for 1,200 calls from 8 threads:", len(syncs))
+    assert 1 <= len(syncs) < 1200  # group commit: threads share fsyncs
     _control.start(settings.load())
     try:
         wait_written()

@@ -99,10 +99,26 @@ def test_a_python_path_with_a_space_and_a_percent_sign_verifies(tmp_path: Path, 
     assert result.returncode == 0, result.stderr
 
 
+def _system_state() -> dict[str, object]:
+    """What a system install would change: its files, and whether the apilog user exists."""
+    paths = ["/etc/systemd/system/apilogd.service", "/etc/systemd/system/apilogd.service.d", "/etc/sysusers.d/apilog.conf",
+             "/etc/apilog"]
+    state: dict[str, object] = {p: os.path.lexists(p) for p in paths}
+    try:
+        state["user"] = pwd.getpwnam("apilog").pw_uid
+    except KeyError:
+        state["user"] = None
+    return state
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a dry run changes nothing only means something as root")
 def test_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:
-    """--dry-run prints the units and the commands, writes no file."""
-    result = subprocess.run([*APILOGD, "install-service", "--system", "--dry-run"], capture_output=True, text=True)
+    """--dry-run, as root, prints the units and the commands, and writes no file nor creates the user."""
+    before = _system_state()
+    result = subprocess.run([*APILOGD, "install-service", "--system", "--dry-run"], capture_output=True, text=True,
+                            env={**os.environ, "APILOG_BROKER_URL": "redis://localhost:6379/0"})
     assert result.returncode == 0
+    assert _system_state() == before
     assert "# /etc/systemd/system/apilogd.service" in result.stdout
     assert f"ExecStart={sys.executable} -m apilogd run" in result.stdout
     assert "would run: systemctl enable --now apilogd.service" in result.stdout
