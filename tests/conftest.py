@@ -30,6 +30,17 @@ from apilog.spool._frame import frame
 STAMP = re.compile(r" \u00a7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Coverage's data folder open to the other users the tests run producers and daemons as (sticky, like /tmp)."""
+    import coverage
+
+    current = coverage.Coverage.current()
+    if current is not None:
+        folder = Path(current.config.data_file).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o1777)
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty APILOG_HOME with every other APILOG_ variable cleared."""
