@@ -61,7 +61,7 @@ class Metrics:
         size of an entry the last count saw (a scan of a large spool every few seconds would cost the drain)."""
         self.backlog_bytes.set(waiting_bytes)
         if waiting_bytes <= EXACT_BACKLOG_BYTES:
-            entries = count()
+            entries = count() if waiting_bytes else 0  # idle: no scan of the segments every report
             if entries:
                 self._entry_bytes = waiting_bytes / entries
             self.backlog_entries.set(entries)

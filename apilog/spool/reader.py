@@ -350,7 +350,10 @@ class SpoolReader:
     def drained(self) -> list[str]:
         """Segments that are sealed and committed to their end: ready to be removed."""
         done = []
+        now = time.monotonic()
         for seg in list(self._segments.values()):
+            if seg.quiet is not None and now < seg.quiet[1]:
+                continue  # its producer held it a moment ago (read() looks at its size): not final yet
             committed = self._committed.get(seg.name, 0)
             try:
                 if seg.fd < 0 and committed < self.segments.stat(seg.name).st_size:
@@ -360,8 +363,6 @@ class SpoolReader:
                 self._groups = None
                 self.vanished.append(seg.name)
                 continue
-            if seg.quiet is not None and time.monotonic() < seg.quiet[1]:
-                continue  # its producer held it a moment ago (read() looks at its size): not final yet
             if self._usable(seg) and seg.check_sealed() and committed >= os.fstat(seg.fd).st_size:
                 done.append(seg.name)
         return done
