@@ -34,7 +34,7 @@ class LoggingHandler(logging.Handler):
         return chosen
 
     def emit(self, record: logging.LogRecord) -> None:
-        from ._task import logger
+        from ._task import logger  # Celery loads only once a record is logged
 
         try:
             location = getattr(record, "user", None) or current_user() or SYSTEM

@@ -32,7 +32,7 @@ def log_samples() -> int:
 
 
 def run(settings: Settings) -> None:
-    from apilogd import _control
+    from apilogd import _control  # the daemon is only needed by the demo
 
     pid, started = _control.start(settings)
     click.echo(f"apilogd started (pid {pid})" if started else f"apilogd is already running (pid {pid})")

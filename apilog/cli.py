@@ -205,7 +205,7 @@ def search(pattern: str, user_: str | None, stream: str | None, since_: str | No
 @main.command()
 def archive() -> None:
     """Rotate every live log file into archive/ now (gzipped off the write path)."""
-    from apilogd import _control
+    from apilogd import _control  # rotation has one owner: the daemon's code
 
     rotated = _control.archive_now(load_settings())
     click.echo(f"rotated {rotated} live file{'s' if rotated != 1 else ''} into archive/")

@@ -43,7 +43,7 @@ class ApilogASGIMiddleware:
 
 def init_flask(app: Any, get_user: Callable[[], str | None]) -> None:
     """Flask: `init_flask(app, lambda: flask.g.user)` sets the current user for each request."""
-    from flask import g
+    from flask import g  # Flask is an optional extra
 
     @app.before_request  # type: ignore[untyped-decorator]  # `app` is any Flask app: not imported here
     def _apilog_set_user() -> None:

@@ -110,7 +110,7 @@ class Status:
 
 def _broker_backlog(url: str) -> int | None:
     """Messages waiting in apilog's queue on another broker; None when it cannot be asked."""
-    from kombu import Connection
+    from kombu import Connection  # only for a site on another broker
 
     try:
         with Connection(url, connect_timeout=5) as conn:
@@ -149,7 +149,7 @@ def status(settings: Settings) -> Status:
 
 def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
     """Rotate every live file now; the running daemon does it (one owner), else this process does."""
-    from ._archive import Archiver
+    from ._archive import Archiver  # watchdog is only needed here
     from ._batch import BatchWriter
 
     holder = lock_holder(settings.home)

@@ -61,7 +61,7 @@ def stop() -> None:
 @main.command()
 def repair() -> None:
     """Rebuild a damaged state file (apilogd must be stopped); nothing is written twice or dropped."""
-    from ._repair import repair as run_repair
+    from ._repair import repair as run_repair  # only for this command
 
     for line in run_repair(load_settings()):
         click.echo(line)
