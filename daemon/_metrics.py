@@ -8,15 +8,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, write_to_textfile
 
 METRICS_FOLDER = "metrics"  # under $APILOG_HOME, for node_exporter's textfile collector
 TEXTFILE_NAME = "apilogd.prom"
 EXACT_BACKLOG_BYTES = 1 << 20  # above this the entries waiting are estimated from their bytes, not counted
+UP_HELP = "1 while apilogd runs; 0 once it stopped cleanly"
 
 
 def textfile_path(home: Path) -> Path:
     return home / METRICS_FOLDER / TEXTFILE_NAME
+
+
+def stopped(backlog: int | None, quarantine_files: int) -> str:
+    """What `apilogd metrics` says with no daemon running: no counters, only what waits and what was set aside."""
+    registry = CollectorRegistry()
+    Gauge("apilog_up", UP_HELP, registry=registry).set(0)
+    if backlog is not None:
+        Gauge("apilog_backlog_entries", "Entries waiting in the spool", registry=registry).set(backlog)
+    Gauge("apilog_quarantine_files", "Files in the spool's quarantine folder", registry=registry).set(quarantine_files)
+    return generate_latest(registry).decode()
 
 
 class Metrics:
@@ -25,7 +36,7 @@ class Metrics:
     def __init__(self, home: Path) -> None:
         self.path = textfile_path(home)
         self.registry = registry = CollectorRegistry()
-        self.up = Gauge("apilog_up", "1 while apilogd runs; 0 once it stopped cleanly", registry=registry)
+        self.up = Gauge("apilog_up", UP_HELP, registry=registry)
         self.refreshed = Gauge("apilog_last_refresh_timestamp_seconds",
                                "When apilogd last wrote this file (a stale value: the daemon died)", registry=registry)
         self.started = Gauge("apilog_start_timestamp_seconds", "When this apilogd process started", registry=registry)

@@ -55,10 +55,13 @@ def _settings(env: dict[str, str], skip: set[str]) -> dict[str, str]:
 def _env_file(path: Path, settings: dict[str, str]) -> UnitFile:
     """The settings the unit carries over, in a file only its owner reads: a broker password never sits in a unit."""
     header = "# apilogd's settings, written by `apilogd install-service`; mode 0600: it may hold the broker's password\n"
-    text = header + "".join(f"{key}={_env_value(key, value)}\n" for key, value in settings.items())
-    shown = header + "".join(f"{key}={_env_value(key, redacted(value) if key == 'APILOG_BROKER_URL' else value)}\n"
-                             for key, value in settings.items())
-    return UnitFile(path, text, 0o600, shown)
+
+    def text(*, masked: bool) -> str:
+        return header + "".join(
+            f"{key}={_env_value(key, redacted(value) if masked and key == 'APILOG_BROKER_URL' else value)}\n"
+            for key, value in settings.items())
+
+    return UnitFile(path, text(masked=False), 0o600, text(masked=True))
 
 
 def _render(name: str, env_file: Path | None) -> str:

@@ -8,13 +8,11 @@ import os
 from pathlib import Path
 
 import click
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from apilog._clitools import Group, load_settings
 from apilog.settings import redacted
 
-from . import _control, _units
-from ._metrics import textfile_path
+from . import _control, _metrics, _units
 from .service import Service
 
 EXIT_STOPPED = 3  # LSB: program is not running
@@ -72,16 +70,11 @@ def metrics() -> None:
     """Print apilogd's metrics in Prometheus text format: the running daemon's textfile, or what the disk says."""
     conf = load_settings()
     info = _control.status(conf)
-    path = textfile_path(conf.home)
+    path = _metrics.textfile_path(conf.home)
     if info.pid is not None and path.is_file():
         click.echo(path.read_text(encoding="utf-8"), nl=False)
         return
-    registry = CollectorRegistry()  # stopped: no counters to give, only what waits and what was set aside
-    Gauge("apilog_up", "1 while apilogd runs; 0 once it stopped cleanly", registry=registry).set(0)
-    if info.backlog is not None:
-        Gauge("apilog_backlog_entries", "Entries waiting in the spool", registry=registry).set(info.backlog)
-    Gauge("apilog_quarantine_files", "Files in the spool's quarantine folder", registry=registry).set(info.quarantined)
-    click.echo(generate_latest(registry).decode(), nl=False)
+    click.echo(_metrics.stopped(info.backlog, info.quarantined), nl=False)
 
 
 @main.command("install-service")

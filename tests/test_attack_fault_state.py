@@ -66,7 +66,8 @@ def _refuses_cleanly(tmp_path: Path) -> None:
     assert "apilogd repair" in err, err
 
 
-def _repair_then_each_once(home: Path, tmp_path: Path) -> None:
+def _repair_and_drain(tmp_path: Path) -> None:
+    """`apilogd repair`, then a daemon that drains what waits and stops."""
     repaired = _cli("repair")
     assert repaired.returncode == 0 and "Traceback" not in repaired.stderr, repaired.stderr[-3000:]
     daemon = Daemon(tmp_path)
@@ -75,6 +76,10 @@ def _repair_then_each_once(home: Path, tmp_path: Path) -> None:
         wait_written(15)
     finally:
         daemon.stop()
+
+
+def _repair_then_each_once(home: Path, tmp_path: Path) -> None:
+    _repair_and_drain(tmp_path)
     written = [line.removeprefix("INFO:  ") for line in _lines(home)]
     assert len(written) == len(set(written)), f"written twice: {written}"
     assert written[:5] == [f"e{n}" for n in range(5)]
@@ -297,13 +302,7 @@ def test_a_journal_lost_before_its_first_checkpoint_is_refused_and_repaired(home
     assert json.loads((home / "state" / "ledger.json").read_bytes())["checkpoint"] == 0
     (home / "state" / "journal").unlink()
     _refuses_cleanly(tmp_path)
-    assert _cli("repair").returncode == 0
-    daemon = Daemon(tmp_path)
-    try:
-        assert daemon.ready(), daemon.stderr
-        wait_written(15)
-    finally:
-        daemon.stop()
+    _repair_and_drain(tmp_path)
     _every_line_once(home, expected)
 
 
@@ -318,13 +317,7 @@ def test_a_journal_record_cut_after_its_batch_was_written_is_refused(home: Path,
     journal = home / "state" / "journal"
     journal.write_bytes(journal.read_bytes()[:-10])
     _refuses_cleanly(tmp_path)
-    assert _cli("repair").returncode == 0
-    daemon = Daemon(tmp_path)
-    try:
-        assert daemon.ready(), daemon.stderr
-        wait_written(15)
-    finally:
-        daemon.stop()
+    _repair_and_drain(tmp_path)
     _every_line_once(home, expected)
 
 

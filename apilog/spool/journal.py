@@ -110,12 +110,18 @@ def _record_at(raw: bytes, at: int) -> tuple[Batch, bytes, int] | str:
     view = memoryview(raw)
     if zlib.crc32(view[start:end]) != crc:
         return "a record whose checksum does not match"
+    batch = _header(view, start, head_len, data_len)
+    return batch if isinstance(batch, str) else (batch, raw[start + head_len:end], end)
+
+
+def _header(view: memoryview, start: int, head_len: int, data_len: int) -> Batch | str:
+    """The batch a record's header at `start` describes, or what is wrong with it."""
     try:
         batch = _decode_batch(view[start:start + head_len])
     except msgspec.DecodeError as exc:
         return f"a record header that is not one ({exc})"
     problem = _problem(batch, data_len)
-    return f"a record with {problem}" if problem else (batch, raw[start + head_len:end], end)
+    return f"a record with {problem}" if problem else batch
 
 
 def scan(raw: bytes) -> tuple[list[tuple[Batch, bytes]], int, str | None]:
@@ -153,11 +159,8 @@ def torn_header(raw: bytes, at: int) -> Batch | None:
     start = at + HEADER.size
     if magic != MAGIC or start + head_len > len(raw):
         return None
-    try:
-        batch = _decode_batch(memoryview(raw)[start:start + head_len])
-    except msgspec.DecodeError:
-        return None
-    return None if _problem(batch, data_len) else batch
+    batch = _header(memoryview(raw), start, head_len, data_len)
+    return None if isinstance(batch, str) else batch
 
 
 def _a_record_after(raw: bytes, start: int) -> bool:
