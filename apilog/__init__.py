@@ -7,7 +7,7 @@ from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 from ._bridge import LoggingHandler
-from ._context import current_user, user
+from .core.context import current_user, user
 from .exceptions import ApilogError, BadInput, ConfigError, SpoolError, StreamError
 
 if TYPE_CHECKING:

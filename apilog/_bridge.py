@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from ._context import current_user
-from ._tree import SYSTEM
+from .core.context import current_user
+from .core.logfile import SYSTEM
 
 DEFAULT_STREAMS: Mapping[int, str] = {
     logging.DEBUG: "DEBUG",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ._tree import USERS, decode_user
+from .core.logfile import USERS, decode_user
 from .settings import Settings
 
 WAIT_SECONDS = 30.0
@@ -32,13 +32,13 @@ def log_samples() -> int:
 
 
 def run(settings: Settings) -> None:
-    from apilogd import _control  # the daemon is only needed by the demo
+    from apilogd import control  # the daemon is only needed by the demo
 
-    pid, started = _control.start(settings)
+    pid, started = control.start(settings)
     click.echo(f"apilogd started (pid {pid})" if started else f"apilogd is already running (pid {pid})")
     calls = log_samples()
     begun = time.monotonic()
-    while _control.status(settings).backlog:
+    while control.status(settings).backlog:
         if time.monotonic() - begun > WAIT_SECONDS:
             raise click.ClickException(f"apilogd has not written the entries after {WAIT_SECONDS:.0f}s")
         time.sleep(0.05)

@@ -3,44 +3,16 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ._render import STAMP_FORMAT
-from ._tree import (
-    ARCHIVE,
-    SYSTEM,
-    USERS,
-    archive_order,
-    decode_user,
-    encode_user,
-    parse_archive_name,
-)
+from .core.logfile import ARCHIVE, USERS, Written, archive_order, decode_user, file_stem, parse, parse_archive_name, user_dir
 from .settings import Settings
 
-_START = re.compile(r"^(?P<stream>[A-Z0-9_-]+(?: [A-Z0-9_-]+)*):(?: |  )")
-_STAMP = re.compile(r" \u00a7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]$")
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
-
-
-@dataclass(frozen=True, slots=True)
-class Written:
-    """One entry as found in a file: its stream, its event time if it carries one, and its text as written."""
-
-    stream: str
-    ts: float | None
-    text: str
-    source: str  # the file, relative to the log root
-
-
-def user_dir(location: str) -> str:
-    """The folder, relative to the log root, that holds `location`'s files."""
-    return SYSTEM if location == SYSTEM else f"{USERS}/{encode_user(location)}"
 
 
 def users(settings: Settings) -> list[str]:
@@ -55,7 +27,7 @@ def users(settings: Settings) -> list[str]:
 def files_of(settings: Settings, location: str, stream: str | None = None) -> list[Path]:
     """A user's files in order, oldest first: for each stream its archives by rotation, then the live file."""
     folder = user_dir(location)
-    stem = stream.replace(" ", "_") if stream else None
+    stem = file_stem(stream) if stream else None
     found = [p for p in archives(settings.log_dir / ARCHIVE / folder) if stem is None or p.name.split(".", 1)[0] == stem]
     live = settings.log_dir / folder
     if live.is_dir():
@@ -87,44 +59,11 @@ def read_text(path: Path) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def parse(text: str, source: str, settings: Settings) -> Iterator[Written]:
-    """Entries of one file, text or jsonl; a multi-line text entry runs until the next entry's first line."""
-    if settings.format == "jsonl":
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-                yield Written(record["stream"], datetime.fromisoformat(record["ts"]).timestamp(), line + "\n", source)
-            except (ValueError, KeyError, TypeError):
-                continue
-        return
-    lines: list[str] = []
-    stream = ""
-    for line in text.splitlines(keepends=True):
-        match = _START.match(line)
-        if match and lines:
-            yield _entry(stream, lines, source, settings)
-            lines = []
-        if match and not lines:
-            stream = match["stream"]
-        lines.append(line)
-    if lines:
-        yield _entry(stream, lines, source, settings)
-
-
-def _entry(stream: str, lines: list[str], source: str, settings: Settings) -> Written:
-    match = _STAMP.search(lines[-1].rstrip("\n"))
-    ts = None
-    if match:
-        when = datetime.strptime(match.group(1), STAMP_FORMAT)  # noqa: DTZ007 - the zone is the settings', applied below
-        ts = (when.replace(tzinfo=settings.tz) if settings.tz else when).timestamp()
-    return Written(stream, ts, "".join(lines), source)
-
-
 def entries(settings: Settings, paths: list[Path], texts: Mapping[Path, str] | None = None) -> Iterator[Written]:
     """Entries of `paths` in order; `texts` gives some files' content already read."""
     for path in paths:
         text = texts[path] if texts and path in texts else read_text(path)
-        yield from parse(text, str(path.relative_to(settings.log_dir)), settings)
+        yield from parse(text, str(path.relative_to(settings.log_dir)), settings.format, settings.tz)
 
 
 def merged(settings: Settings, paths: list[Path], texts: Mapping[Path, str] | None = None) -> list[Written]:

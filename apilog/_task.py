@@ -11,12 +11,14 @@ from typing import Any
 import kombu.transport
 from celery import Celery, Task
 
-from . import _message, settings
-from ._entry import Entry, build
-from ._jsonsafe import jsonable
-from ._route import render, route
-from ._streams import Registry
-from ._tree import SYSTEM, LogTree
+from . import settings
+from .core import wire
+from .core.entry import Entry, build
+from .core.jsonsafe import jsonable
+from .core.logfile import SYSTEM
+from .core.route import render, route
+from .core.streams import Registry
+from .core.tree import LogTree
 from .exceptions import BadInput, ConfigError, SpoolError
 from .spool.transport import writer_for
 
@@ -42,7 +44,7 @@ class _CeleryConfig:
     task_serializer = "json"
     accept_content = ("json",)
     task_ignore_result = True
-    task_default_queue = _message.QUEUE
+    task_default_queue = wire.QUEUE
     # Features that only cost a filesystem broker (NOTES.md): no events, no remote control.
     worker_send_task_events = False
     worker_enable_remote_control = False
@@ -66,7 +68,7 @@ def registry_for(conf: settings.Settings) -> Registry:
 class LogTask(Task):  # type: ignore[misc]
     """`logger`: a real Celery task whose `delay()` never raises into the app for a logging problem."""
 
-    name = _message.TASK_NAME
+    name = wire.TASK_NAME
     ignore_result = True
     typing = False  # the call is checked by apilog, which routes bad input to INTERNAL
     # For a stock Celery worker on another broker: acknowledge only once the entry is written,
@@ -104,14 +106,14 @@ class LogTask(Task):  # type: ignore[misc]
             return Receipt(entry.id, spooled=False)
         try:
             if self is logger and conf.uses_spool and not options:  # apilog's own app (`self.app` costs a proxy)
-                writer_for(conf.spool_dir, conf.fsync == "always").append(_message.encode(entry))
+                writer_for(conf.spool_dir, conf.fsync == "always").append(wire.encode(entry))
                 return Receipt(entry.id, spooled=True)
             if self.app is app:
                 _use_broker_of(conf)
-            options.setdefault("queue", _message.QUEUE)  # apilogd consumes this queue on any broker
+            options.setdefault("queue", wire.QUEUE)  # apilogd consumes this queue on any broker
             return super().apply_async(args=(), kwargs={"entry": entry.to_wire()}, task_id=entry.id, **options)
         except Exception as exc:  # the spool or broker refused: the entry must still be seen somewhere
-            print(f"apilog: entry not spooled ({exc}): {_message.task_body(entry).decode()}", file=sys.stderr)
+            print(f"apilog: entry not spooled ({exc}): {wire.task_body(entry).decode()}", file=sys.stderr)
             if conf.strict:
                 raise SpoolError(str(exc)) from exc
             return Receipt(entry.id, spooled=False)

@@ -13,9 +13,9 @@ import click
 
 from . import _demo, _reading
 from . import settings as settings_module
-from ._clitools import Group, load_settings
-from ._streams import Registry, normalize
-from ._tree import SYSTEM, BadLocation
+from .core.clitools import Group, load_settings
+from .core.logfile import SYSTEM, BadLocation, Written, file_stem, parse, user_dir
+from .core.streams import Registry, normalize
 from .settings import Settings
 
 
@@ -54,7 +54,7 @@ _COLOURS = {"ERROR": "red", "SECURITY ALERT": "magenta", "STRANGE ACTIVITY": "ye
             "LOGIN": "cyan", "DEBUG": "blue", "INTERNAL": "bright_black"}
 
 
-def _show(item: _reading.Written, label: bool = False) -> None:
+def _show(item: Written, label: bool = False) -> None:
     """An entry as written; the stream name coloured on a terminal (click strips colour elsewhere)."""
     text = item.text
     if text.startswith(item.stream):  # the text format; a jsonl line is shown as it is
@@ -74,7 +74,7 @@ def _since(value: str | None) -> float | None:
 
 def _location(location: str) -> str:
     try:
-        _reading.user_dir(location)
+        user_dir(location)
     except BadLocation as exc:
         raise click.ClickException(f"bad user name {location!r}: {exc}") from None
     return location
@@ -97,7 +97,7 @@ def tail(location: str, stream: str | None, lines: int, follow: bool) -> None:
     conf = load_settings()
     location = _location(location)
     stream = _stream(stream)
-    folder = conf.log_dir / _reading.user_dir(location)
+    folder = conf.log_dir / user_dir(location)
     # Live files are opened before they are read, so following goes on exactly where the last lines ended.
     followed = {path: _Followed(path) for path in _live(conf, folder, stream) if path.exists()} if follow else {}
     texts = {path: f.complete_lines() for path, f in followed.items()}
@@ -152,14 +152,14 @@ def _follow(conf: Settings, folder: Path, stream: str | None, followed: dict[Pat
 
 
 def _print_lines(conf: Settings, path: Path, text: str) -> None:
-    for item in _reading.parse(text, str(path.relative_to(conf.log_dir)), conf):
+    for item in parse(text, str(path.relative_to(conf.log_dir)), conf.format, conf.tz):
         _show(item)
 
 
 def _live(conf: Settings, folder: Path, stream: str | None) -> list[Path]:
     """The live files to follow; a planted link is never read through."""
     if stream:
-        paths = [folder / (stream.replace(" ", "_") + conf.log_suffix)]
+        paths = [folder / (file_stem(stream) + conf.log_suffix)]
     else:
         paths = sorted(folder.glob("*" + conf.log_suffix)) if folder.is_dir() else []
     return [p for p in paths if not p.is_symlink()]
@@ -205,10 +205,14 @@ def search(pattern: str, user_: str | None, stream: str | None, since_: str | No
 @main.command()
 def archive() -> None:
     """Rotate every live log file into archive/ now (gzipped off the write path)."""
-    from apilogd import _control  # rotation has one owner: the daemon's code
+    from apilogd import control  # rotation has one owner: the daemon's code
 
-    rotated = _control.archive_now(load_settings())
+    rotated, failed = control.archive_now(load_settings())
     click.echo(f"rotated {rotated} live file{'s' if rotated != 1 else ''} into archive/")
+    for problem in failed:
+        click.echo(f"apilog: could not rotate {problem} (left live; apilogd retries it)", err=True)
+    if failed:
+        raise SystemExit(1)
 
 
 @main.command()

@@ -22,8 +22,3 @@ class SpoolError(ApilogError):
 class StreamError(ApilogError):
     """A stream name is invalid, or the registry refuses a change."""
 
-
-class StateDamaged(ApilogError):
-    """A state file of apilogd cannot be trusted; it was set aside and `apilogd repair` rebuilds it."""
-
-    exit_code = 78  # EX_CONFIG: the unit's RestartPreventExitStatus= stops a restart loop

@@ -14,9 +14,10 @@ from typing import Any
 
 import platformdirs
 
+from .core.logfile import SUFFIXES
 from .exceptions import ConfigError
 
-FORMATS = ("text", "jsonl")
+FORMATS = tuple(SUFFIXES)
 FSYNC_MODES = ("off", "batch", "always")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -54,7 +55,7 @@ class Settings:
 
     @property
     def log_suffix(self) -> str:
-        return ".jsonl" if self.format == "jsonl" else ".log"
+        return SUFFIXES[self.format]
 
 
 def _path(name: str, raw: str) -> Path:

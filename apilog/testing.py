@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import _task
-from ._entry import Entry
+from .core.entry import Entry
 
 
 @contextmanager

@@ -193,11 +193,10 @@ def run_case(name: str, folder: str, n: int, procs: int = 1, **extra: Any) -> di
 
 def drain(home: str, env: dict[str, str] | None = None) -> dict[str, float]:
     """Start `apilogd run`, time READY -> empty spool; report entries/s and the daemon's peak memory."""
-    from apilog.spool.ledger import read_offsets
-    from apilog.spool.reader import waiting
+    from apilog.spool.backlog import committed_offsets, waiting
 
     spool = Path(home) / "spool"
-    count = waiting(spool, read_offsets(Path(home) / "state"))[0]
+    count = waiting(spool, committed_offsets(Path(home) / "state"))[0]
     with _daemon({**os.environ, **(env or {}), "APILOG_HOME": home}) as proc:
         begun = time.perf_counter()
         segments = spool / "segments"

@@ -12,23 +12,15 @@ import contextlib
 import gzip
 import os
 import queue
-import re
 import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
-from apilog._render import STAMP_FORMAT
-from apilog._tree import (
-    ARCHIVE,
-    SYSTEM,
-    USERS,
-    LogTree,
-    archive_name,
-    parse_archive_name,
-)
+from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, archive_name, first_time, parse_archive_name
+from apilog.core.tree import LogTree
 from apilog.settings import Settings
 
 from ._files import OpenFiles
@@ -38,8 +30,6 @@ AGE_CHECK_EVERY = 1.0  # seconds between looks at live files' ages
 ROTATIONS_PER_TICK = 16
 SWEEP_EVERY = 30.0  # seconds between walks of the whole tree (the backstop of the events)
 FIRST_SWEEP_AFTER = 5.0  # seconds after start
-_TEXT_STAMP = re.compile(rb" \xc2\xa7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
-_JSONL_TS = re.compile(rb'"ts":"([^"]+)"')
 
 
 class Archiver:
@@ -64,6 +54,9 @@ class Archiver:
         self._queued: set[str] = set()  # plain archives waiting for or under compression
         self._due: set[str] = set()  # live files found due, not yet rotated
         self._swept: set[str] = set()  # found due by the sweeper thread, taken by tick()
+        # Files whose rotation failed, with the error: reported once, and retried by the sweep
+        # (every SWEEP_EVERY) rather than at every batch that makes them grow.
+        self.failing: dict[str, str] = {}
         self._lock = threading.Lock()  # guards _swept and _queued, shared with the two threads
         self._closing = threading.Event()
         self._compressor = threading.Thread(target=self._compress_loop, name="apilog-gzip", daemon=True)
@@ -102,7 +95,7 @@ class Archiver:
         now = time.time() if now is None else now
         due = self._due
         for relpath in self.watcher.take():
-            if self._too_big(relpath):
+            if relpath not in self.failing and self._too_big(relpath):
                 due.add(relpath)
         if self.settings.rotate_age and now - self._last_age_check >= AGE_CHECK_EVERY:
             self._last_age_check = now
@@ -112,10 +105,8 @@ class Archiver:
             self._swept.clear()
         # Each rotation costs a few fsyncs: a bounded share per tick keeps the loop (and SIGTERM) responsive.
         chosen = sorted(due)[:ROTATIONS_PER_TICK]
-        for relpath in chosen:
-            due.discard(relpath)
-            self.rotate(relpath, now)
-        return len(chosen)
+        due.difference_update(chosen)
+        return self._rotate_each(chosen, now)[0]
 
     def _sweep_loop(self) -> None:
         wait = FIRST_SWEEP_AFTER  # a start-up backlog drains first
@@ -146,13 +137,27 @@ class Archiver:
         self._archives(now)
         return due
 
-    def rotate_all(self, now: float | None = None) -> int:
-        """Rotate every live file that has anything in it (`apilog archive`)."""
+    def rotate_all(self, now: float | None = None) -> tuple[int, list[str]]:
+        """Rotate every live file that has anything in it (`apilog archive`): how many were, and what failed."""
         now = time.time() if now is None else now
-        due = {r for r in self._live_files()[0] if self._size(r)}
-        for relpath in sorted(due):
-            self.rotate(relpath, now)
-        return len(due)
+        return self._rotate_each([r for r in self._live_files()[0] if self._size(r)], now)
+
+    def _rotate_each(self, relpaths: Iterable[str], now: float) -> tuple[int, list[str]]:
+        """Rotate each file in turn; one that cannot be rotated stays live and is reported, and the rest go on."""
+        rotated, failed = 0, []
+        for relpath in sorted(relpaths):
+            try:
+                rotated += self.rotate(relpath, now) is not None
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+                failed.append(f"{relpath}: {error}")
+                if self.failing.get(relpath) != error:
+                    self.notes.append(("rotation failed, will retry", {"file": relpath, "error": error}))
+                self.failing[relpath] = error
+            else:
+                if self.failing.pop(relpath, None) is not None:
+                    self.notes.append(("rotation works again", {"file": relpath}))
+        return rotated, failed
 
     def rotate(self, relpath: str, now: float) -> str | None:
         """Move one live file into archive/ under a name never used before; queue its compression."""
@@ -219,18 +224,8 @@ class Archiver:
         with os.fdopen(fd, "rb") as handle:
             head = handle.read(1 << 16)
             mtime = os.fstat(handle.fileno()).st_mtime
-        if self.settings.format == "jsonl":
-            match = _JSONL_TS.search(head)
-            if match:
-                with contextlib.suppress(ValueError):
-                    return datetime.fromisoformat(match.group(1).decode()).timestamp()
-        else:
-            match = _TEXT_STAMP.search(head)
-            if match:
-                with contextlib.suppress(ValueError):
-                    when = datetime.strptime(match.group(1).decode(), STAMP_FORMAT)  # noqa: DTZ007 - zone applied below
-                    return when.replace(tzinfo=self.settings.tz).timestamp() if self.settings.tz else when.timestamp()
-        return mtime
+        found = first_time(head, self.settings.format, self.settings.tz)
+        return mtime if found is None else found
 
     def _archives(self, now: float) -> None:
         """Finish what a crash interrupted, and delete archives past APILOG_RETAIN_DAYS."""

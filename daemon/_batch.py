@@ -18,16 +18,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from apilog._entry import Entry, internal
-from apilog._route import route
-from apilog._streams import INTERNAL, Registry
-from apilog._tree import SYSTEM, LogTree, relative_path
+from apilog.core.entry import Entry, internal
+from apilog.core.logfile import SYSTEM, relative_path
+from apilog.core.route import route
+from apilog.core.streams import INTERNAL, Registry
+from apilog.core.tree import LogTree
 from apilog.settings import Settings
-from apilog.spool.journal import Batch, Journal
-from apilog.spool.ledger import Ledger
 
 from ._files import MAX_OPEN, OpenFiles
 from ._folders import Folders
+from ._journal import Batch, Journal
+from ._ledger import Ledger
 from ._probe import Probe
 from ._source import NoSource, Source
 

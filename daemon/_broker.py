@@ -19,16 +19,15 @@ from kombu import Connection, Consumer, Exchange, Queue
 from kombu.exceptions import KombuError
 from kombu.message import Message
 
-from apilog import _message
-from apilog._entry import Entry, internal
-from apilog._folder import Folder
-from apilog.exceptions import StateDamaged
+from apilog.core import wire
+from apilog.core.entry import Entry, internal
+from apilog.core.folder import Folder
 from apilog.settings import Settings, redacted
-from apilog.spool.ledger import DAMAGED, REPAIR_HINT, Ledger, refuse_unrepaired
 
 from ._batch import describe, say
 from ._folders import Folders
-from .exceptions import BrokerUnavailable
+from ._ledger import DAMAGED, REPAIR_HINT, Ledger, refuse_unrepaired
+from .exceptions import BrokerUnavailable, StateDamaged
 
 MAX_MESSAGES = 2048
 GATHER_SECONDS = 0.05  # how long a batch waits to fill up
@@ -119,7 +118,7 @@ class BrokerSource:
         self.delivered.add(ledger.last_ids)  # journaled since the last checkpoint: perhaps not in the file yet
         self.name = redacted(settings.broker_url)
         self.wakeup: int | None = None  # take() itself waits on the broker
-        self.queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
+        self.queue = Queue(wire.QUEUE, Exchange(wire.QUEUE, type="direct"), routing_key=wire.QUEUE)
         self.inbox: list[Message] = []
         self.retry: list[Message] = []  # a batch that failed to be written, tried again as it was
         self.connection: Connection | None = None
@@ -219,7 +218,7 @@ class BrokerSource:
         return f"broker:{task_id}:{hashlib.sha256(_body_bytes(message)).hexdigest()[:16]}"
 
     def entry(self, message: Message) -> Entry:
-        return _message.decode_body(message.body, message.content_type, message.headers)
+        return wire.decode_body(message.body, message.content_type, message.headers)
 
     def set_aside(self, message: Message, why: str) -> Entry:
         name = f"broker.{uuid.uuid4().hex}.msg"

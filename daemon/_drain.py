@@ -6,16 +6,17 @@ import hashlib
 import os
 import re
 
-from apilog import _message
-from apilog._entry import Entry, internal
-from apilog._folder import Folder
+from apilog.core import wire
+from apilog.core.entry import Entry, internal
+from apilog.core.folder import Folder
 from apilog.settings import Settings
-from apilog.spool.ledger import Ledger
-from apilog.spool.reader import Record, SpoolReader, boundaries, offset_problem
+from apilog.spool.frame import boundaries
 
 from ._appends import Appends
 from ._batch import SEGMENTS_SHARE, descriptor_share
 from ._folders import Folders
+from ._ledger import Ledger
+from ._reader import Record, SpoolReader, offset_problem
 
 MAX_BYTES = 32 * 1024 * 1024  # of records per batch (with MAX_ITEMS): fewer batches, fewer writes per file
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -152,7 +153,7 @@ class SpoolSource:
     def entry(self, record: Record) -> Entry:
         if record.damaged is not None:
             raise ValueError(record.damaged)
-        return _message.decode(record.payload)
+        return wire.decode(record.payload)
 
     def set_aside(self, record: Record, why: str) -> Entry:
         # The inode too: a name reused by someone else must never overwrite what was set aside before.

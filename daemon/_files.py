@@ -8,7 +8,7 @@ import ctypes.util
 import os
 from collections import OrderedDict
 
-from apilog._tree import LogTree
+from apilog.core.tree import LogTree
 
 MAX_OPEN = 16384  # handles kept; past them the least recently used is closed (no sync: the journal has its bytes)
 

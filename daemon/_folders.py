@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from apilog import spool
-from apilog._folder import Folder, UnsafePath
+from apilog.core.folder import Folder, UnsafePath
 from apilog.settings import Settings
 
 HOME_MODE = 0o750  # the app's group passes through to the spool; nobody else

@@ -22,7 +22,7 @@ import stat
 import time
 from pathlib import Path
 
-from apilog._folder import Folder
+from apilog.core.folder import Folder
 
 from .exceptions import AlreadyRunning, DaemonError
 

@@ -16,26 +16,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from apilog import _message
-from apilog._entry import internal
-from apilog._folder import Folder
+from apilog.core import wire
+from apilog.core.entry import internal
+from apilog.core.folder import Folder
 from apilog.settings import Settings
-from apilog.spool.journal import JOURNAL_NAME, scan
-from apilog.spool.ledger import (
-    DAMAGED,
-    LEDGER_NAME,
-    LIVED_NAME,
-    REPAIRED,
-    parse,
-    unrepaired,
-)
-from apilog.spool.reader import boundaries, offset_problem, rejection
+from apilog.spool.backlog import LEDGER_NAME, rejection
+from apilog.spool.frame import boundaries
 from apilog.spool.writer import SpoolWriter
 
 from ._broker import DELIVERED_NAME, parse_ids
 from ._drain import set_aside_range
 from ._folders import Folders, open_folders, open_home
 from ._instance import InstanceLock
+from ._journal import JOURNAL_NAME, scan
+from ._ledger import (
+    DAMAGED,
+    LIVED_NAME,
+    REPAIRED,
+    parse,
+    unrepaired,
+)
+from ._reader import offset_problem
 
 
 @dataclass
@@ -238,6 +239,6 @@ def _tell_internal(heading: str, body: dict[str, Any], settings: Settings) -> No
     """Leave an INTERNAL entry in the spool: the daemon writes it once it runs again."""
     writer = SpoolWriter(settings.spool_dir, fsync=settings.fsync != "off")
     try:
-        writer.append(_message.encode(internal(heading, body)))
+        writer.append(wire.encode(internal(heading, body)))
     finally:
         writer.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from apilog._entry import Entry
+from apilog.core.entry import Entry
 
 
 class Source(Protocol):

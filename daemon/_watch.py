@@ -18,7 +18,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from apilog._tree import ARCHIVE
+from apilog.core.logfile import ARCHIVE
 
 POLL_SECONDS = 2.0
 _EVENTS = [FileCreatedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from apilog._clitools import Group, load_settings
+from apilog.core.clitools import Group, load_settings
 from apilog.settings import redacted
 
-from . import _control, _metrics, _units
+from . import _metrics, _units, control
 from .service import Service
 
 EXIT_STOPPED = 3  # LSB: program is not running
@@ -45,14 +45,14 @@ def run() -> None:
 def start() -> None:
     """Start in the background; return once it is ready."""
     conf = load_settings()
-    pid, started = _control.start(conf)
+    pid, started = control.start(conf)
     click.echo(f"apilogd started (pid {pid})" if started else f"apilogd is already running (pid {pid})")
 
 
 @main.command()
 def stop() -> None:
     """Stop gracefully and wait for the exit."""
-    pid = _control.stop(load_settings())
+    pid = control.stop(load_settings())
     click.echo("apilogd is not running" if pid is None else f"apilogd stopped (pid {pid})")
 
 
@@ -69,7 +69,7 @@ def repair() -> None:
 def metrics() -> None:
     """Print apilogd's metrics in Prometheus text format: the running daemon's textfile, or what the disk says."""
     conf = load_settings()
-    info = _control.status(conf)
+    info = control.status(conf)
     path = _metrics.textfile_path(conf.home)
     if info.pid is not None and path.is_file():
         click.echo(path.read_text(encoding="utf-8"), nl=False)
@@ -113,7 +113,7 @@ def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None
 def status(as_json: bool) -> None:
     """Say whether apilogd runs, and how much waits in the spool (exit 0 running, 3 stopped)."""
     conf = load_settings()
-    info = _control.status(conf)
+    info = control.status(conf)
     if as_json:
         click.echo(json.dumps({
             "running": info.pid is not None, "pid": info.pid, "backlog": info.backlog,

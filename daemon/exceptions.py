@@ -25,6 +25,12 @@ class BrokerUnavailable(DaemonError):
     """The broker named by APILOG_BROKER_URL cannot be reached at start-up."""
 
 
+class StateDamaged(DaemonError):
+    """A state file of apilogd cannot be trusted; it was set aside and `apilogd repair` rebuilds it."""
+
+    exit_code = 78  # EX_CONFIG: the unit's RestartPreventExitStatus= stops a restart loop
+
+
 class UnsafeSetup(DaemonError):
     """A folder apilogd works in is owned by another user or is not a plain folder: refused, not followed."""
 

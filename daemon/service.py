@@ -14,21 +14,21 @@ from collections import deque
 from collections.abc import Callable
 from types import FrameType
 
-from apilog._entry import internal
-from apilog._folder import UnsafePath
+from apilog.core.entry import internal
+from apilog.core.folder import UnsafePath
 from apilog.settings import Settings
-from apilog.spool.ledger import Ledger
-from apilog.spool.reader import waiting as waiting_entries
+from apilog.spool.backlog import waiting as waiting_entries
 
 from ._archive import Archiver
 from ._batch import BatchWriter, describe, say
-from ._control import STATS_NAME, answer_archive_request
 from ._drain import SpoolSource
 from ._folders import Folders, open_folders, open_home
 from ._instance import InstanceLock
+from ._ledger import Ledger
 from ._metrics import Metrics
 from ._notify import notify
 from ._source import Source
+from .control import STATS_NAME, answer_archive_request
 from .exceptions import DaemonError, UnsafeSetup
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool, at first
@@ -265,8 +265,8 @@ class Service:
         try:
             if self.signals.archive:
                 self.signals.archive = False
-                rotated = archiver.rotate_all()
-                answer_archive_request(drainer.folders.state, rotated)
+                rotated, failed = archiver.rotate_all()
+                answer_archive_request(drainer.folders.state, rotated, failed)
             else:
                 rotated = archiver.tick()
             self.metrics.rotations.inc(rotated)

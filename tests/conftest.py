@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apilogd import _control
+from apilogd import control
 
-from apilog import _message, settings, spool
-from apilog._entry import build
-from apilog._streams import Registry
-from apilog.spool._frame import frame
+from apilog import settings, spool
+from apilog.core import wire
+from apilog.core.entry import build
+from apilog.core.streams import Registry
+from apilog.spool.frame import frame
 
 STAMP = re.compile(r" \u00a7 \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
 
@@ -57,16 +58,16 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def daemon(home: Path) -> Iterator[Path]:
     """A real `apilogd` running in the background for this home; stopped afterwards."""
-    _control.start(settings.load())
+    control.start(settings.load())
     yield home
-    _control.stop(settings.load())
+    control.stop(settings.load())
 
 
 def wait_written(timeout: float = 20.0) -> None:
     """Wait until apilogd has committed everything waiting in the spool."""
     conf = settings.load()
     deadline = time.monotonic() + timeout
-    while _control.status(conf).backlog:
+    while control.status(conf).backlog:
         assert time.monotonic() < deadline, "apilogd did not drain the spool in time"
         time.sleep(0.02)
 
@@ -112,7 +113,7 @@ def record(stream: str, user: str, text: str, *, max_entry_bytes: int = 65536) -
     """One framed spool record carrying an entry, as `delay()` writes it."""
     entry, _ = build(stream, user, text, timestamp=False, registry=Registry(Path("/nonexistent")),
                      timestamps_default=False, max_entry_bytes=max_entry_bytes)
-    return frame(_message.encode(entry))
+    return frame(wire.encode(entry))
 
 
 class Daemon:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from apilog import _message, logger, settings
-from apilog.spool._frame import frame
+from apilog import logger, settings
+from apilog.core import wire as wire_format
+from apilog.spool.frame import frame
 
 from .conftest import Daemon, record, segment, wait_for, wait_written
 
@@ -29,7 +30,7 @@ def _forged(**fields: object) -> bytes:
     wire = {"v": 1, "id": str(uuid.uuid4()), "ts": 1700000000.0, "streams": ["INFO"], "location": "kim",
             "message": "m", "heading": None, "dict_to_string": False, "timestamp": False}
     wire.update(fields)
-    return frame(_message.encode(wire))
+    return frame(wire_format.encode(wire))
 
 
 def test_a_producer_truncating_its_own_segment_does_not_stop_the_daemon_for_everyone(

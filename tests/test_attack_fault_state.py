@@ -203,9 +203,10 @@ def test_a_deleted_ledger_writes_nothing_twice(home: Path, tmp_path: Path) -> No
 
 def _journal_two_batches(home: Path, files: list[tuple[str, int, int]], data: bytes) -> None:
     """Append two records to the journal as a daemon killed before its checkpoint leaves them."""
-    from apilog._folder import Folder
-    from apilog.spool.journal import Journal
-    from apilog.spool.ledger import parse
+    from apilogd._journal import Journal
+    from apilogd._ledger import parse
+
+    from apilog.core.folder import Folder
 
     with Folder.at(home / "state") as state:
         journal = Journal(state, durable=False, checkpoint=parse(state.read("ledger.json")).checkpoint)

@@ -31,13 +31,13 @@ print(os.stat('spool/segments/666-sparse.00000001.seg').st_blocks)
 NESTED = """
 import base64, json, os, sys, time, uuid
 sys.path.insert(0, sys.argv[1])
-from apilog import _message
-from apilog.spool._frame import frame
+from apilog.core import wire
+from apilog.spool.frame import frame
 out = []
 for n in range(int(sys.argv[2])):
-    wire = dict(v=1, id=str(uuid.uuid4()), ts=time.time(), streams=['INFO'], location='eve', message={'a': 'HOLE'},
+    fields = dict(v=1, id=str(uuid.uuid4()), ts=time.time(), streams=['INFO'], location='eve', message={'a': 'HOLE'},
                 heading=None, dict_to_string=True, timestamp=False)
-    stored = json.loads(_message.encode(wire))
+    stored = json.loads(wire.encode(fields))
     body = base64.b64decode(stored['body']).decode().replace('"HOLE"', '[' * 900 + ']' * 900)
     stored['body'] = base64.b64encode(body.encode()).decode()
     out.append(frame(json.dumps(stored).encode()))

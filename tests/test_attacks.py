@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from apilog import logger
-from apilog._entry import CUT_MARKER
+from apilog.core.entry import CUT_MARKER
 
 from .conftest import wait_for, wait_written
 

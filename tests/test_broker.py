@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from apilogd import _control
+from apilogd import control
 
-from apilog import _message, logger, settings
-from apilog._entry import build
-from apilog._streams import Registry
+from apilog import logger, settings
+from apilog.core import wire
+from apilog.core.entry import build
+from apilog.core.streams import Registry
 
 from .conftest import Daemon, log_file, wait_for
 
@@ -32,9 +33,9 @@ def broker(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def _publish_raw(url: str, body: bytes, headers: dict[str, object], content_type: str = "application/json") -> None:
     from kombu import Connection, Exchange, Producer, Queue
 
-    queue = Queue(_message.QUEUE, Exchange(_message.QUEUE, type="direct"), routing_key=_message.QUEUE)
+    queue = Queue(wire.QUEUE, Exchange(wire.QUEUE, type="direct"), routing_key=wire.QUEUE)
     with Connection(url) as conn:
-        Producer(conn.channel()).publish(body, routing_key=_message.QUEUE, exchange=queue.exchange, declare=[queue],
+        Producer(conn.channel()).publish(body, routing_key=wire.QUEUE, exchange=queue.exchange, declare=[queue],
                                          headers=headers, content_type=content_type, content_encoding="utf-8")
 
 
@@ -46,14 +47,14 @@ def test_entries_travel_through_another_broker(broker: str, home: Path) -> None:
     status = subprocess.run([sys.executable, "-m", "apilogd", "status"], capture_output=True, text=True)
     assert status.returncode == 3 and "backlog:     30 entries waiting" in status.stdout
     assert "broker:      sqla+sqlite:///" in status.stdout
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         path = home / "logs" / "users" / "bea" / "INFO.log"
         wait_for(lambda: path.exists() and path.read_text().count("\n") == 30, what="the broker's entries")
         logger.delay("WARN", "bea", "while running", timestamp=False)
         wait_for(lambda: (home / "logs" / "users" / "bea" / "WARN.log").exists(), what="a live entry")
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     assert log_file(home, "users/bea/INFO.log") == "".join(f"INFO:  over the broker {n:02d}\n" for n in range(30))
     assert log_file(home, "users/bea/WARN.log") == "WARN:  while running\n"
 
@@ -62,10 +63,10 @@ def test_redelivered_message_is_written_once(broker: str, home: Path) -> None:
     """A message delivered twice (as a broker does after a lost ack) is written once; garbage is quarantined."""
     entry, _ = build("INFO", "cal", "only once", timestamp=False, registry=Registry(home),
                      timestamps_default=False, max_entry_bytes=65536)
-    body = _message.task_body(entry)
-    headers = {"task": _message.TASK_NAME, "id": entry.id, "lang": "py"}
+    body = wire.task_body(entry)
+    headers = {"task": wire.TASK_NAME, "id": entry.id, "lang": "py"}
     _publish_raw(broker, body, headers)
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         wait_for(lambda: (home / "logs" / "users" / "cal" / "INFO.log").exists(), what="the first delivery")
         _publish_raw(broker, body, headers)  # the same message again
@@ -73,7 +74,7 @@ def test_redelivered_message_is_written_once(broker: str, home: Path) -> None:
         logger.delay("INFO", "cal", "after", timestamp=False)
         wait_for(lambda: "after" in (home / "logs" / "users" / "cal" / "INFO.log").read_text(), what="the later entry")
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     assert log_file(home, "users/cal/INFO.log") == "INFO:  only once\nINFO:  after\n"
     internal = log_file(home, "system/INTERNAL.log")
     assert "quarantined broker message: content type 'application/x-python-serialize' refused" in internal
@@ -111,8 +112,8 @@ def test_a_broker_that_fails_mid_run_is_survived(broker: str, home: Path, tmp_pa
 def test_damaged_delivered_ids_stop_a_broker_daemon_cleanly(broker: str, home: Path) -> None:
     """state/delivered.ids that is not text: one line naming it and `apilogd repair`, exit 78; repaired, it drains."""
     logger.delay("INFO", "eli", "kept", timestamp=False)
-    _control.start(settings.load())
-    _control.stop(settings.load())
+    control.start(settings.load())
+    control.stop(settings.load())
     ids = home / "state" / "delivered.ids"
     ids.write_bytes(ids.read_bytes() + b"\xff\xfe\x00 not an id\n")
     logger.delay("INFO", "eli", "waiting", timestamp=False)
@@ -121,10 +122,10 @@ def test_damaged_delivered_ids_stop_a_broker_daemon_cleanly(broker: str, home: P
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     repair = subprocess.run([sys.executable, "-m", "apilogd", "repair"], capture_output=True, text=True, timeout=60)
     assert repair.returncode == 0 and "kept 1 readable ids" in repair.stdout, repair.stdout + repair.stderr
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         path = home / "logs" / "users" / "eli" / "INFO.log"
         wait_for(lambda: "waiting" in path.read_text(), what="the entry after the repair")
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     assert log_file(home, "users/eli/INFO.log") == "INFO:  kept\nINFO:  waiting\n"

@@ -10,9 +10,11 @@ import time
 import uuid
 from pathlib import Path
 
-from apilog import _message, logger, settings
-from apilog._folder import Folder
-from apilog.spool.reader import SpoolReader
+from apilogd._reader import SpoolReader
+
+from apilog import logger, settings
+from apilog.core import wire
+from apilog.core.folder import Folder
 from apilog.spool.transport import writer_for
 
 from .conftest import log_file, wait_for
@@ -35,13 +37,13 @@ def test_stock_worker_runs_lean_messages(home: Path, tmp_path: Path) -> None:
     broker = tmp_path / "broker"
     (broker / "done").mkdir(parents=True)
     for n, record in enumerate(records):
-        assert json.loads(record.payload)["headers"]["task"] == _message.TASK_NAME
+        assert json.loads(record.payload)["headers"]["task"] == wire.TASK_NAME
         # kombu's filesystem transport stores exactly what its `_put` was given, as JSON, in such a file.
-        (broker / f"{int(time.time() * 1000) + n}_{uuid.uuid4()}.{_message.QUEUE}.msg").write_bytes(record.payload)
+        (broker / f"{int(time.time() * 1000) + n}_{uuid.uuid4()}.{wire.QUEUE}.msg").write_bytes(record.payload)
 
     env = {**os.environ, "COMPAT_BROKER_DIR": str(broker), "PYTHONPATH": str(HERE)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "stock_worker_app", "worker", "-Q", _message.QUEUE, "--pool=solo",
+        [sys.executable, "-m", "celery", "-A", "stock_worker_app", "worker", "-Q", wire.QUEUE, "--pool=solo",
          "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=WARNING"],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )

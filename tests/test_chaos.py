@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apilogd import _control
+from apilogd import control
 from apilogd._instance import running_pid
 
 from apilog import logger, settings
 from apilog._reading import archives, read_text
-from apilog._tree import decode_user
+from apilog.core.logfile import decode_user
 from apilog.spool.transport import writer_for
 
 from .conftest import wait_written
@@ -56,11 +56,11 @@ def run_chaos(home: Path, producers: int, per_producer: int, kills: int, seed: i
     """Log from `producers` processes while killing apilogd `kills` times and producer 0 once; check the result."""
     rng = random.Random(seed)
     conf = settings.load()
-    _control.start(conf)
+    control.start(conf)
     try:
         returned = _chaos(rng, home, conf, producers, per_producer, kills)
     finally:
-        _control.stop(conf)
+        control.stop(conf)
     return check_logs(home, returned, per_producer)  # with the daemon stopped: no rotation mid-check
 
 
@@ -79,7 +79,7 @@ def _chaos(rng: random.Random, home: Path, conf: settings.Settings, producers: i
         _kill_daemon(home)
         if k == producer_kill:
             os.kill(procs[0].pid, signal.SIGKILL)  # the app crashes too
-        _control.start(conf)
+        control.start(conf)
     for proc in procs:
         proc.join(300)
     assert procs[0].exitcode in (0, -signal.SIGKILL)

@@ -121,3 +121,26 @@ def test_status_never_prints_a_broker_password(home: Path) -> None:
     assert "broker:      redis://app:***@broker.example:6379/0" in done.stdout, done.stdout
     for part in ("s3cr", ":et@", "pa55"):
         assert part not in done.stdout
+
+
+def test_a_daemon_that_fails_to_start_says_why_and_leaves_nothing_running(home: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`apilogd start` whose daemon dies at start-up (its log folder is a file) fails with the daemon's own
+    reason, not a bare timeout; nothing is left running and a later start with a good folder works."""
+    not_a_folder = tmp_path / "logs-file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("APILOG_LOG_DIR", str(not_a_folder))
+    out = _cli("start")
+    assert out.returncode == 1
+    assert "apilogd exited with status 1" in out.stderr
+    assert f"the log folder is not a folder ({not_a_folder})" in out.stderr
+    assert "stopped" in _cli("status").stdout
+    assert not (home / "apilogd.pid").exists()
+    monkeypatch.setenv("APILOG_LOG_DIR", str(tmp_path / "logs"))
+    try:
+        assert _cli("start").returncode == 0
+        logger.delay("INFO", "after", "started", timestamp=False)
+        assert "running" in _cli("status").stdout
+    finally:
+        _cli("stop")
+    assert (tmp_path / "logs" / "users" / "after" / "INFO.log").read_text() == "INFO:  started\n"

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apilogd import _control
+from apilogd import control
 from apilogd._batch import BatchWriter
 from apilogd._drain import SpoolSource
 from apilogd._folders import open_folders, open_home
 from apilogd.service import open_source
 
 from apilog import logger, settings
-from apilog.spool._frame import frame
+from apilog.spool.frame import frame
 from apilog.spool.transport import writer_for
 
 from .conftest import Daemon, log_file, record, segment, wait_for, wait_written
@@ -134,11 +134,11 @@ def test_crash_at_each_journal_step(home: Path, point: str) -> None:
     if point == "mid-append":
         torn = [p for p in (home / "logs" / "users").rglob("*.log") if not p.read_text().endswith("\n")]
         assert torn, "the crash left no torn line to recover from"
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         wait_written()
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     by_file: dict[str, str] = {}
     for relpath, line in expected:
         by_file[relpath] = by_file.get(relpath, "") + line
@@ -220,7 +220,7 @@ def test_disk_full_then_space_back(home: Path, small_disk: Path, monkeypatch: py
             logger.delay("INFO", "rita", f"entry {n:03d} " + "x" * 2000, timestamp=False)  # past any preallocation
         wait_for(lambda: "write failed, entries wait in the spool or the journal" in daemon.stderr, what="the write failure")
         assert daemon.proc.poll() is None
-        assert _control.status(settings.load()).backlog > 0
+        assert control.status(settings.load()).backlog > 0
         filler.unlink()
         wait_written(timeout=40)
         internal = small_disk / "system" / "INTERNAL.log"
@@ -243,12 +243,12 @@ def test_stale_tmp_files_are_swept(home: Path) -> None:
     old = time.time() - 3600
     for name in ("1-dead.00000001.seg", "planted"):
         os.utime(dirs["tmp"] / name, (old, old))
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         internal = home / "logs" / "system" / "INTERNAL.log"
         wait_for(lambda: internal.exists() and "tmp folder" in internal.read_text(), what="the sweep's report")
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     assert sorted(p.name for p in dirs["tmp"].iterdir()) == ["fresh.00000001.seg"]
     assert (dirs["quarantine"] / "tmp.planted").read_bytes() == b"something"
     assert "quarantined a file left in the spool's tmp folder" in log_file(home, "system/INTERNAL.log")
@@ -277,7 +277,7 @@ def _daemon_syncs(tmp_path: Path) -> int:
         wait_written(30)
         wait_for(lambda: (Path(settings.load().state_dir) / "journal").stat().st_size == 0, what="a checkpoint")
     finally:
-        pid = _control.running_pid(settings.load().home)
+        pid = control.running_pid(settings.load().home)
         if pid is not None:
             os.kill(pid, signal.SIGTERM)  # the daemon itself: strace, signalled, would only let go of it
         else:
@@ -326,10 +326,10 @@ def test_threads_share_fsyncs_without_losing_order(home: Path, monkeypatch: pyte
         thread.join()
     print("fdatasyncs for 1,200 calls from 8 threads:", len(syncs))
     assert 1 <= len(syncs) < 1200  # group commit: threads share fsyncs
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         wait_written()
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     for t in range(8):
         assert log_file(home, f"users/thread{t}/INFO.log") == "".join(f"INFO:  n{n:03d}\n" for n in range(150))

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from apilogd import _control
+from apilogd import control
 
 from apilog import logger, settings
 from apilog.spool import writer
@@ -157,13 +157,13 @@ def test_segment_mode_ignores_umask(home: Path) -> None:
         segments = list((home / "spool" / "segments").iterdir())
         assert len(segments) == 1
         assert oct(stat.S_IMODE(segments[0].stat().st_mode)) == oct(0o640)
-        _control.start(settings.load())
+        control.start(settings.load())
         try:
             wait_written()
             producer.stdin.close()
             assert producer.wait(10) == 0
         finally:
-            _control.stop(settings.load())
+            control.stop(settings.load())
     finally:
         producer.kill()
         producer.wait()
@@ -207,13 +207,13 @@ def test_full_disk_leaves_no_pile_of_segments(home: Path) -> None:
         producer.stdin.write("room again\n")
         producer.stdin.flush()
         assert producer.stdout.readline() == "20\n"
-        _control.start(settings.load())
+        control.start(settings.load())
         try:
             wait_written()
             producer.stdin.close()
             assert producer.wait(10) == 0
         finally:
-            _control.stop(settings.load())
+            control.stop(settings.load())
     finally:
         producer.kill()
         producer.wait()

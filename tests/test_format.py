@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from apilog import logger
-from apilog._render import escape_line, render_jsonl, render_text
+from apilog.core.logfile import escape_line, render_jsonl, render_text
 
 from .conftest import log_file, wait_written
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from apilog import _message, logger, settings
-from apilog.spool._frame import HEADER, frame
+from apilog import logger, settings
+from apilog.core import wire
+from apilog.spool.frame import HEADER, frame
 
 from .conftest import Daemon, log_file, record, segment, wait_for, wait_written
 
@@ -174,7 +175,7 @@ def _entries_in(path: Path) -> list[str]:
     data, pos, out = path.read_bytes(), 0, []
     while pos + HEADER.size <= len(data):
         _, length, _ = HEADER.unpack_from(data, pos)
-        out.append(_message.decode(data[pos + HEADER.size: pos + HEADER.size + length]).message)
+        out.append(wire.decode(data[pos + HEADER.size: pos + HEADER.size + length]).message)
         pos += HEADER.size + length
     return out
 
@@ -315,10 +316,10 @@ def test_thousands_of_segments_within_a_low_descriptor_limit(home: Path, tmp_pat
 
 def test_a_clock_before_1970_is_written_not_quarantined(daemon: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A producer whose clock reads 1967: delay() says spooled, and the entry is written with that time."""
-    import apilog._entry
+    import apilog.core.entry
 
     with monkeypatch.context() as patch:
-        patch.setattr(apilog._entry.time, "time", lambda: -94_694_400.0)  # 1967-01-01 00:00:00 UTC
+        patch.setattr(apilog.core.entry.time, "time", lambda: -94_694_400.0)  # 1967-01-01 00:00:00 UTC
         receipt = logger.delay("INFO", "quy", "old clock")
     assert receipt.spooled
     wait_written()

@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from apilogd import _control
+from apilogd import control
 from prometheus_client.parser import text_string_to_metric_families
 
 from apilog import logger, settings
-from apilog.spool._frame import frame
+from apilog.spool.frame import frame
 
 from .conftest import segment, wait_for, wait_written
 
@@ -67,7 +67,7 @@ def test_metrics_and_status_count_what_was_written(daemon: Path) -> None:
     status = _cli("status", "--json")
     assert status.returncode == 0
     state = json.loads(status.stdout)
-    pid = _control.running_pid(daemon)
+    pid = control.running_pid(daemon)
     assert pid is not None and state | {"oldest_age_s": None} == {
         "running": True, "pid": pid, "backlog": 0, "oldest_age_s": None, "written_last_minute": 25,
         "quarantined": 1, "role": "local", "broker": None, "home": str(daemon), "logs": str(daemon / "logs"),
@@ -81,10 +81,10 @@ def test_metrics_and_status_count_what_was_written(daemon: Path) -> None:
 
 def test_a_stopped_daemon_says_so_in_its_textfile_and_metrics(home: Path) -> None:
     """After a clean stop the textfile says apilog_up 0; `apilogd metrics` then reports what waits on disk."""
-    _control.start(settings.load())
+    control.start(settings.load())
     logger.delay("INFO", "ana", "before the stop", timestamp=False)
     wait_written()
-    _control.stop(settings.load())
+    control.stop(settings.load())
     assert _textfile(home)["apilog_up"] == 0
     for n in range(3):
         logger.delay("INFO", "ana", f"waiting {n}", timestamp=False)

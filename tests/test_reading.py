@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from apilogd import _control
+from apilogd import control
 from click.testing import CliRunner
 
 from apilog import logger, settings
@@ -96,12 +96,12 @@ def test_jsonl_format_and_reading(home: Path, monkeypatch: pytest.MonkeyPatch) -
     """APILOG_FORMAT=jsonl writes one object per line with the SPEC 6 fields; show reads it."""
     monkeypatch.setenv("APILOG_FORMAT", "jsonl")
     settings.reset()
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         receipt = logger.delay("LOGIN", "yan", {"ip": "198.51.100.4"}, heading="New Login")
         wait_written()
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     import json
 
     record = json.loads((home / "logs" / "users" / "yan" / "LOGIN.jsonl").read_text())

@@ -47,17 +47,17 @@ def test_timestamp_off_and_compact_dict(daemon: Path) -> None:
 
 def test_event_time_is_taken_in_the_caller(home: Path) -> None:
     """An entry logged while the daemon is stopped carries the call's time, not the write's."""
-    from apilogd import _control
+    from apilogd import control
 
     from apilog import settings
 
     logger.delay("INFO", "late", "written later")
     called = time.time()
     time.sleep(1.2)
-    _control.start(settings.load())
+    control.start(settings.load())
     try:
         wait_written()
     finally:
-        _control.stop(settings.load())
+        control.stop(settings.load())
     text = log_file(home, "users/late/INFO.log")
     assert unstamp(text, called - 1, called) == "INFO:  written later \u00a7 [<TS>]\n"

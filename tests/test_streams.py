@@ -7,8 +7,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from apilog import logger
-from apilog._streams import DEFAULT_STREAMS, MAX_STREAMS, Registry
 from apilog.cli import main
+from apilog.core.streams import DEFAULT_STREAMS, MAX_STREAMS, Registry
 
 from .conftest import log_file, wait_written
 

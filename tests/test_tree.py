@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from apilog import logger
-from apilog._tree import BadLocation, decode_user, encode_user, relative_path
+from apilog.core.logfile import BadLocation, decode_user, encode_user, relative_path
 
 from .conftest import wait_written
 

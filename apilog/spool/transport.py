@@ -9,8 +9,7 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from .. import settings
-from .ledger import read_offsets
-from .reader import waiting
+from .backlog import committed_offsets, waiting
 from .writer import SpoolWriter
 
 _writers: dict[Path, SpoolWriter] = {}
@@ -41,7 +40,7 @@ class Channel(virtual.Channel):
 
     def _size(self, queue: str) -> int:
         conf = settings.current()
-        return waiting(conf.spool_dir, read_offsets(conf.state_dir))[0]
+        return waiting(conf.spool_dir, committed_offsets(conf.state_dir))[0]
 
     def _purge(self, queue: str) -> int:
         raise NotImplementedError("the apilog spool is never purged: every entry is kept")

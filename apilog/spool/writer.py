@@ -11,9 +11,9 @@ import threading
 import weakref
 from pathlib import Path
 
-from .._atomic import fsync_dir
+from ..core.atomic import fsync_dir
 from . import SEGMENT_MODE, ensure
-from ._frame import frame
+from .frame import frame
 
 SEGMENT_BYTES = 8 * 1024 * 1024
 NAME_ATTEMPTS = 16

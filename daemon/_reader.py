@@ -16,13 +16,11 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from .._folder import Folder
-from . import layout
-from ._frame import HEADER, MAGIC, MAX_PAYLOAD
+from apilog.core.folder import Folder
+from apilog.spool.backlog import rejection
+from apilog.spool.frame import CHUNK, HEADER, MAGIC, MAX_PAYLOAD, boundaries
 
-CHUNK = 1024 * 1024
 MAX_DAMAGED = 1024 * 1024  # garbage is quarantined in pieces of at most this size
 MAX_GARBAGE_KEPT = 16 * 1024 * 1024  # per segment; beyond it garbage is skipped and said so, not copied
 RESYNC_CHECK = 64 * 1024  # longest candidate record whose checksum is tried while skipping garbage
@@ -91,17 +89,6 @@ def _resync(buf: bytes, start: int) -> int:
             return nxt  # a whole record, or one too long to check here: parsed on its own
         pos = nxt + 1
     return len(buf)
-
-
-def rejection(st: os.stat_result) -> str | None:
-    """Why a spool entry must not be read as a segment, or None when it may."""
-    if stat.S_ISLNK(st.st_mode):
-        return "a symbolic link"
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if st.st_nlink != 1:
-        return f"a regular file with {st.st_nlink} links (a hard link to another file?)"
-    return None
 
 
 class SpoolReader:
@@ -404,25 +391,6 @@ class SpoolReader:
         return found
 
 
-def _whole_records(fd: int, pos: int, stop: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of each whole record from `pos` that ends by `stop`, walking headers a chunk at a time."""
-    buf, base = b"", pos
-    while pos + HEADER.size <= stop:
-        if pos + HEADER.size > base + len(buf):
-            buf, base = os.pread(fd, CHUNK, pos), pos
-        magic, length, _ = HEADER.unpack_from(buf, pos - base)
-        end = pos + HEADER.size + length
-        if magic != MAGIC or length > MAX_PAYLOAD or end > stop:
-            return  # garbage, or a record still being written
-        yield pos, end
-        pos = end
-
-
-def boundaries(fd: int, upto: int) -> int:
-    """The end of the last whole record at or before `upto`, walking headers from the segment's start."""
-    return max((end for _, end in _whole_records(fd, 0, min(os.fstat(fd).st_size, upto))), default=0)
-
-
 def offset_problem(segments: Folder, name: str, offset: int) -> str | None:
     """What is wrong with `offset` as the committed end of segment `name`, or None (a missing segment has none)."""
     try:
@@ -438,39 +406,3 @@ def offset_problem(segments: Folder, name: str, offset: int) -> str | None:
         return None
     finally:
         os.close(fd)
-
-
-def waiting(spool_dir: Path, committed: Mapping[str, int]) -> tuple[int, list[bytes]]:
-    """Records waiting past the committed offsets: their count, and each segment's first waiting payload."""
-    count = 0
-    firsts: list[bytes] = []
-    try:
-        segments = Folder.at(layout(spool_dir)["segments"])
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return 0, []
-    with segments:
-        for name in segments.names():
-            try:
-                fd = segments.open_regular(name)
-            except OSError:
-                continue  # not a segment (a link, a folder, a FIFO...), or gone
-            try:
-                if rejection(os.fstat(fd)) is not None:
-                    continue  # never read by the daemon either
-                found, first = _count_records(fd, committed.get(name, 0))
-            finally:
-                os.close(fd)
-            count += found
-            if first is not None:
-                firsts.append(first)
-    return count, firsts
-
-
-def _count_records(fd: int, pos: int) -> tuple[int, bytes | None]:
-    """Whole records from `pos` on, and the first one's payload."""
-    count, first = 0, None
-    for start, end in _whole_records(fd, pos, os.fstat(fd).st_size):
-        if first is None:
-            first = os.pread(fd, end - start - HEADER.size, start + HEADER.size)
-        count += 1
-    return count, first

@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ._atomic import write_atomic
-from .exceptions import StreamError
+from ..exceptions import StreamError
+from .atomic import write_atomic
 
 DEFAULT_STREAMS = (
     "INFO",
@@ -39,11 +39,6 @@ def normalize(name: str) -> str:
             f"bad stream name {name!r}: use 1-32 of A-Z 0-9 _ - and single inner spaces"
         )
     return upper
-
-
-def file_stem(stream: str) -> str:
-    """The stream's file name without suffix: spaces become underscores."""
-    return stream.replace(" ", "_")
 
 
 class Registry:

@@ -14,13 +14,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from apilog import _message
-from apilog._atomic import write_atomic
-from apilog._folder import Folder, UnsafePath
+from apilog.core import wire
+from apilog.core.atomic import write_atomic
+from apilog.core.folder import Folder, UnsafePath
 from apilog.settings import Settings
 from apilog.spool import layout
-from apilog.spool.ledger import read_offsets
-from apilog.spool.reader import waiting
+from apilog.spool.backlog import committed_offsets, waiting
 
 from ._folders import open_folders, open_home
 from ._instance import (
@@ -114,7 +113,7 @@ def _broker_backlog(url: str) -> int | None:
 
     try:
         with Connection(url, connect_timeout=5) as conn:
-            return int(conn.default_channel.queue_declare(queue=_message.QUEUE, passive=True).message_count)
+            return int(conn.default_channel.queue_declare(queue=wire.QUEUE, passive=True).message_count)
     except Exception:  # noqa: BLE001 - an unreachable broker, or no such queue yet: say "unknown", not fail
         return None
 
@@ -122,13 +121,13 @@ def _broker_backlog(url: str) -> int | None:
 def status(settings: Settings) -> Status:
     pid = running_pid(settings.home)
     count: int | None
-    count, firsts = waiting(settings.spool_dir, read_offsets(settings.state_dir))
+    count, firsts = waiting(settings.spool_dir, committed_offsets(settings.state_dir))
     if settings.broker_url and count == 0:
         count = _broker_backlog(settings.broker_url)
     times = []
     for payload in firsts:
         try:
-            times.append(_message.decode(payload).ts)
+            times.append(wire.decode(payload).ts)
         except Exception:  # noqa: BLE001, S112 - a bad record is the daemon's to quarantine, not status's to fail on
             continue
     oldest = time.time() - min(times) if times else None
@@ -147,8 +146,11 @@ def status(settings: Settings) -> Status:
     return Status(pid, count, oldest, quarantined, written)
 
 
-def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
-    """Rotate every live file now; the running daemon does it (one owner), else this process does."""
+def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> tuple[int, list[str]]:
+    """Rotate every live file now; the running daemon does it (one owner), else this process does.
+
+    Returns how many files were rotated and, for each one that could not be, its path and why.
+    """
     from ._archive import Archiver  # watchdog is only needed here
     from ._batch import BatchWriter
 
@@ -162,9 +164,9 @@ def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
             writer = BatchWriter(settings, folders)  # redoes what the journal holds: no half batch is rotated
             stack.callback(writer.close)
             archiver = Archiver(settings, writer.tree, writer.files, before_rotation=writer.checkpoint)
-            rotated = archiver.rotate_all()
+            result = archiver.rotate_all()
             archiver.close(wait=True)
-        return rotated
+        return result
     with holder:
         token = uuid.uuid4().hex
         write_atomic(settings.state_dir / ARCHIVE_REQUEST, token.encode())
@@ -174,18 +176,18 @@ def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> int:
             try:
                 done = json.loads((settings.state_dir / ARCHIVE_DONE).read_text())
                 if done.get("token") == token:
-                    return int(done["rotated"])
+                    return int(done["rotated"]), [str(f) for f in done.get("failed", [])]
             except (FileNotFoundError, ValueError):
                 pass
             time.sleep(0.05)
     raise DaemonError(f"apilogd (pid {holder.pid}) did not rotate within {timeout:.0f}s")
 
 
-def answer_archive_request(state: Folder, rotated: int) -> None:
-    """Tell the waiting `apilog archive` how many files the daemon rotated for it."""
+def answer_archive_request(state: Folder, rotated: int, failed: list[str]) -> None:
+    """Tell the waiting `apilog archive` how many files the daemon rotated for it, and which it could not."""
     try:
         token = state.read(ARCHIVE_REQUEST, 1024).decode("ascii", "replace")
     except FileNotFoundError:
         token = ""
-    state.write_atomic(ARCHIVE_DONE, json.dumps({"token": token, "rotated": rotated}).encode())
+    state.write_atomic(ARCHIVE_DONE, json.dumps({"token": token, "rotated": rotated, "failed": failed}).encode())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ._folder import Folder
+from .folder import Folder
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, durable: bool = True) -> None:

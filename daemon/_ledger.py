@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
-from .._folder import Folder
-from ..exceptions import StateDamaged
+from apilog.core.folder import Folder
+from apilog.core.logfile import SYSTEM, USERS
+from apilog.spool.backlog import LEDGER_NAME
 
-LEDGER_NAME = "ledger.json"
+from .exceptions import StateDamaged
+
 DAMAGED = "damaged"  # suffix of a ledger set aside, until `apilogd repair` handles it
 REPAIRED = "repaired"
 REPAIR_HINT = "run `apilogd repair`, then start apilogd again"
 LIVED_NAME = "probe"  # made at a daemon's first start (daemon/_probe.py); its presence means one ran here
-
-
-def read_offsets(state_dir: Path) -> dict[str, int]:
-    """The offsets of the last checkpoint: what is in its files and on disk (for readers other than the daemon)."""
-    try:
-        return parse(Path(state_dir, LEDGER_NAME).read_bytes()).offsets
-    except (OSError, ValueError):
-        return {}
 
 
 def is_entry_id(value: object) -> bool:
@@ -54,7 +47,7 @@ def is_relpath(path: object) -> bool:
     if type(path) is not str or "\0" in path:
         return False
     parts = path.split("/")
-    return len(parts) >= 2 and parts[0] in ("system", "users") and all(is_segment_name(p) for p in parts)
+    return len(parts) >= 2 and parts[0] in (SYSTEM, USERS) and all(is_segment_name(p) for p in parts)
 
 
 def _offsets(value: object, what: str, check: Any = is_segment_name) -> dict[str, int]:

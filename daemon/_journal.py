@@ -23,9 +23,9 @@ from typing import NoReturn
 
 import msgspec
 
-from .._folder import Folder, UnsafePath
-from ..exceptions import StateDamaged
-from .ledger import (
+from apilog.core.folder import Folder, UnsafePath
+
+from ._ledger import (
     DAMAGED,
     LIVED_NAME,
     REPAIR_HINT,
@@ -34,6 +34,7 @@ from .ledger import (
     is_segment_name,
     refuse_unrepaired,
 )
+from .exceptions import StateDamaged
 
 JOURNAL_NAME = "journal"
 MAGIC = b"APJ1"

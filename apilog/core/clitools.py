@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
-from . import settings as settings_module
-from .exceptions import ApilogError
-from .settings import Settings
+from .. import settings as settings_module
+from ..exceptions import ApilogError
+from ..settings import Settings
 
 
 class _Refused(click.ClickException):

@@ -10,8 +10,8 @@ from typing import Any
 
 import msgspec
 
-from ._entry import Entry
-from ._jsonsafe import without_surrogates
+from .entry import Entry
+from .jsonsafe import without_surrogates
 
 TASK_NAME = "apilog.log"
 QUEUE = "apilog"

@@ -6,11 +6,10 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from . import _streams
-from ._entry import Entry, cut
-from ._render import dump_json, render_jsonl, render_text
-from ._tree import SYSTEM, BadLocation, encode_user, relative_path
-from .settings import Settings
+from ..settings import Settings
+from . import streams as _streams
+from .entry import Entry, cut
+from .logfile import SYSTEM, BadLocation, dump_json, encode_user, relative_path, render_jsonl, render_text
 
 
 def render(entry: Entry, stream: str, location: str, settings: Settings, *,

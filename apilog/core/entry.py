@@ -12,12 +12,11 @@ from typing import Annotated, Any
 
 import msgspec
 
-from . import _streams
-from ._context import current_user
-from ._jsonsafe import jsonable, safe_str, without_surrogates
-from ._render import dump_json
-from ._tree import SYSTEM, BadLocation, encode_user
-from .exceptions import StreamError
+from ..exceptions import StreamError
+from . import streams as _streams
+from .context import current_user
+from .jsonsafe import jsonable, safe_str, without_surrogates
+from .logfile import SYSTEM, BadLocation, dump_json, encode_user
 
 WIRE_VERSION = 1
 # Event times that every zone can write: years 2 to 9998 (a clock before 1970 is still a clock).

@@ -1,76 +1,22 @@
-"""The log tree: user names encoded as one path component, and opens that never leave the tree."""
+"""The log tree on disk: opens, renames and unlinks that never leave it or follow a link."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
-import functools
 import os
-import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ._streams import INTERNAL, file_stem
-
-SYSTEM = "system"
-USERS = "users"
 DIR_MODE = 0o750
 FILE_MODE = 0o640
-MAX_COMPONENT = 255
-
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@+-")
-_ESCAPE = re.compile(r"%([0-9A-F]{2})")
-
-
-class BadLocation(ValueError):
-    """A location cannot name a user directory."""
 
 
 class TreeError(OSError):
     """An open inside the log tree met something it must not follow or create."""
-
-
-@functools.lru_cache(maxsize=65536)  # a drain over tens of thousands of users looks each up per entry
-def encode_user(location: str) -> str:
-    """Encode a location reversibly as one safe path component (SPEC 3)."""
-    if not location:
-        raise BadLocation("empty location")
-    try:
-        raw = location.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadLocation("location is not valid Unicode text") from None
-    out = "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
-    if out.startswith("."):
-        out = "%2E" + out[1:]
-    if len(out.encode()) > MAX_COMPONENT:
-        raise BadLocation(f"location is over {MAX_COMPONENT} bytes once encoded")
-    return out
-
-
-def decode_user(component: str) -> str:
-    """Invert `encode_user`."""
-    raw = bytearray()
-    i = 0
-    while i < len(component):
-        match = _ESCAPE.match(component, i)
-        if match:
-            raw.append(int(match.group(1), 16))
-            i = match.end()
-        else:
-            raw.extend(component[i].encode())
-            i += 1
-    return raw.decode("utf-8", errors="replace")
-
-
-def relative_path(stream: str, location: str, suffix: str) -> str:
-    """Where an entry of `stream` for `location` lives, relative to the log root."""
-    name = file_stem(stream) + suffix
-    if location == SYSTEM or stream == INTERNAL:
-        return f"{SYSTEM}/{name}"
-    return f"{USERS}/{encode_user(location)}/{name}"
 
 
 class LogTree:
@@ -78,6 +24,8 @@ class LogTree:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        if root.exists() and not root.is_dir():
+            raise TreeError(errno.ENOTDIR, "the log folder is not a folder", str(root))
         if not root.is_dir():
             os.makedirs(root, mode=DIR_MODE, exist_ok=True)
             os.chmod(root, DIR_MODE)
@@ -243,28 +191,3 @@ def _find_openat2() -> Callable[[int, str, int], int] | None:
 
 
 _openat2 = _find_openat2()
-
-
-ARCHIVE = "archive"
-_ARCHIVE_NAME = re.compile(
-    r"^(?P<stem>.+)\.(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<n>\d+))?(?P<suffix>\.log|\.jsonl)(?P<gz>\.gz)?(?P<tmp>\.tmp)?$"
-)
-
-
-def archive_name(live_name: str, stamp: str, counter: int) -> str:
-    """`INFO.log` rotated at `stamp` -> `INFO.<stamp>[-N].log` (gzip adds `.gz`)."""
-    stem, _, suffix = live_name.rpartition(".")
-    return f"{stem}.{stamp}{f'-{counter}' if counter else ''}.{suffix}"
-
-
-def parse_archive_name(name: str) -> re.Match[str] | None:
-    """The parts of an archive's file name, or None for anything else."""
-    return _ARCHIVE_NAME.match(name)
-
-
-def archive_order(name: str) -> tuple[str, str, int]:
-    """Sort key putting a file's archives in rotation order (the counter counts numerically)."""
-    match = _ARCHIVE_NAME.match(name)
-    if match is None:
-        return (name, "", 0)
-    return (match["stem"], match["stamp"], int(match["n"] or 0))
