@@ -10,6 +10,7 @@ from typing import Any
 
 import kombu.transport
 from celery import Celery, Task
+from kombu import Exchange, Queue
 
 from . import settings
 from .core import wire
@@ -17,6 +18,7 @@ from .core.entry import Entry, build
 from .core.jsonsafe import jsonable
 from .core.logfile import SYSTEM
 from .core.route import render, route
+from .core.shards import queue_name, shard_of
 from .core.streams import Registry
 from .core.tree import LogTree
 from .exceptions import BadInput, ConfigError, SpoolError
@@ -39,17 +41,17 @@ class Receipt:
 
 
 class _CeleryConfig:
-    """The Celery settings of apilog's own app; its broker follows apilog's settings (`_use_broker_of`)."""
+    """The Celery settings of apilog's own app (what `celery -A apilog worker` runs with)."""
 
     task_serializer = "json"
     accept_content = ("json",)
     task_ignore_result = True
-    task_default_queue = wire.QUEUE
+    task_default_queue = queue_name(0)
     # Features that only cost a filesystem broker (NOTES.md): no events, no remote control.
     worker_send_task_events = False
     worker_enable_remote_control = False
 
-    broker_url = "apilog://"  # follows settings.current(): see _use_broker_of()
+    broker_url = "apilog://"  # the spool; a stock worker gets APILOG_BROKER_URL from _for_stock_workers()
 
 
 _registries: dict[str, Registry] = {}
@@ -105,12 +107,11 @@ class LogTask(Task):  # type: ignore[misc]
             captures[-1].append(entry)
             return Receipt(entry.id, spooled=False)
         try:
-            if self is logger and conf.uses_spool and not options:  # apilog's own app (`self.app` costs a proxy)
+            if self is logger:  # never the network: a forwarder takes the spool to the broker (SPEC 12)
                 writer_for(conf.spool_dir, conf.fsync == "always").append(wire.encode(entry))
                 return Receipt(entry.id, spooled=True)
-            if self.app is app:
-                _use_broker_of(conf)
-            options.setdefault("queue", wire.QUEUE)  # apilogd consumes this queue on any broker
+            # The task registered on an app's own Celery (`register()`) travels on that app's broker.
+            options.setdefault("queue", queue_name(shard_of(entry.location, conf.shards)))
             return super().apply_async(args=(), kwargs={"entry": entry.to_wire()}, task_id=entry.id, **options)
         except Exception as exc:  # the spool or broker refused: the entry must still be seen somewhere
             print(f"apilog: entry not spooled ({exc}): {wire.task_body(entry).decode()}", file=sys.stderr)
@@ -135,22 +136,6 @@ class LogTask(Task):  # type: ignore[misc]
             tree.close()
 
 
-_broker_for: settings.Settings | None = None
-
-
-def _use_broker_of(conf: settings.Settings) -> None:
-    """Point apilog's Celery app at the configured broker (settings are re-read when reset, as in tests)."""
-    global _broker_for
-    if _broker_for is not conf:
-        url = conf.broker_url or "apilog://"
-        if app.conf.broker_url != url:
-            app.conf.broker_url = url
-            # Celery keeps its pools for the app's life: drop them so the next publish finds the new broker.
-            app._pool = None
-            app.amqp._producer_pool = None
-        _broker_for = conf
-
-
 def _checked_entry(args: tuple[Any, ...], kwargs: dict[str, Any], conf: settings.Settings) -> tuple[Entry, bool]:
     def checked(*call: Any, **named: Any) -> tuple[Entry, bool]:
         return build(*call, **named, registry=registry_for(conf), timestamps_default=conf.timestamps,
@@ -166,8 +151,26 @@ def _checked_entry(args: tuple[Any, ...], kwargs: dict[str, Any], conf: settings
         return entry, False
 
 
+def _for_stock_workers(celery_app: Celery) -> None:
+    """`celery -A apilog worker -Q apilog.0,...`: APILOG_BROKER_URL's shard queues, declared as apilogd declares them."""
+    try:
+        conf = settings.current()
+    except ConfigError:
+        return  # delay() reports a bad setting on its first call
+    if conf.broker_url is None:
+        return
+    quorum = conf.broker_url.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp")
+    celery_app.conf.broker_url = conf.broker_url
+    celery_app.conf.task_queues = [
+        Queue(queue_name(k), Exchange(queue_name(k), type="direct"), routing_key=queue_name(k), durable=True,
+              queue_arguments={"x-queue-type": "quorum"} if quorum else None)
+        for k in range(conf.shards)
+    ]
+
+
 app = Celery("apilog", set_as_current=False)
 app.config_from_object(_CeleryConfig())
+_for_stock_workers(app)
 logger: LogTask = app.register_task(LogTask())
 
 

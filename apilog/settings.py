@@ -15,10 +15,12 @@ from typing import Any
 import platformdirs
 
 from .core.logfile import SUFFIXES
+from .core.shards import MAX_SHARDS, parse_shard_set
 from .exceptions import ConfigError
 
 FORMATS = tuple(SUFFIXES)
 FSYNC_MODES = ("off", "batch", "always")
+ROLES = ("local", "forward", "write")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -40,6 +42,10 @@ class Settings:
     rotate_age: int
     retain_days: int
     strict: bool
+    role: str = "local"  # local: spool -> files; forward: spool -> broker; write: broker -> files
+    shards: int = 1
+    writer_shards: frozenset[int] = frozenset({0})  # the shards a writer owns
+    standby: bool = False  # APILOG_WRITER_SHARDS=all among several shards: the writer stands by for every shard
     spool_dir: Path = field(init=False)
     state_dir: Path = field(init=False)
 
@@ -49,9 +55,9 @@ class Settings:
         object.__setattr__(self, "state_dir", self.home / "state")
 
     @property
-    def uses_spool(self) -> bool:
-        """True when entries travel through the embedded filesystem spool."""
-        return self.broker_url is None
+    def drains_spool(self) -> bool:
+        """True when apilogd reads this host's spool (roles local and forward); a writer reads the broker."""
+        return self.role != "write"
 
     @property
     def log_suffix(self) -> str:
@@ -200,6 +206,9 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "APILOG_ROTATE_AGE": _int(0, units=_DURATION_UNITS, like="a duration such as 1 day or 12h"),
     "APILOG_RETAIN_DAYS": _int(0, units=_DURATION_UNITS, per=86400, like="whole days such as 30 days or 2 weeks"),
     "APILOG_STRICT": _bool,
+    "APILOG_ROLE": _choice(ROLES),
+    "APILOG_SHARDS": _int(1),
+    "APILOG_WRITER_SHARDS": lambda name, raw: raw.strip(),  # checked against APILOG_SHARDS in load()
 }
 
 _DEFAULTS = {
@@ -213,6 +222,9 @@ _DEFAULTS = {
     "APILOG_ROTATE_AGE": "86400",
     "APILOG_RETAIN_DAYS": "0",
     "APILOG_STRICT": "0",
+    "APILOG_ROLE": "local",
+    "APILOG_SHARDS": "1",
+    "APILOG_WRITER_SHARDS": "all",
 }
 
 
@@ -227,6 +239,14 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if not raw["APILOG_LOG_DIR"]:
         raw["APILOG_LOG_DIR"] = logs_default
     value = {name: _PARSERS[name](name, raw[name]) for name in _PARSERS if name != "APILOG_HOME"}
+    if value["APILOG_SHARDS"] > MAX_SHARDS:
+        raise ConfigError(f"APILOG_SHARDS must be at most {MAX_SHARDS}; got {value['APILOG_SHARDS']}")
+    try:
+        writer_shards = parse_shard_set(value["APILOG_WRITER_SHARDS"], value["APILOG_SHARDS"])
+    except ValueError as exc:
+        raise ConfigError(f"APILOG_WRITER_SHARDS: {exc}; got {raw['APILOG_WRITER_SHARDS']!r}") from None
+    if value["APILOG_ROLE"] != "local" and value["APILOG_BROKER_URL"] is None:
+        raise ConfigError(f"APILOG_ROLE={value['APILOG_ROLE']} needs APILOG_BROKER_URL (the broker between the hosts)")
     return Settings(
         home=home,
         log_dir=value["APILOG_LOG_DIR"],
@@ -241,6 +261,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         rotate_age=value["APILOG_ROTATE_AGE"],
         retain_days=value["APILOG_RETAIN_DAYS"],
         strict=value["APILOG_STRICT"],
+        role=value["APILOG_ROLE"],
+        shards=value["APILOG_SHARDS"],
+        writer_shards=writer_shards,
+        standby=value["APILOG_SHARDS"] > 1 and value["APILOG_WRITER_SHARDS"].lower() in ("", "all"),
     )
 
 

@@ -483,8 +483,12 @@ def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespa
     print(f"- drain 1M / drain 100k: {ratio('apilog drain, 1,000,000 waiting', 'e2e', 'apilog drain, 100,000 waiting', 'e2e')}")
     for label, _ in rows:
         if label.startswith("apilog FSYNC=always"):
-            print(f"- {label[7:]}: e2e / fsync per line {ratio(label, 'e2e', 'fsync per line, 1 proc', 'e2e')}, "
-                  f"calls/s / fsync per line {ratio(label, 'calls', 'fsync per line, 1 proc', 'calls')}")
+            # Like with like: as many callers as the fsync-per-line row it is held against.
+            alone = label.endswith("1 proc x 1 thread")
+            peer = "fsync per line, 1 proc" if alone else next(n for n, _ in rows if n.startswith("fsync per line, ")
+                                                                and not n.endswith(" 1 proc"))
+            print(f"- {label[7:]} / {peer}: e2e {ratio(label, 'e2e', peer, 'e2e')}, "
+                  f"calls/s {ratio(label, 'calls', peer, 'calls')}")
     web = {kind: f"web: gunicorn + wrk, {text}" for kind, text in WEB_LABELS.items()}
     for kind in ("apilog", "loguru", "stdlib"):
         print(f"- web, {WEB_LABELS[kind]} / no logging: req/s {ratio(web[kind], 'calls', web['none'], 'calls')}, "

@@ -11,17 +11,19 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import time
 import uuid
 from collections import deque
 
-from kombu import Connection, Consumer, Exchange, Queue
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import KombuError
 from kombu.message import Message
 
 from apilog.core import wire
 from apilog.core.entry import Entry, internal
 from apilog.core.folder import Folder
+from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
 from ._batch import describe, say
@@ -33,6 +35,7 @@ MAX_MESSAGES = 2048
 GATHER_SECONDS = 0.05  # how long a batch waits to fill up
 REMEMBERED_IDS = 200_000
 DELIVERED_NAME = "delivered.ids"
+WRITER_ID_NAME = "writer.id"
 _ID = re.compile(rb"[\x21-\x7e]{1,64}")
 
 
@@ -118,7 +121,8 @@ class BrokerSource:
         self.delivered.add(ledger.last_ids)  # journaled since the last checkpoint: perhaps not in the file yet
         self.name = redacted(settings.broker_url)
         self.wakeup: int | None = None  # take() itself waits on the broker
-        self.queue = Queue(wire.QUEUE, Exchange(wire.QUEUE, type="direct"), routing_key=wire.QUEUE)
+        self.queues = [Queue(queue_name(k), Exchange(queue_name(k), type="direct"), routing_key=queue_name(k))
+                       for k in sorted(settings.writer_shards)]
         self.inbox: list[Message] = []
         self.retry: list[Message] = []  # a batch that failed to be written, tried again as it was
         self.connection: Connection | None = None
@@ -139,7 +143,7 @@ class BrokerSource:
         except (*self.connection.connection_errors, KombuError, OSError) as exc:
             self.connection = None
             raise OSError(f"cannot reach the broker {self.name}: {exc}") from exc
-        self.consumer = Consumer(self.connection.channel(), queues=[self.queue], on_message=self.inbox.append,
+        self.consumer = Consumer(self.connection.channel(), queues=self.queues, on_message=self.inbox.append,
                                  no_ack=False, prefetch_count=MAX_MESSAGES)
         self.consumer.consume()
 
@@ -221,11 +225,7 @@ class BrokerSource:
         return wire.decode_body(message.body, message.content_type, message.headers)
 
     def set_aside(self, message: Message, why: str) -> Entry:
-        name = f"broker.{uuid.uuid4().hex}.msg"
-        body = _body_bytes(message)
-        self.folders.quarantine.write_atomic(name, body, durable=self.durable)
-        return internal(f"quarantined broker message: {why}",
-                        {"bytes": len(body), "reason": why, "moved_to": str(self.folders.quarantine.path / name)})
+        return quarantine_message(self.folders, _body_bytes(message), why, self.durable)
 
     def ids(self, batch: list[Message]) -> list[str]:
         return [str(m.headers.get("id")) for m in batch if isinstance(m.headers, dict) and m.headers.get("id")]
@@ -242,6 +242,65 @@ class BrokerSource:
     def rewind(self, batch: list[Message]) -> None:
         if batch:
             self.retry = batch + self.retry  # still unacked: written again, as it was, on the next step
+
+
+class KombuPublisher:
+    """A forwarder's batches through kombu, for the brokers apilog has no native client for (SQL, and others)."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.broker_url is not None  # noqa: S101 - the forward role requires it
+        self.url = settings.broker_url
+        self.name = redacted(self.url)
+        self.connection: Connection | None = None
+        self.declared: set[int] = set()
+
+    def publish(self, by_shard: dict[int, list[Entry]]) -> None:
+        try:
+            if self.connection is None:
+                self.connection = Connection(self.url)
+                self.connection.ensure_connection(max_retries=1)
+                self.declared = set()
+            producer = Producer(self.connection.default_channel)
+            for shard, entries in by_shard.items():
+                name = queue_name(shard)
+                queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+                declare = [] if shard in self.declared else [queue]
+                self.declared.add(shard)
+                for entry in entries:
+                    producer.publish(wire.task_body(entry), routing_key=name, exchange=queue.exchange, declare=declare,
+                                     headers=wire.task_headers(entry.id), content_type=wire.CONTENT_TYPE,
+                                     content_encoding="utf-8", delivery_mode=2, correlation_id=entry.id)
+                    declare = []
+        except Exception as exc:  # kombu and its clients fail in many ways: all of them mean "not published"
+            self.close()
+            raise OSError(f"broker: {describe(exc)}") from exc
+
+    def durability_warning(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.release()
+        self.connection = None
+
+
+def quarantine_message(folders: Folders, body: bytes, why: str, durable: bool) -> Entry:
+    """Keep a bad broker message in quarantine; return the INTERNAL entry that reports it."""
+    name = f"broker.{uuid.uuid4().hex}.msg"
+    folders.quarantine.write_atomic(name, body, durable=durable)
+    return internal(f"quarantined broker message: {why}",
+                    {"bytes": len(body), "reason": why, "moved_to": str(folders.quarantine.path / name)})
+
+
+def writer_id(state: Folder) -> str:
+    """This APILOG_HOME's name among the writers of a broker, made once: a restarted writer keeps its leases."""
+    try:
+        return state.read(WRITER_ID_NAME, 256).decode("ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        name = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        state.write_atomic(WRITER_ID_NAME, name.encode())
+        return name
 
 
 def _body_bytes(message: Message) -> bytes:

@@ -230,7 +230,7 @@ def repair(settings: Settings) -> list[str]:
         done = _rebuild_journal(folders, durable)
         ledger_done, report = _rebuild_ledger(folders, durable, doubt_all=bool(done))
         done += ledger_done + _rebuild_delivered(folders, durable)
-    if report is not None and settings.uses_spool:  # a writer of a broker drains no local spool
+    if report is not None and settings.drains_spool:  # a writer of a broker drains no local spool
         _tell_internal("apilogd repair rebuilt a damaged ledger", {**report, "at": time.time()}, settings)
     return done
 

@@ -118,8 +118,11 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps({
             "running": info.pid is not None, "pid": info.pid, "backlog": info.backlog,
             "oldest_age_s": info.oldest_age, "written_last_minute": info.written_last_minute,
-            "quarantined": info.quarantined, "role": "local" if conf.uses_spool else "write",
-            "broker": redacted(conf.broker_url) if conf.broker_url else None,
+            "quarantined": info.quarantined, "role": conf.role,
+            "broker": redacted(conf.broker_url) if conf.broker_url and conf.role != "local" else None,
+            "shards": conf.shards if conf.role != "local" else None,
+            "writer_shards": sorted(conf.writer_shards) if conf.role == "write" else None,
+            "owned_shards": info.owned_shards, "broker_error": info.broker_error,
             "home": str(conf.home), "logs": str(conf.log_dir),
         }))
         raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)
@@ -129,8 +132,17 @@ def status(as_json: bool) -> None:
         click.echo(f"apilogd is running (pid {info.pid})")
     click.echo(f"home:        {conf.home}")
     click.echo(f"logs:        {conf.log_dir}")
-    if conf.broker_url:
-        click.echo(f"broker:      {redacted(conf.broker_url)}")
+    click.echo(f"role:        {conf.role}" + {"local": " (spool -> files)", "forward": " (spool -> broker)",
+                                                 "write": " (broker -> files)"}[conf.role])
+    if conf.role != "local" and conf.broker_url:
+        click.echo(f"broker:      {redacted(conf.broker_url)}, {conf.shards} shard{'s' if conf.shards > 1 else ''}")
+    elif conf.broker_url:
+        click.echo("warning:     APILOG_BROKER_URL is set but APILOG_ROLE is local: the broker is not used")
+    if conf.role == "write":
+        held = "-" if info.owned_shards is None else ",".join(map(str, info.owned_shards)) or "none (standing by)"
+        click.echo(f"shards:      writes {','.join(map(str, sorted(conf.writer_shards)))}; holds {held}")
+    if info.broker_error:
+        click.echo(f"broker down: {info.broker_error} (entries wait in the spool; retrying)")
     click.echo(f"backlog:     {'unknown' if info.backlog is None else info.backlog} entries waiting")
     age = "-" if info.oldest_age is None else f"{info.oldest_age:.1f}s"
     click.echo(f"oldest:      {age}")

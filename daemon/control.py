@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from apilog.core import wire
 from apilog.core.atomic import write_atomic
 from apilog.core.folder import Folder, UnsafePath
+from apilog.core.shards import queue_name
 from apilog.settings import Settings
 from apilog.spool import layout
 from apilog.spool.backlog import committed_offsets, waiting
@@ -105,15 +107,18 @@ class Status:
     oldest_age: float | None
     quarantined: int
     written_last_minute: int | None  # None when the daemon is not running
+    owned_shards: list[int] | None = None  # a writer's shards it holds now (the rest it stands by for)
+    broker_error: str | None = None  # a forwarder's last failure to publish, while it retries
 
 
-def _broker_backlog(url: str) -> int | None:
-    """Messages waiting in apilog's queue on another broker; None when it cannot be asked."""
+def _broker_backlog(url: str, shards: frozenset[int]) -> int | None:
+    """Messages waiting in a writer's shard queues on the broker; None when it cannot be asked."""
     from kombu import Connection  # only for a site on another broker
 
     try:
         with Connection(url, connect_timeout=5) as conn:
-            return int(conn.default_channel.queue_declare(queue=wire.QUEUE, passive=True).message_count)
+            return sum(int(conn.default_channel.queue_declare(queue=queue_name(k), passive=True).message_count)
+                       for k in shards)
     except Exception:  # noqa: BLE001 - an unreachable broker, or no such queue yet: say "unknown", not fail
         return None
 
@@ -122,8 +127,8 @@ def status(settings: Settings) -> Status:
     pid = running_pid(settings.home)
     count: int | None
     count, firsts = waiting(settings.spool_dir, committed_offsets(settings.state_dir))
-    if settings.broker_url and count == 0:
-        count = _broker_backlog(settings.broker_url)
+    if settings.role == "write" and settings.broker_url:
+        count = _broker_backlog(settings.broker_url, settings.writer_shards)
     times = []
     for payload in firsts:
         try:
@@ -135,15 +140,16 @@ def status(settings: Settings) -> Status:
         quarantined = len(os.listdir(layout(settings.spool_dir)["quarantine"]))
     except OSError:  # none yet, or not ours to read
         quarantined = 0
-    written = None
+    found = Status(pid, count, oldest, quarantined, None)
     if pid is not None:
         try:
             stats = json.loads((settings.state_dir / STATS_NAME).read_text())
             if stats.get("pid") == pid:
-                written = int(stats["written_last_minute"])
+                found = dataclasses.replace(found, written_last_minute=int(stats["written_last_minute"]),
+                                            owned_shards=stats.get("owned_shards"), broker_error=stats.get("broker_error"))
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    return Status(pid, count, oldest, quarantined, written)
+    return found
 
 
 def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> tuple[int, list[str]]:

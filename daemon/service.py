@@ -23,6 +23,7 @@ from ._archive import Archiver
 from ._batch import BatchWriter, describe, say
 from ._drain import SpoolSource
 from ._folders import Folders, open_folders, open_home
+from ._forward import Forwarder
 from ._instance import InstanceLock
 from ._ledger import Ledger
 from ._metrics import Metrics
@@ -50,12 +51,21 @@ def _raise_descriptor_limit() -> None:
 
 
 def open_source(settings: Settings, folders: Folders) -> Callable[[Ledger], Source]:
-    """The source this configuration drains: the embedded spool, or the broker."""
-    if settings.uses_spool:
+    """The source a writer of files drains: the embedded spool (role local), or its shards of the broker (role write)."""
+    if settings.drains_spool:
         return lambda ledger: SpoolSource(settings, folders, ledger)
-    # kombu is loaded only by a daemon that drains a broker.
-    from ._broker import BrokerSource
+    # Broker clients are loaded only by a daemon that drains a broker.
+    from ._broker import BrokerSource, writer_id
 
+    scheme = (settings.broker_url or "").split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss"):
+        from ._redis import RedisSource
+
+        return lambda ledger: RedisSource(settings, folders, ledger, writer_id(folders.state))
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        from ._amqp import AmqpSource
+
+        return lambda ledger: AmqpSource(settings, folders, ledger)
     return lambda ledger: BrokerSource(settings, folders, ledger)
 
 
@@ -118,10 +128,15 @@ class Service:
                 stack.callback(InstanceLock(home).release)
                 folders = open_folders(conf, home)
                 stack.callback(folders.close)
-                drainer = BatchWriter(conf, folders, open_source(conf, folders))
-                stack.callback(drainer.close)
-                archiver = Archiver(conf, drainer.tree, drainer.files, before_rotation=drainer.checkpoint)
-                stack.callback(archiver.close)
+                if conf.role == "forward":
+                    drainer: BatchWriter | Forwarder = Forwarder(conf, folders)
+                    stack.callback(drainer.close)
+                    archiver = None  # a forwarder writes no log files
+                else:
+                    drainer = BatchWriter(conf, folders, open_source(conf, folders))
+                    stack.callback(drainer.close)
+                    archiver = Archiver(conf, drainer.tree, drainer.files, before_rotation=drainer.checkpoint)
+                    stack.callback(archiver.close)
                 crashed = drainer.probe.start()
             except UnsafePath as exc:
                 raise UnsafeSetup(str(exc)) from None
@@ -133,7 +148,13 @@ class Service:
             drainer.source.sweep()
             drainer.source.scan()
             notify(f"READY=1\nMAINPID={os.getpid()}")
-            say(f"draining {drainer.source.name} into {conf.log_dir}")
+            if isinstance(drainer, Forwarder):
+                say(f"forwarding {drainer.source.name} to {drainer.publisher.name} in {conf.shards} shards")
+                warning = drainer.publisher.durability_warning()
+                if warning:
+                    say(f"warning: {warning}")
+            else:
+                say(f"draining {drainer.source.name} into {conf.log_dir}")
             self._loop(drainer, archiver)
             notify("STOPPING=1")
             self._last_notes(drainer)
@@ -149,7 +170,7 @@ class Service:
         say("stopped")
         return 0
 
-    def _loop(self, drainer: BatchWriter, archiver: Archiver) -> None:
+    def _loop(self, drainer: BatchWriter | Forwarder, archiver: Archiver | None) -> None:
         signals = self.signals
         backoff = 0.0
         failure: str | None = None
@@ -178,6 +199,7 @@ class Service:
                     say("".join(traceback.format_exception(exc)).rstrip())
                 backoff = min(BACKOFF_MAX, max(0.5, backoff * 2))
                 say(f"{what}; retrying in {backoff:.1f}s: {failure}")
+                self._report(now, 0, drainer)  # `apilogd status` tells why nothing moves
                 signals.sleep(backoff)
                 continue
             backoff = 0.0
@@ -191,11 +213,15 @@ class Service:
                 drainer.notes.append(internal("recovered from a write error", {"error": failure}))
                 say(f"recovered from: {failure}")
                 failure = None
-            archiver.written(drainer.created)
-            archiver.grew(drainer.sizes)
-            archiver.rotate_soon(drainer.oversized)
-            drainer.oversized.clear()
-            self._archive(drainer, archiver)
+            if archiver is not None:
+                archiver.written(drainer.created)
+                archiver.grew(drainer.sizes)
+                archiver.rotate_soon(drainer.oversized)
+                drainer.oversized.clear()
+                self._archive(drainer, archiver)
+            elif self.signals.archive:  # `apilog archive` asked a host that writes no files
+                self.signals.archive = False
+                answer_archive_request(drainer.folders.state, 0, [])
             idle = done == 0
             if idle:
                 # A producer's append ends the wait; the watchdog is fed on time whatever the wait.
@@ -208,7 +234,7 @@ class Service:
                     signals.sleep(LINGER)  # let a trickle gather: a batch (and its fdatasync) per few entries costs
 
     @staticmethod
-    def _last_notes(drainer: BatchWriter) -> None:
+    def _last_notes(drainer: BatchWriter | Forwarder) -> None:
         """Write the INTERNAL notes still waiting (a recovery, a quarantine) before exiting."""
         if drainer.notes:
             try:
@@ -221,7 +247,7 @@ class Service:
             notify("WATCHDOG=1")
             self.last_ping = now
 
-    def _report(self, now: float, written: int, drainer: BatchWriter) -> None:
+    def _report(self, now: float, written: int, drainer: BatchWriter | Forwarder) -> None:
         """Every few seconds: a STATUS= line for systemctl, state/stats.json for `apilogd status`, the metrics file."""
         if written:
             self.written.append((now, written))
@@ -235,7 +261,12 @@ class Service:
         self._refresh_metrics(last_minute, waiting, drainer)
         backlog = "" if waiting is None else f"; {waiting} bytes waiting in the spool"
         notify(f"STATUS=wrote {last_minute} entries in the last minute{backlog}")
-        stats = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}
+        stats: dict[str, object] = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}
+        if isinstance(drainer, Forwarder):
+            stats["broker_error"] = drainer.last_error
+        owned = getattr(drainer.source, "owned", None)
+        if owned is not None:
+            stats["owned_shards"] = owned()
         try:
             drainer.folders.state.write_atomic(STATS_NAME, json.dumps(stats).encode(), durable=False)
             self.stats_failed = False
@@ -244,7 +275,7 @@ class Service:
                 say(f"cannot update {STATS_NAME}: {describe(exc)}")
             self.stats_failed = True
 
-    def _refresh_metrics(self, last_minute: int, waiting: int | None, drainer: BatchWriter) -> None:
+    def _refresh_metrics(self, last_minute: int, waiting: int | None, drainer: BatchWriter | Forwarder) -> None:
         """The textfile for node_exporter, every report; a failure is said once, like stats.json's."""
         metrics = self.metrics
         metrics.written_last_minute.set(last_minute)
@@ -260,7 +291,7 @@ class Service:
         else:
             self.metrics_failed = False
 
-    def _archive(self, drainer: BatchWriter, archiver: Archiver) -> None:
+    def _archive(self, drainer: BatchWriter | Forwarder, archiver: Archiver) -> None:
         """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""
         try:
             if self.signals.archive:

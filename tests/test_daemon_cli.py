@@ -117,8 +117,8 @@ def test_status_never_prints_a_broker_password(home: Path) -> None:
     """A password holding `@` and `:` was printed in part (`redis://app:***@ss@host`); kombu's sanitizer hides all of it."""
     url = "redis://app:s3cr:et@pa55@broker.example:6379/0"
     done = subprocess.run([*APILOGD, "status"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "APILOG_BROKER_URL": url})
-    assert "broker:      redis://app:***@broker.example:6379/0" in done.stdout, done.stdout
+                          env={**os.environ, "APILOG_BROKER_URL": url, "APILOG_ROLE": "forward"})
+    assert "broker:      redis://app:***@broker.example:6379/0, 1 shard" in done.stdout, done.stdout
     for part in ("s3cr", ":et@", "pa55"):
         assert part not in done.stdout
 

@@ -15,7 +15,8 @@ def test_defaults(home: Path) -> None:
     """With only APILOG_HOME set, every default of SPEC 2 holds."""
     conf = settings.load()
     assert conf.home == home and conf.log_dir == home / "logs" and conf.spool_dir == home / "spool"
-    assert conf.broker_url is None and conf.uses_spool
+    assert conf.broker_url is None and conf.drains_spool
+    assert (conf.role, conf.shards, conf.writer_shards, conf.standby) == ("local", 1, frozenset({0}), False)
     assert (conf.format, conf.timestamps, conf.tz_name, conf.fsync) == ("text", True, "UTC", "batch")
     assert (conf.max_entry_bytes, conf.rotate_bytes, conf.rotate_age, conf.retain_days) == (65536, 10485760, 86400, 0)
     assert conf.strict is False
@@ -106,3 +107,37 @@ def test_human_values_in_the_toml_file(home: Path) -> None:
     (home / "apilog.toml").write_text('rotate_bytes = "5 MB"\nrotate_age = "12 hours"\nretain_days = "1 week"\n')
     loaded = settings.load()
     assert (loaded.rotate_bytes, loaded.rotate_age, loaded.retain_days) == (5_000_000, 43200, 7)
+
+
+def test_roles_and_shards(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC 12's variables: a role other than local needs a broker; writer shards are ranges within APILOG_SHARDS."""
+    monkeypatch.setenv("APILOG_ROLE", "write")
+    with pytest.raises(ConfigError, match="APILOG_ROLE=write needs APILOG_BROKER_URL"):
+        settings.load()
+    monkeypatch.setenv("APILOG_BROKER_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("APILOG_SHARDS", "8")
+    monkeypatch.setenv("APILOG_WRITER_SHARDS", "0-3, 7")
+    conf = settings.load()
+    assert (conf.role, conf.shards, conf.writer_shards, conf.standby) == ("write", 8, frozenset({0, 1, 2, 3, 7}), False)
+    monkeypatch.setenv("APILOG_WRITER_SHARDS", "all")
+    assert settings.load().standby and settings.load().writer_shards == frozenset(range(8))
+    for bad, why in (("8", "outside the 8 shards 0-7"), ("3-1", "outside"), ("x", "not a shard number")):
+        monkeypatch.setenv("APILOG_WRITER_SHARDS", bad)
+        with pytest.raises(ConfigError, match=f"APILOG_WRITER_SHARDS: .*{why}"):
+            settings.load()
+    monkeypatch.setenv("APILOG_ROLE", "relay")
+    with pytest.raises(ConfigError, match="APILOG_ROLE must be one of local, forward, write"):
+        settings.load()
+
+
+PINNED_SHARDS = [3, 0, 0, 2]  # computed once with hashlib.blake2b(user.encode(), digest_size=8), big-endian, % 4
+
+
+def test_a_users_shard_is_the_same_everywhere() -> None:
+    """The shard is BLAKE2b-64 of the UTF-8 location, big-endian, modulo the shard count: pinned here, because
+    every host of a site (and every version of apilog) must agree on it."""
+    from apilog.core.shards import shard_of
+
+    assert [shard_of(user, 4) for user in ("usera1@gizzleMail.com", "system", "kim", "bob")] == PINNED_SHARDS
+    assert shard_of("anyone", 1) == 0
+    assert {shard_of(f"user{n}", 4) for n in range(100)} == {0, 1, 2, 3}

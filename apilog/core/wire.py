@@ -99,6 +99,12 @@ def _envelope(task_id: str, body: str) -> dict[str, Any]:
     }
 
 
+def task_headers(task_id: str) -> dict[str, Any]:
+    """The protocol-2 headers of an entry's task message, for brokers that carry headers apart from the body."""
+    headers: dict[str, Any] = _envelope(task_id, "")["headers"]
+    return headers
+
+
 _template: tuple[int, list[bytes]] = (-1, [])
 _BODY_MARK, _ID_MARK = "\x00body\x00", "\x00id\x00"
 

@@ -1,0 +1,121 @@
+"""The forward role: this host's spool sent to its shards' broker queues; offsets move once the broker has the entries.
+
+A batch of spool records is decoded (a bad one is quarantined here, and the INTERNAL entry
+about it travels like any other), grouped by shard, published, and confirmed by the broker;
+only then does the ledger move past it. A crash between the two publishes the batch again:
+the writer recognises the ids and writes each entry once. A broker that is down only makes
+the spool grow; the service loop retries with backoff and `apilogd status` says why.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from apilog.core.entry import Entry
+from apilog.core.shards import shard_of
+from apilog.settings import Settings
+
+from ._batch import MAX_ITEMS, BatchWriter, describe
+from ._drain import SpoolSource
+from ._folders import Folders
+from ._ledger import Ledger
+from ._probe import Probe
+
+
+class Publisher(Protocol):
+    """Puts entries into the broker's shard queues."""
+
+    name: str
+
+    def publish(self, by_shard: dict[int, list[Entry]]) -> None:
+        """Return once the broker holds every entry (confirmed); raise OSError otherwise."""
+
+    def durability_warning(self) -> str | None:
+        """Why the broker could lose what it confirmed, or None."""
+
+    def close(self) -> None: ...
+
+
+def open_publisher(settings: Settings) -> Publisher:
+    """The publisher for APILOG_BROKER_URL's kind of broker."""
+    url = settings.broker_url or ""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss"):
+        from ._redis import RedisPublisher
+
+        return RedisPublisher(settings)
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        from ._amqp import AmqpPublisher
+
+        return AmqpPublisher(settings)
+    from ._broker import KombuPublisher
+
+    return KombuPublisher(settings)
+
+
+class Forwarder:
+    """Publishes the spool's records to the broker: what BatchWriter is to files, for the forward role."""
+
+    def __init__(self, settings: Settings, folders: Folders) -> None:
+        self.settings = settings
+        self.folders = folders
+        BatchWriter(settings, folders).close()  # a journal left by the local role is redone first, never dropped
+        self.ledger = Ledger(folders.state, durable=settings.fsync != "off")
+        self.probe = Probe(folders.state)
+        self.source = SpoolSource(settings, folders, self.ledger)
+        self.notes: list[Entry] = []
+        self.quarantined = 0
+        # What the archiver reads of a BatchWriter: a forwarder writes no log files.
+        self.created: dict[str, float] = {}
+        self.sizes: dict[str, int] = {}
+        self.oversized: set[str] = set()
+        try:
+            self.publisher = open_publisher(settings)
+        except BaseException:
+            self.close()
+            raise
+        self.last_error: str | None = None
+
+    def step(self, *, only_notes: bool = False) -> int:
+        """Forward one batch; return how many records it consumed."""
+        source = self.source
+        self.notes.extend(source.notes)
+        source.notes.clear()
+        batch = [] if only_notes else source.take(MAX_ITEMS)
+        if not batch and not self.notes:
+            source.tidy()
+            return 0
+        by_shard: dict[int, list[Entry]] = {}
+        set_aside = 0
+        for record in batch:
+            try:
+                entry = source.entry(record)
+            except Exception as exc:  # noqa: BLE001 - anything a record makes the decoder do means it is bad
+                entry = source.set_aside(record, describe(exc))
+                set_aside += 1
+            by_shard.setdefault(shard_of(entry.location, self.settings.shards), []).append(entry)
+        for note in self.notes:  # this host's INTERNAL notes go where the system's entries go
+            by_shard.setdefault(shard_of(note.location, self.settings.shards), []).append(note)
+        try:
+            self.publisher.publish(by_shard)
+        except OSError as exc:
+            self.last_error = describe(exc)
+            source.rewind(batch)
+            raise
+        self.last_error = None
+        self.notes.clear()
+        source.committed(batch)
+        self.ledger.advance(source.positions(batch))
+        self.ledger.save()
+        source.tidy()
+        self.quarantined += set_aside
+        return len(batch)
+
+    def checkpoint(self) -> None:
+        self.ledger.save()
+
+    def close(self) -> None:
+        if hasattr(self, "publisher"):
+            self.publisher.close()
+        self.source.close()
+        self.probe.close()

@@ -1,0 +1,210 @@
+"""SPEC 12 over a real broker: app hosts forward their spools, sharded writers write, standbys take over.
+
+Each host is its own APILOG_HOME (its own spool, state and log folder) and its own apilogd;
+the brokers are real servers on loopback ports (tests/brokers.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from apilog.core.logfile import decode_user
+from apilog.core.shards import shard_of
+
+from .brokers import RabbitServer, RedisServer
+from .conftest import Daemon, wait_for
+
+SHARDS = 4
+PRODUCE = """
+import sys
+from apilog import logger
+count, name, users = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for n in range(count):
+    logger.delay("INFO", f"user{n % users}", f"{name} {n:06d}", timestamp=False)
+"""
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer | RabbitServer]:
+    server = RedisServer(tmp_path / "redis") if request.param == "redis" else RabbitServer(tmp_path / "rabbit")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class Host:
+    """One machine of the site: a home of its own and the apilogd of its role."""
+
+    def __init__(self, tmp: Path, name: str, url: str, role: str, writer_shards: str = "all") -> None:
+        self.tmp = tmp
+        self.home = tmp / name
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("APILOG_")}
+        self.env.update({"APILOG_HOME": str(self.home), "APILOG_BROKER_URL": url, "APILOG_ROLE": role,
+                         "APILOG_SHARDS": str(SHARDS), "APILOG_WRITER_SHARDS": writer_shards})
+        self.daemon: Daemon | None = None
+
+    def start(self) -> Host:
+        self.daemon = Daemon(self.tmp, env=self.env)
+        assert self.daemon.ready(60), self.daemon.stderr
+        return self
+
+    def stop(self) -> None:
+        if self.daemon is not None and self.daemon.proc.poll() is None:
+            assert self.daemon.stop() == 0, self.daemon.stderr[-3000:]
+
+    def kill(self) -> None:
+        assert self.daemon is not None
+        self.daemon.kill()
+
+    def produce(self, count: int, name: str, users: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", PRODUCE, str(count), name, str(users)], env=self.env)
+
+    def lines(self) -> dict[str, list[str]]:
+        """Every user's INFO lines written on this host."""
+        found = {}
+        users = self.home / "logs" / "users"
+        if users.is_dir():
+            for folder in users.iterdir():
+                found[decode_user(folder.name)] = (folder / "INFO.log").read_text().splitlines()
+        return found
+
+
+def _written(writers: list[Host]) -> tuple[Counter[str], dict[str, set[str]]]:
+    """Every line written, counted, and for each user the writers that hold its file."""
+    counted: Counter[str] = Counter()
+    where: dict[str, set[str]] = {}
+    for writer in writers:
+        for user, lines in writer.lines().items():
+            counted.update(lines)
+            where.setdefault(user, set()).add(writer.home.name)
+            for name in {line.split()[1] for line in lines}:  # per producer, in order in every file
+                mine = [line for line in lines if line.split()[1] == name]
+                assert mine == sorted(mine), f"{writer.home.name}: {user}'s lines of {name} out of order"
+    return counted, where
+
+
+def _expected(producers: dict[str, int], users: int) -> Counter[str]:
+    return Counter(f"INFO:  {name} {n:06d}" for name, count in producers.items() for n in range(count))
+
+
+def test_entries_travel_from_app_hosts_to_the_writer_of_their_shard_exactly_once(
+        broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
+    """Two app hosts forward; two writers own two shards each; every entry lands once, on its shard's writer."""
+    writers = [Host(tmp_path, "log-a", broker.url, "write", "0-1").start(),
+               Host(tmp_path, "log-b", broker.url, "write", "2-3").start()]
+    apps = [Host(tmp_path, f"app-{n}", broker.url, "forward").start() for n in (1, 2)]
+    try:
+        producers = {f"p{n}": 1500 for n in range(4)}
+        procs = [apps[n % 2].produce(count, name, 20) for n, (name, count) in enumerate(producers.items())]
+        assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+        expected = _expected(producers, 20)
+        wait_for(lambda: sum(_written(writers)[0].values()) >= sum(expected.values()), timeout=90,
+                 what="every entry on a writer")
+        time.sleep(1)  # anything doubled would show now
+        counted, where = _written(writers)
+        assert counted == expected
+        for user, hosts in where.items():
+            owner = "log-a" if shard_of(user, SHARDS) in (0, 1) else "log-b"
+            assert hosts == {owner}, f"{user} (shard {shard_of(user, SHARDS)}) written on {hosts}"
+    finally:
+        for host in [*apps, *writers]:
+            host.stop()
+
+
+def test_a_killed_writer_restarted_writes_nothing_twice_and_a_standby_waits(
+        broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
+    """SIGKILLs of a writer mid-stream, each followed by a restart: exactly once, the standby never writes;
+    then the owner stops for good and the standby writes its shards within 30 s."""
+    owner = Host(tmp_path, "log-a", broker.url, "write", "0-3").start()
+    standby = Host(tmp_path, "log-s", broker.url, "write", "all").start()
+    app = Host(tmp_path, "app-1", broker.url, "forward").start()
+    try:
+        producers = {"p0": 3000}
+        proc = app.produce(3000, "p0", 20)
+        for _ in range(3):
+            time.sleep(0.7)
+            owner.kill()
+            owner.start()
+        assert proc.wait(120) == 0
+        expected = _expected(producers, 20)
+        wait_for(lambda: sum(_written([owner])[0].values()) >= 3000, timeout=90, what="the owner to write all")
+        time.sleep(1)
+        counted, _ = _written([owner, standby])
+        assert counted == expected
+        assert standby.lines() == {}, "the standby wrote while the owner lived"
+        owner.stop()
+        stopped = time.monotonic()
+        later = app.produce(200, "p1", 20)
+        assert later.wait(60) == 0
+        wait_for(lambda: sum(len(v) for v in standby.lines().values()) >= 200, timeout=30,
+                 what="the standby to take over")
+        assert time.monotonic() - stopped < 30
+        counted, _ = _written([owner, standby])
+        assert counted == _expected({"p0": 3000, "p1": 200}, 20)
+    finally:
+        for host in (app, standby, owner):
+            host.stop()
+
+
+def test_a_broker_outage_only_grows_the_spool(broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
+    """The broker is down: delay() stays fast (it never touches the network), the forwarder says why it waits,
+    and once the broker is back every entry arrives once."""
+    writer = Host(tmp_path, "log-a", broker.url, "write").start()
+    app = Host(tmp_path, "app-1", broker.url, "forward").start()
+    try:
+        assert app.produce(40, "early", 10).wait(60) == 0
+        wait_for(lambda: sum(_written([writer])[0].values()) == 40, timeout=60, what="the first entries")
+        if isinstance(broker, RabbitServer):
+            time.sleep(5)  # RabbitMQ 3.10 registers a new quorum queue lazily: killed at once, it loses the queue
+        broker.kill()
+        began = time.monotonic()
+        assert app.produce(500, "p0", 10).wait(60) == 0
+        took = time.monotonic() - began
+        status = subprocess.run([sys.executable, "-m", "apilogd", "status"], env=app.env, capture_output=True,
+                                text=True, timeout=30)
+        wait_for(lambda: "broker down:" in subprocess.run([sys.executable, "-m", "apilogd", "status"], env=app.env,
+                                                          capture_output=True, text=True, timeout=30).stdout,
+                 timeout=30, what="status to say the broker is down")
+        broker.start()
+        wait_for(lambda: sum(_written([writer])[0].values()) >= 540, timeout=90, what="entries after the outage")
+        assert _written([writer])[0] == _expected({"early": 40, "p0": 500}, 10)
+        assert took < 30, f"500 delay() calls took {took:.1f}s with the broker down: {status.stdout}"
+    finally:
+        app.stop()
+        writer.stop()
+
+
+def test_the_readmes_stock_worker_command_consumes_a_shard(broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
+    """`celery -A apilog worker -Q apilog.0,apilog.1` as the README writes it, with APILOG_BROKER_URL and
+    APILOG_SHARDS set: a stock worker runs the forwarded messages of its shards (at least once)."""
+    app = Host(tmp_path, "app-1", broker.url, "forward").start()
+    worker_home = Host(tmp_path, "worker", broker.url, "write")
+    try:
+        assert app.produce(40, "p0", 10).wait(60) == 0
+        wanted = {user for user in (f"user{n}" for n in range(10)) if shard_of(user, SHARDS) in (0, 1)}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "apilog", "worker", "-Q", "apilog.0,apilog.1", "--pool=solo",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=WARNING"],
+            env=worker_home.env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def done() -> bool:
+                found = worker_home.lines()
+                return set(found) == wanted and sum(map(len, found.values())) == 4 * len(wanted)
+
+            wait_for(done, timeout=60, what="the stock worker to write its shards' entries")
+        finally:
+            worker.terminate()
+            _, err = worker.communicate(timeout=30)
+        for user, lines in worker_home.lines().items():
+            assert lines == [f"INFO:  p0 {n:06d}" for n in range(40) if f"user{n % 10}" == user], err[-2000:]
+    finally:
+        app.stop()
