@@ -251,6 +251,42 @@ def backlog(home: str, n: int, procs: int) -> None:
     run_case("apilog", home, n, procs=procs)
 
 
+# ---------------------------------------------------------------- many hosts over a real broker
+
+
+def _lines_written(log_dir: Path) -> int:
+    total = 0
+    for path in log_dir.glob("users/*/*.log"):
+        with open(path, "rb") as handle:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda h=handle: h.read(1 << 20), b""))
+    return total
+
+
+def broker_round(kind: str, base: Path, n: int) -> tuple[dict[str, float], dict[str, float]]:
+    """n entries through a real broker: a forwarder empties an app host's spool into it (READY -> spool empty),
+    then a writer drains the broker's backlog into files (READY -> every line written). Servers: tests/brokers.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.brokers import RabbitServer, RedisServer
+
+    server = (RedisServer if kind == "redis" else RabbitServer)(Path(fresh(base, f"{kind}-server")))
+    try:
+        site = {"APILOG_BROKER_URL": server.url, "APILOG_SHARDS": "4"}
+        app = fresh(base, "app")
+        backlog(app, n, 1)
+        forwarded = drain(app, {**site, "APILOG_ROLE": "forward"})
+        log = fresh(base, "log")
+        env = {**os.environ, **site, "APILOG_HOME": log, "APILOG_ROLE": "write", "APILOG_WRITER_SHARDS": "0-3"}
+        with _daemon(env) as proc:
+            begun = time.perf_counter()
+            while _lines_written(Path(log) / "logs") < n:
+                time.sleep(0.05)
+            seconds = time.perf_counter() - begun
+            peak_kb = int(next(line.split()[1] for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmHWM")))
+        return forwarded, {"entries": n, "e2e": n / seconds, "peak_mb": peak_kb / 1024}
+    finally:
+        server.kill()
+
+
 # ---------------------------------------------------------------- the web case
 
 
@@ -341,7 +377,7 @@ def fresh(base: Path, name: str) -> str:
     return str(path)
 
 
-GROUPS = ("callers", "users", "backlog", "fsync", "web", "celery")
+GROUPS = ("callers", "users", "backlog", "fsync", "web", "celery", "brokers")
 
 
 def main() -> None:
@@ -436,6 +472,16 @@ def main() -> None:
             return {**caller, "e2e": celery_worker_rate(folder, celery_n)}
 
         row(f"stock Celery + kombu filesystem, {celery_n:,} waiting", median_of(args.rounds, celery_round))
+    if "brokers" in only:
+        broker_n = 30_000
+        row(f"apilog drain, {broker_n:,} waiting, local spool",
+            median_of(args.rounds, lambda: (backlog(h := fresh(base, "local"), broker_n, 1), drain(h))[1]))
+        for kind in ("redis", "rabbitmq"):
+            results = [broker_round(kind, base, broker_n) for _ in range(args.rounds)]
+            row(f"{kind}: forwarder, spool -> broker, {broker_n:,} waiting",
+                {k: statistics.median(r[0][k] for r in results) for k in results[0][0]})
+            row(f"{kind}: writer, broker -> files, {broker_n:,} waiting",
+                {k: statistics.median(r[1][k] for r in results) for k in results[0][1]})
     shutil.rmtree(base, ignore_errors=True)
     print_table(rows, args)
 
@@ -497,6 +543,10 @@ def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespa
           f"p99 {ratio(web['apilog'], 'p99', web['loguru'], 'p99')}")
     print(f"- apilog drain / stock Celery worker: "
           f"{ratio(one, 'e2e', 'stock Celery + kombu filesystem, 2,000 waiting', 'e2e')}")
+    local = next((label for label in labels if label.endswith("waiting, local spool")), "")
+    for label in labels:
+        if label.startswith(("redis:", "rabbitmq:")):
+            print(f"- {label} / {local}: {ratio(label, 'e2e', local, 'e2e')}")
 
 
 if __name__ == "__main__":

@@ -197,7 +197,11 @@ class BatchWriter:
         if self.probe.armed:
             self.probe.committed({source.key(item) for item in batch})
         self.one_at_a_time = max(0, self.one_at_a_time - len(batch))
-        source.committed(batch)
+        try:
+            source.committed(batch)
+        except Exception as exc:  # noqa: BLE001 - the batch is journaled: it reaches its files whatever the source says
+            say(f"could not acknowledge a committed batch at {source.name} ({describe(exc)}); "
+                "it comes back and is recognised by its ids")
         self._watch_for_bursts()
         self._apply(record, data, redo=False)
         source.tidy()  # in the files, and the journal can bring it back: consumed input may go

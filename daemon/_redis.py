@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -136,7 +137,15 @@ class _Shard:
         self.free_since: float | None = None  # when a standby first saw its lease free
 
 
-Item = tuple[_Shard, int, bytes]  # a message, its shard and its number in the shard's window
+@dataclass(slots=True)
+class Item:
+    """A message handed out: its shard, its number in the shard's window, its bytes, and what they decode to."""
+
+    shard: _Shard
+    number: int
+    raw: bytes
+    entry: Entry | None  # None when the bytes are not an apilog message
+    problem: str = ""
 
 
 class RedisSource:
@@ -230,17 +239,16 @@ class RedisSource:
         return batch
 
     def _hand_out(self, shard: _Shard, raw: bytes, batch: list[Item]) -> None:
+        """Decode once; a message whose entry this writer journaled already (a redelivery) is skipped, not handed out."""
         number = shard.base + len(shard.window)
         shard.window.append(raw)
-        if self._fresh(raw):
-            batch.append((shard, number, raw))
-
-    def _fresh(self, raw: bytes) -> bool:
-        """False for a message whose entry this writer journaled already (a redelivery)."""
         try:
-            return wire.decode(raw).id not in self.delivered
-        except ValueError:
-            return True  # quarantined by the batch writer
+            entry = wire.decode(raw)
+        except ValueError as exc:
+            batch.append(Item(shard, number, raw, None, str(exc)))  # quarantined by the batch writer
+            return
+        if entry.id not in self.delivered:
+            batch.append(Item(shard, number, raw, entry))
 
     def _ack_skipped(self) -> None:
         """With nothing fresh in hand, the redeliveries taken are acknowledged at once."""
@@ -249,7 +257,12 @@ class RedisSource:
                 self._ack(shard, len(shard.window))
 
     def _ack(self, shard: _Shard, count: int) -> None:
-        done = self._redis_call(self.ack_script, keys=[shard.inflight, shard.lease], args=[self.me, count])
+        """Drop the `count` oldest in-flight messages; on a failure they stay in flight, acked with the next batch."""
+        try:
+            done = self._redis_call(self.ack_script, keys=[shard.inflight, shard.lease], args=[self.me, count])
+        except OSError as exc:
+            say(f"Redis ack failed, kept in flight for the next one: {exc}")
+            return
         if done is None:
             self._lost(shard)  # the new owner takes them over; its ids or ours tell what was written
             return
@@ -257,31 +270,27 @@ class RedisSource:
         shard.base += count
 
     def key(self, item: Item) -> str:
-        return f"redis:{item[0].shard}:{hashlib.sha256(item[2]).hexdigest()[:16]}"
+        return f"redis:{item.shard.shard}:{hashlib.sha256(item.raw).hexdigest()[:16]}"
 
     def entry(self, item: Item) -> Entry:
-        return wire.decode(item[2])
+        if item.entry is None:
+            raise wire.BadMessage(item.problem)
+        return item.entry
 
     def set_aside(self, item: Item, why: str) -> Entry:
-        return quarantine_message(self.folders, item[2], why, self.durable)
+        return quarantine_message(self.folders, item.raw, why, self.durable)
 
     def positions(self, batch: list[Item]) -> dict[str, int]:
         return {}
 
     def ids(self, batch: list[Item]) -> list[str]:
-        found = []
-        for _, _, raw in batch:
-            try:
-                found.append(wire.decode(raw).id)
-            except ValueError:
-                continue
-        return found
+        return [item.entry.id for item in batch if item.entry is not None]
 
     def committed(self, batch: list[Item]) -> None:
         self.delivered.add(self.ids(batch))
         last: dict[_Shard, int] = {}
-        for shard, number, _ in batch:
-            last[shard] = max(number, last.get(shard, -1))
+        for item in batch:
+            last[item.shard] = max(item.number, last.get(item.shard, -1))
         for shard, number in last.items():
             if shard.owned:  # everything up to the batch's last message, skipped redeliveries included, is done
                 self._ack(shard, number - shard.base + 1)

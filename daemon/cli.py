@@ -123,6 +123,7 @@ def status(as_json: bool) -> None:
             "shards": conf.shards if conf.role != "local" else None,
             "writer_shards": sorted(conf.writer_shards) if conf.role == "write" else None,
             "owned_shards": info.owned_shards, "broker_error": info.broker_error,
+            "broker_warning": control.durability_warning(conf),
             "home": str(conf.home), "logs": str(conf.log_dir),
         }))
         raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)
@@ -141,6 +142,9 @@ def status(as_json: bool) -> None:
     if conf.role == "write":
         held = "-" if info.owned_shards is None else ",".join(map(str, info.owned_shards)) or "none (standing by)"
         click.echo(f"shards:      writes {','.join(map(str, sorted(conf.writer_shards)))}; holds {held}")
+    warning = control.durability_warning(conf)
+    if warning:
+        click.echo(f"warning:     {warning}")
     if info.broker_error:
         click.echo(f"broker down: {info.broker_error} (entries wait in the spool; retrying)")
     click.echo(f"backlog:     {'unknown' if info.backlog is None else info.backlog} entries waiting")

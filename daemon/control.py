@@ -123,6 +123,20 @@ def _broker_backlog(url: str, shards: frozenset[int]) -> int | None:
         return None
 
 
+def durability_warning(settings: Settings) -> str | None:
+    """Why the site's broker could lose entries it acknowledged (Redis without appendfsync always), or None."""
+    if settings.role == "local" or not (settings.broker_url or "").lower().startswith(("redis://", "rediss://")):
+        return None
+    from ._redis import client
+    from ._redis import durability_warning as redis_warning
+
+    conn = client(settings.broker_url or "")
+    try:
+        return redis_warning(conn)
+    finally:
+        conn.close()
+
+
 def status(settings: Settings) -> Status:
     pid = running_pid(settings.home)
     count: int | None

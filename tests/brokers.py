@@ -37,21 +37,27 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Pa
 class RedisServer:
     """redis-server with an append-only file synced at every write: it may be killed and started again."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, also_on: str | None = None) -> None:
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed (.ci/run installs it with apt-get)")
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.binds = ["127.0.0.1", *([also_on] if also_on else [])]
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
+
+    def url_on(self, address: str) -> str:
+        return f"redis://{address}:{self.port}/0"
 
     def start(self) -> None:
         log = self.folder / "redis.log"
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(log)],
+            ["redis-server", "--port", str(self.port), "--bind", *self.binds, "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(log),
+             # A namespace's client comes over a private veth pair, not loopback: let it in without a password.
+             "--protected-mode", "no" if len(self.binds) > 1 else "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, self.proc, 20, log)
 
@@ -85,7 +91,7 @@ SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 class RabbitServer:
     """rabbitmq-server as a node of its own, with its data, logs and ports in the test's folder."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, also_on: str | None = None) -> None:
         if not os.access(SERVER, os.X_OK):
             pytest.skip("rabbitmq-server is not installed (.ci/run installs it with apt-get)")
         self.folder = folder
@@ -95,7 +101,8 @@ class RabbitServer:
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         dist = free_port()
         self.env = {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
-                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_DIST_PORT": str(dist),
+                    "RABBITMQ_NODE_IP_ADDRESS": "0.0.0.0" if also_on else "127.0.0.1",  # noqa: S104 - a test namespace's link
+                    "RABBITMQ_DIST_PORT": str(dist),
                     "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"), "RABBITMQ_LOG_BASE": str(folder / "log"),
                     "RABBITMQ_PID_FILE": str(folder / "pid"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "plugins"),
                     "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq"), "HOME": str(folder)}
@@ -103,6 +110,9 @@ class RabbitServer:
         (folder / "rabbitmq.conf").write_text("loopback_users = none\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
+
+    def url_on(self, address: str) -> str:
+        return f"amqp://guest:guest@{address}:{self.port}//"
 
     def start(self) -> None:
         log = self.folder / "server.out"
@@ -130,3 +140,37 @@ class RabbitServer:
         os.killpg(self.proc.pid, signal.SIGSTOP)
         time.sleep(seconds)
         os.killpg(self.proc.pid, signal.SIGCONT)
+
+
+class Namespace:
+    """A network namespace joined to this one by a veth pair on private test addresses: a host of its own."""
+
+    def __init__(self, index: int) -> None:
+        self.name = f"apilogt{os.getpid()}x{index}"
+        self.outer, self.inner = f"alo{os.getpid() % 10000}x{index}", f"ali{os.getpid() % 10000}x{index}"
+        net = f"10.213.{index}"
+        self.outer_ip, self.inner_ip = f"{net}.1", f"{net}.2"
+        steps = [["ip", "netns", "add", self.name],
+                 ["ip", "link", "add", self.outer, "type", "veth", "peer", "name", self.inner],
+                 ["ip", "link", "set", self.inner, "netns", self.name],
+                 ["ip", "addr", "add", f"{self.outer_ip}/30", "dev", self.outer],
+                 ["ip", "link", "set", self.outer, "up"],
+                 ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.inner_ip}/30", "dev", self.inner],
+                 ["ip", "netns", "exec", self.name, "ip", "link", "set", self.inner, "up"],
+                 ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"]]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode:
+                self.close()
+                pytest.skip(f"cannot make a network namespace here ({' '.join(step)}: {done.stderr.strip()})")
+
+    def run(self) -> list[str]:
+        """The prefix that runs a command inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def cut(self, down: bool) -> None:
+        subprocess.run(["ip", "link", "set", self.outer, "down" if down else "up"], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)

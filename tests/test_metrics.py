@@ -72,6 +72,7 @@ def test_metrics_and_status_count_what_was_written(daemon: Path) -> None:
         "running": True, "pid": pid, "backlog": 0, "oldest_age_s": None, "written_last_minute": 25,
         "quarantined": 1, "role": "local", "broker": None, "home": str(daemon), "logs": str(daemon / "logs"),
         "shards": None, "writer_shards": None, "owned_shards": None, "broker_error": None,
+        "broker_warning": None,
     }
 
     for n in range(10):
