@@ -119,19 +119,24 @@ class LogTask(Task):  # type: ignore[misc]
                 raise SpoolError(str(exc)) from exc
             return Receipt(entry.id, spooled=False)
 
-    def run(self, *args: Any, entry: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Write one entry now: what a stock Celery worker does with a message of this task."""
+    def run(self, *args: Any, entry: dict[str, Any] | None = None, entries: list[dict[str, Any]] | None = None,
+            **kwargs: Any) -> None:
+        """Write the message's entry (or a forwarder's several) now: what a stock Celery worker does with it."""
         conf = settings.current()
-        item = Entry.from_wire(entry) if entry is not None else _checked_entry(args, kwargs, conf)[0]
+        if entries is not None:
+            items = [Entry.from_wire(e) for e in entries]
+        else:
+            items = [Entry.from_wire(entry) if entry is not None else _checked_entry(args, kwargs, conf)[0]]
         tree = LogTree(conf.log_dir)
         try:
-            for relpath, text in route(item, registry_for(conf).names(), conf):
-                fd = tree.open_append(relpath)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)  # apilogd may append to the same file
-                    os.write(fd, text.encode("utf-8"))
-                finally:
-                    os.close(fd)
+            for item in items:
+                for relpath, text in route(item, registry_for(conf).names(), conf):
+                    fd = tree.open_append(relpath)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX)  # apilogd may append to the same file
+                        os.write(fd, text.encode("utf-8"))
+                    finally:
+                        os.close(fd)
         finally:
             tree.close()
 

@@ -1,8 +1,9 @@
 """RabbitMQ between the hosts: quorum queues, publisher confirms pipelined per batch, one exclusive writer per shard.
 
-A forwarder publishes a whole batch, then waits for the broker's confirms (one round trip
-for the batch, not one per message). A writer consumes its shards' queues with an
-exclusive consumer and manual acks, and acks a committed batch with one `multiple` ack.
+A forwarder publishes a whole batch, up to 256 entries of one shard per task message
+(RabbitMQ's cost and py-amqp's are per message, not per byte), then waits for the broker's
+confirms: one round trip for the batch. A writer consumes its shards' queues with an
+exclusive consumer and manual acks; a message is acked once its last entry is committed.
 A writer of named shards takes one that has no consumer at once; a standby (all shards) polls
 each shard's consumer count and takes it once it has had none for `TAKEOVER_AFTER` seconds:
 long enough for a writer restarted by systemd to come back to its own shards, short enough
@@ -14,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import amqp
@@ -34,7 +37,8 @@ TAKEOVER_AFTER = 15.0  # seconds a shard has had no consumer before a standby ta
 POLL_EVERY = 1.0
 GATHER_SECONDS = 0.05
 CONFIRM_TIMEOUT = 30.0
-PREFETCH = 8192
+PREFETCH = 64  # messages, each of up to ENTRIES_PER_MESSAGE entries
+ENTRIES_PER_MESSAGE = 256
 
 
 def _connect(url: str) -> tuple[Connection, Any]:
@@ -65,10 +69,12 @@ def declare(channel: Any, shard: int) -> None:
     channel.queue_declare(queue_name(shard), durable=True, auto_delete=False, arguments=QUEUE_ARGUMENTS)
 
 
-def _message(entry: Entry) -> amqp.Message:
-    return amqp.Message(wire.task_body(entry), content_type=wire.CONTENT_TYPE, content_encoding="utf-8",
-                        application_headers=wire.task_headers(entry.id), delivery_mode=2,
-                        correlation_id=entry.id, priority=0)
+def _message(entries: list[Entry]) -> amqp.Message:
+    """Several entries of one shard in one task message: RabbitMQ's cost and py-amqp's are per message."""
+    task_id = str(uuid.uuid4())
+    return amqp.Message(wire.task_body_of_many(entries), content_type=wire.CONTENT_TYPE, content_encoding="utf-8",
+                        application_headers=wire.task_headers(task_id), delivery_mode=2,
+                        correlation_id=task_id, priority=0)
 
 
 class AmqpPublisher:
@@ -108,8 +114,9 @@ class AmqpPublisher:
                 if shard not in self.declared:
                     declare(channel, shard)
                     self.declared.add(shard)
-                for entry in entries:
-                    channel.basic_publish(_message(entry), exchange="", routing_key=queue_name(shard))
+                for at in range(0, len(entries), ENTRIES_PER_MESSAGE):
+                    channel.basic_publish(_message(entries[at:at + ENTRIES_PER_MESSAGE]), exchange="",
+                                          routing_key=queue_name(shard))
                     self.sent += 1
             deadline = time.monotonic() + CONFIRM_TIMEOUT
             while self.confirmed < self.sent and self.refused is None:
@@ -144,11 +151,18 @@ class _Shard:
         self.free_since: float | None = None  # when a standby first saw it without a consumer
 
 
-Item = Any  # an amqp.Message (py-amqp has no type hints)
+@dataclass(slots=True)
+class Item:
+    """One entry of a message (or the whole message, when it is bad); the message is acked with its last item."""
+
+    message: Any  # an amqp.Message (py-amqp has no type hints)
+    entry: Entry | None
+    problem: str = ""
+    last: bool = True
 
 
 class AmqpSource:
-    """A writer's shards on RabbitMQ: exclusive consumers, manual acks, one multiple-ack per committed batch."""
+    """A writer's shards on RabbitMQ: exclusive consumers, manual acks once a message's entries are committed."""
 
     def __init__(self, settings: Settings, folders: Folders, ledger: Ledger) -> None:
         assert settings.broker_url is not None  # noqa: S101 - the write role requires it
@@ -164,8 +178,8 @@ class AmqpSource:
         self.standby = settings.standby
         self.conn: Connection | None = None
         self.channel: Any = None
-        self.inbox: list[Item] = []
-        self.retry: list[Item] = []
+        self.inbox: list[Any] = []  # messages as they arrive
+        self.retry: list[Item] = []  # items taken from messages, not handed out yet (or handed back)
         self.polled = 0.0
         self._open()
 
@@ -215,7 +229,7 @@ class AmqpSource:
             say(f"owns shard {shard.shard} ({shard.queue})")
 
     def take(self, limit: int) -> list[Item]:
-        if self.retry:
+        if len(self.retry) >= limit:
             batch, self.retry = self.retry[:limit], self.retry[limit:]
             return batch
         try:
@@ -231,40 +245,55 @@ class AmqpSource:
         except (TimeoutError, OSError, amqp.exceptions.AMQPError) as exc:
             self._drop()
             raise OSError(f"RabbitMQ: {exc}") from exc
-        batch = self.inbox[:limit]
-        del self.inbox[:limit]  # in place: the consumer's callback appends to this very list
-        fresh = [m for m in batch if m.properties.get("correlation_id") not in self.delivered]
-        if batch and not fresh:
-            self._ack(batch)  # all written before; their acks were lost
-        return fresh
+        for message in self.inbox:
+            self.retry.extend(self._items(message))
+        self.inbox.clear()  # in place: the consumer's callback appends to this very list
+        batch, self.retry = self.retry[:limit], self.retry[limit:]
+        return batch
 
-    def _ack(self, batch: list[Item]) -> None:
-        last = max(m.delivery_tag for m in batch)
+    def _items(self, message: Any) -> list[Item]:
+        """A message's entries not written before; a message with none left is acked at once."""
         try:
-            self.channel.basic_ack(last, multiple=True)  # every earlier delivery too: skipped redeliveries included
+            entries = wire.decode_entries(_bytes(message), message.properties.get("content_type"), message.headers)
+        except ValueError as exc:
+            return [Item(message, None, str(exc))]
+        items = [Item(message, entry, last=False) for entry in entries if entry.id not in self.delivered]
+        if not items:
+            self._ack(message)  # all written before; its ack was lost
+            return []
+        items[-1].last = True
+        return items
+
+    def _ack(self, message: Any) -> None:
+        try:
+            self.channel.basic_ack(message.delivery_tag)
         except Exception as exc:  # noqa: BLE001 - committed and its ids kept: a redelivery is skipped
             say(f"RabbitMQ ack failed, reconnecting: {exc}")
             self._drop()
 
     def key(self, item: Item) -> str:
-        return f"amqp:{item.properties.get('correlation_id')}:{hashlib.sha256(_bytes(item)).hexdigest()[:16]}"
+        what = item.entry.id if item.entry is not None else hashlib.sha256(_bytes(item.message)).hexdigest()[:16]
+        return f"amqp:{what}"
 
     def entry(self, item: Item) -> Entry:
-        return wire.decode_body(_bytes(item), item.properties.get("content_type"), item.headers)
+        if item.entry is None:
+            raise wire.BadMessage(item.problem)
+        return item.entry
 
     def set_aside(self, item: Item, why: str) -> Entry:
-        return quarantine_message(self.folders, _bytes(item), why, self.durable)
+        return quarantine_message(self.folders, _bytes(item.message), why, self.durable)
 
     def positions(self, batch: list[Item]) -> dict[str, int]:
         return {}
 
     def ids(self, batch: list[Item]) -> list[str]:
-        return [str(m.properties["correlation_id"]) for m in batch if m.properties.get("correlation_id")]
+        return [item.entry.id for item in batch if item.entry is not None]
 
     def committed(self, batch: list[Item]) -> None:
         self.delivered.add(self.ids(batch))
-        if batch and self.channel is not None:
-            self._ack(batch)
+        for item in batch:
+            if item.last and self.channel is not None:
+                self._ack(item.message)  # a frame, no round trip: RabbitMQ does not answer an ack
 
     def rewind(self, batch: list[Item]) -> None:
         self.retry = batch + self.retry
@@ -292,6 +321,6 @@ class AmqpSource:
         self.delivered.close()
 
 
-def _bytes(item: Item) -> bytes:
-    body = item.body
+def _bytes(message: Any) -> bytes:
+    body = message.body
     return body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogateescape")

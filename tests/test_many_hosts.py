@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from apilog.core.logfile import decode_user
-from apilog.core.shards import shard_of
+from apilog.core.shards import queue_name, shard_of
 
 from .brokers import Namespace, RabbitServer, RedisServer
 from .conftest import Daemon, wait_for
@@ -142,10 +142,11 @@ def test_a_killed_writer_restarted_writes_nothing_twice_and_a_standby_waits(
     app = Host(tmp_path, "app-1", broker.url, "forward").start()
     try:
         producers = {"p0": 3000}
-        proc = app.produce(3000, "p0", 20)
+        proc = app.produce(3000, "p0", 20, 0.003)  # about 10 s: the kills land while entries flow
         for _ in range(3):
             time.sleep(0.7)
             owner.kill()
+            time.sleep(3)  # systemd's RestartSec=: the standby must leave the shards to their owner meanwhile
             owner.start()
         assert proc.wait(120) == 0
         expected = _expected(producers, 20)
@@ -312,3 +313,92 @@ def test_status_warns_of_a_redis_that_can_lose_what_it_acknowledged(tmp_path: Pa
         assert "warning:     Redis runs without appendonly" in said, said
     finally:
         server.kill()
+
+
+def test_a_crafted_broker_message_is_quarantined_and_the_rest_flows(
+        broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
+    """Anyone who can publish to the broker can send garbage, a pickle, or a task of another name: each is kept in
+    the writer's quarantine and reported in INTERNAL, and the entries around it are written once, in order."""
+    writer = Host(tmp_path, "log-a", broker.url, "write").start()
+    app = Host(tmp_path, "app-1", broker.url, "forward").start()
+    try:
+        assert app.produce(20, "before", 1).wait(60) == 0
+        wait_for(lambda: sum(_written([writer])[0].values()) == 20, timeout=60, what="the first entries")
+        shard = queue_name(shard_of("user0", SHARDS))
+        if isinstance(broker, RedisServer):
+            import redis
+
+            conn = redis.Redis.from_url(broker.url)
+            conn.lpush(shard, b"not json at all", b'{"body": "gAN9cQAu", "content-type": "application/x-python-serialize"}')
+        else:
+            from kombu import Connection
+
+            with Connection(broker.url) as conn:
+                channel = conn.default_channel
+                for body, content_type, task in ((b"not json", "application/json", "apilog.log"),
+                                                 (b"\x80\x03}q\x00.", "application/x-python-serialize", "apilog.log"),
+                                                 (b"[[], {}, {}]", "application/json", "os.system")):
+                    channel.basic_publish(channel.prepare_message(body, content_type=content_type,
+                                                                  headers={"task": task, "id": "x"}),
+                                          exchange="", routing_key=shard)
+        assert app.produce(20, "after", 1).wait(60) == 0
+        wait_for(lambda: sum(_written([writer])[0].values()) == 40, timeout=60, what="the entries after the garbage")
+        time.sleep(1)
+        assert _written([writer])[0] == _expected({"before": 20, "after": 20}, 1)
+        internal = (writer.home / "logs" / "system" / "INTERNAL.log").read_text()
+        assert internal.count("quarantined broker message") >= 2, internal
+        assert len(list((writer.home / "spool" / "quarantine").iterdir())) >= 2
+    finally:
+        app.stop()
+        writer.stop()
+
+
+def test_a_writer_killed_while_it_holds_messages_loses_none(broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
+    """The writer has taken messages but cannot commit them (its journal is made immutable, so every batch fails
+    and is retried), and is SIGKILLed then. A restarted writer gets every one of them back and writes each once."""
+    writer = Host(tmp_path, "log-a", broker.url, "write").start()
+    app = Host(tmp_path, "app-1", broker.url, "forward").start()
+    journal = writer.home / "state" / "journal"
+    if subprocess.run(["chattr", "+i", str(journal)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        assert app.produce(30, "held", 5).wait(60) == 0
+        assert writer.daemon is not None
+        wait_for(lambda: "write failed" in writer.daemon.stderr, timeout=60, what="the writer to hold the messages")
+        writer.kill()
+        subprocess.run(["chattr", "-i", str(journal)], check=True)
+        writer.start()
+        wait_for(lambda: sum(_written([writer])[0].values()) >= 30, timeout=60, what="the held entries")
+        time.sleep(1)
+        assert _written([writer])[0] == _expected({"held": 30}, 5)
+    finally:
+        subprocess.run(["chattr", "-i", str(journal)], capture_output=True)
+        app.stop()
+        writer.stop()
+
+
+def test_an_entry_published_twice_is_written_once(broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
+    """A forwarder that dies after the broker confirmed a batch, before its ledger moved, publishes the batch
+    again; a writer that dies after its commit, before its ack, gets it again. Either way: written once."""
+    from apilogd._forward import open_publisher
+
+    from apilog import settings
+    from apilog.core.entry import build
+    from apilog.core.streams import Registry
+
+    writer = Host(tmp_path, "log-a", broker.url, "write").start()
+    entries = [build("INFO", "twice", f"once {n}", timestamp=False, registry=Registry(tmp_path / "none"),
+                     timestamps_default=False, max_entry_bytes=65536)[0] for n in range(5)]
+    publisher = open_publisher(settings.load({**writer.env, "APILOG_HOME": str(tmp_path / "app"), "APILOG_ROLE": "forward"}))
+    try:
+        shard = shard_of("twice", SHARDS)
+        publisher.publish({shard: entries})
+        wait_for(lambda: len(writer.lines().get("twice", [])) == 5, timeout=60, what="the first delivery")
+        publisher.publish({shard: entries[2:]})  # the same entries again, as a forwarder's retry sends them
+        publisher.publish({shard: [build("INFO", "twice", "later", timestamp=False, registry=Registry(tmp_path / "none"),
+                                         timestamps_default=False, max_entry_bytes=65536)[0]]})
+        wait_for(lambda: "INFO:  later" in writer.lines().get("twice", []), timeout=60, what="the later entry")
+        assert writer.lines()["twice"] == [f"INFO:  once {n}" for n in range(5)] + ["INFO:  later"]
+    finally:
+        publisher.close()
+        writer.stop()

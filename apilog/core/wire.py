@@ -45,9 +45,15 @@ class _Arguments(msgspec.Struct):
     entry: Entry
 
 
+class _OneOrSeveral(msgspec.Struct):
+    entry: Entry | None = None
+    entries: list[Entry] | None = None  # a forwarder's batch for one shard, in one message (brokers that count per message)
+
+
 _encode = msgspec.json.Encoder().encode
 _decode_stored = msgspec.json.Decoder(_Stored).decode
 _decode_body = msgspec.json.Decoder(tuple[tuple[()], _Arguments, Any]).decode  # [args (none), kwargs, embed]
+_decode_several = msgspec.json.Decoder(tuple[tuple[()], _OneOrSeveral, Any]).decode
 
 
 def task_body(entry: Entry | dict[str, Any]) -> bytes:
@@ -58,6 +64,14 @@ def task_body(entry: Entry | dict[str, Any]) -> bytes:
         return _encode(((), {"entry": entry}, _EMBED))
     except UnicodeEncodeError:  # a lone surrogate, which UTF-8 (and so JSON here) cannot carry
         return _encode(((), {"entry": entry.to_wire()}, _EMBED))
+
+
+def task_body_of_many(entries: list[Entry]) -> bytes:
+    """The Celery body `[[], {"entries": [...]}, embed]`: several entries of one shard in one task message."""
+    try:
+        return _encode(((), {"entries": entries}, _EMBED))
+    except UnicodeEncodeError:
+        return _encode(((), {"entries": [e.to_wire() for e in entries]}, _EMBED))
 
 
 def _envelope(task_id: str, body: str) -> dict[str, Any]:
@@ -166,3 +180,23 @@ def decode_body(body: bytes | str, content_type: Any, headers: Any) -> Entry:
         raise BadMessage(f"body is not [[], {{'entry': ...}}, embed] with one apilog entry: {exc}") from None
     except msgspec.DecodeError:
         raise BadMessage("body is not JSON") from None
+
+
+def decode_entries(body: bytes | str, content_type: Any, headers: Any) -> list[Entry]:
+    """The entries in a Celery body of one entry or of several (`task_body_of_many`)."""
+    if content_type != CONTENT_TYPE:
+        raise BadMessage(f"content type {content_type!r} refused: only JSON is accepted")
+    task = headers.get("task") if isinstance(headers, dict) else getattr(headers, "task", None)
+    if task != TASK_NAME:
+        raise BadMessage(f"task {task!r} is not {TASK_NAME!r}")
+    try:
+        arguments = _decode_several(body)[1]
+    except msgspec.ValidationError as exc:
+        raise BadMessage(f"body is not [[], {{'entry' or 'entries': ...}}, embed] of apilog entries: {exc}") from None
+    except msgspec.DecodeError:
+        raise BadMessage("body is not JSON") from None
+    if arguments.entries is not None:
+        return arguments.entries
+    if arguments.entry is None:
+        raise BadMessage("body holds neither 'entry' nor 'entries'")
+    return [arguments.entry]
