@@ -28,7 +28,7 @@ from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
 from ._batch import say
-from ._broker import DeliveredIds, quarantine_message
+from ._broker import ShardWriter, body_bytes, quarantine_message
 from ._folders import Folders
 from ._ledger import Ledger
 
@@ -161,21 +161,13 @@ class Item:
     last: bool = True
 
 
-class AmqpSource:
+class AmqpSource(ShardWriter[_Shard]):
     """A writer's shards on RabbitMQ: exclusive consumers, manual acks once a message's entries are committed."""
 
     def __init__(self, settings: Settings, folders: Folders, ledger: Ledger) -> None:
-        assert settings.broker_url is not None  # noqa: S101 - the write role requires it
-        self.url = settings.broker_url
-        self.folders = folders
-        self.durable = settings.fsync != "off"
-        self.notes: list[Entry] = []
-        self.name = f"shards {','.join(map(str, sorted(settings.writer_shards)))} of {redacted(self.url)}"
-        self.wakeup: int | None = None
-        self.delivered = DeliveredIds(folders.state)
-        self.delivered.add(ledger.last_ids)
+        super().__init__(settings, folders, ledger)
+        self.url = settings.broker_url or ""
         self.shards = [_Shard(k) for k in sorted(settings.writer_shards)]
-        self.standby = settings.standby
         self.conn: Connection | None = None
         self.channel: Any = None
         self.inbox: list[Any] = []  # messages as they arrive
@@ -254,7 +246,7 @@ class AmqpSource:
     def _items(self, message: Any) -> list[Item]:
         """A message's entries not written before; a message with none left is acked at once."""
         try:
-            entries = wire.decode_entries(_bytes(message), message.properties.get("content_type"), message.headers)
+            entries = wire.decode_entries(body_bytes(message), message.properties.get("content_type"), message.headers)
         except ValueError as exc:
             return [Item(message, None, str(exc))]
         items = [Item(message, entry, last=False) for entry in entries if entry.id not in self.delivered]
@@ -272,7 +264,7 @@ class AmqpSource:
             self._drop()
 
     def key(self, item: Item) -> str:
-        what = item.entry.id if item.entry is not None else hashlib.sha256(_bytes(item.message)).hexdigest()[:16]
+        what = item.entry.id if item.entry is not None else hashlib.sha256(body_bytes(item.message)).hexdigest()[:16]
         return f"amqp:{what}"
 
     def entry(self, item: Item) -> Entry:
@@ -281,10 +273,7 @@ class AmqpSource:
         return item.entry
 
     def set_aside(self, item: Item, why: str) -> Entry:
-        return quarantine_message(self.folders, _bytes(item.message), why, self.durable)
-
-    def positions(self, batch: list[Item]) -> dict[str, int]:
-        return {}
+        return quarantine_message(self.folders, body_bytes(item.message), why, self.durable)
 
     def ids(self, batch: list[Item]) -> list[str]:
         return [item.entry.id for item in batch if item.entry is not None]
@@ -298,29 +287,12 @@ class AmqpSource:
     def rewind(self, batch: list[Item]) -> None:
         self.retry = batch + self.retry
 
-    def tidy(self) -> None:
-        """Acked messages are RabbitMQ's to forget."""
-
     def scan(self) -> None:
         """Messages are pushed to the consumer: nothing to look for."""
 
     def sweep(self) -> None:
         """RabbitMQ keeps its own queues."""
 
-    def sync(self) -> None:
-        self.delivered.sync()
-
-    def waiting_bytes(self) -> int | None:
-        return None
-
-    def owned(self) -> list[int]:
-        return [s.shard for s in self.shards if s.owned]
-
     def close(self) -> None:
         self._drop(failed=False)
         self.delivered.close()
-
-
-def _bytes(message: Any) -> bytes:
-    body = message.body
-    return body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogateescape")

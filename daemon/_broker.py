@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from typing import Any, Generic, Protocol, TypeVar
 
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import KombuError
@@ -219,13 +220,13 @@ class BrokerSource:
 
     def key(self, message: Message) -> str:
         task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
-        return f"broker:{task_id}:{hashlib.sha256(_body_bytes(message)).hexdigest()[:16]}"
+        return f"broker:{task_id}:{hashlib.sha256(body_bytes(message)).hexdigest()[:16]}"
 
     def entry(self, message: Message) -> Entry:
         return wire.decode_body(message.body, message.content_type, message.headers)
 
     def set_aside(self, message: Message, why: str) -> Entry:
-        return quarantine_message(self.folders, _body_bytes(message), why, self.durable)
+        return quarantine_message(self.folders, body_bytes(message), why, self.durable)
 
     def ids(self, batch: list[Message]) -> list[str]:
         return [str(m.headers.get("id")) for m in batch if isinstance(m.headers, dict) and m.headers.get("id")]
@@ -285,6 +286,45 @@ class KombuPublisher:
         self.connection = None
 
 
+class _HeldShard(Protocol):
+    shard: int
+    owned: bool
+
+
+ShardT = TypeVar("ShardT", bound=_HeldShard)
+
+
+class ShardWriter(Generic[ShardT]):
+    """What a writer of broker shards keeps whatever the broker: its shards, the ids it journaled, its notes."""
+
+    def __init__(self, settings: Settings, folders: Folders, ledger: Ledger) -> None:
+        assert settings.broker_url is not None  # noqa: S101 - the write role requires it
+        self.folders = folders
+        self.durable = settings.fsync != "off"
+        self.notes: list[Entry] = []
+        self.name = f"shards {','.join(map(str, sorted(settings.writer_shards)))} of {redacted(settings.broker_url)}"
+        self.wakeup: int | None = None  # take() itself waits on the broker
+        self.standby = settings.standby
+        self.shards: list[ShardT] = []
+        self.delivered = DeliveredIds(folders.state)
+        self.delivered.add(ledger.last_ids)  # journaled since the last checkpoint: perhaps not in the file yet
+
+    def positions(self, batch: list[Any]) -> dict[str, int]:
+        return {}  # a broker forgets what it delivered once acked: the ids tell a redelivery
+
+    def tidy(self) -> None:
+        """Acknowledged messages are the broker's to forget."""
+
+    def sync(self) -> None:
+        self.delivered.sync()
+
+    def waiting_bytes(self) -> int | None:
+        return None  # `apilogd status` asks the broker for its backlog
+
+    def owned(self) -> list[int]:
+        return [s.shard for s in self.shards if s.owned]
+
+
 def quarantine_message(folders: Folders, body: bytes, why: str, durable: bool) -> Entry:
     """Keep a bad broker message in quarantine; return the INTERNAL entry that reports it."""
     name = f"broker.{uuid.uuid4().hex}.msg"
@@ -303,6 +343,6 @@ def writer_id(state: Folder) -> str:
         return name
 
 
-def _body_bytes(message: Message) -> bytes:
+def body_bytes(message: Any) -> bytes:
     body = message.body
     return body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogateescape")

@@ -31,7 +31,7 @@ from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
 from ._batch import say
-from ._broker import DeliveredIds, quarantine_message
+from ._broker import ShardWriter, quarantine_message
 from ._folders import Folders
 from ._ledger import Ledger
 
@@ -148,26 +148,18 @@ class Item:
     problem: str = ""
 
 
-class RedisSource:
+class RedisSource(ShardWriter[_Shard]):
     """A writer's shards on Redis: taken under a lease into the in-flight list, acknowledged once committed."""
 
     def __init__(self, settings: Settings, folders: Folders, ledger: Ledger, writer_id: str) -> None:
-        assert settings.broker_url is not None  # noqa: S101 - the write role requires it
-        self.folders = folders
-        self.durable = settings.fsync != "off"
-        self.notes: list[Entry] = []
-        self.name = f"shards {_ranges(settings.writer_shards)} of {redacted(settings.broker_url)}"
-        self.wakeup: int | None = None
+        super().__init__(settings, folders, ledger)
         self.me = writer_id
-        self.conn = client(settings.broker_url)
+        self.conn = client(settings.broker_url or "")
         self.take_script = self.conn.register_script(_TAKE)
         self.ack_script = self.conn.register_script(_ACK)
         self.lease_script = self.conn.register_script(_LEASE)
         self.release_script = self.conn.register_script(_RELEASE)
-        self.delivered = DeliveredIds(folders.state)
-        self.delivered.add(ledger.last_ids)
         self.shards = [_Shard(k) for k in sorted(settings.writer_shards)]
-        self.standby = settings.standby
         self.warned: str | None = None
         self._redis_call(self.conn.ping)
 
@@ -280,9 +272,6 @@ class RedisSource:
     def set_aside(self, item: Item, why: str) -> Entry:
         return quarantine_message(self.folders, item.raw, why, self.durable)
 
-    def positions(self, batch: list[Item]) -> dict[str, int]:
-        return {}
-
     def ids(self, batch: list[Item]) -> list[str]:
         return [item.entry.id for item in batch if item.entry is not None]
 
@@ -301,9 +290,6 @@ class RedisSource:
             shard.base += len(shard.window)
             shard.window = []
 
-    def tidy(self) -> None:
-        """Acknowledged messages are gone from Redis: nothing to tidy."""
-
     def scan(self) -> None:
         self._leases()
 
@@ -313,15 +299,6 @@ class RedisSource:
             say(f"warning: {warning}")
         self.warned = warning
 
-    def sync(self) -> None:
-        self.delivered.sync()
-
-    def waiting_bytes(self) -> int | None:
-        return None
-
-    def owned(self) -> list[int]:
-        return [s.shard for s in self.shards if s.owned]
-
     def close(self) -> None:
         for shard in self.shards:
             if shard.owned:
@@ -329,7 +306,3 @@ class RedisSource:
                     self.release_script(keys=[shard.lease], args=[self.me])
         self.conn.close()
         self.delivered.close()
-
-
-def _ranges(shards: frozenset[int]) -> str:
-    return ",".join(str(k) for k in sorted(shards))

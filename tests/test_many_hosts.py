@@ -105,6 +105,13 @@ def _written(writers: list[Host]) -> tuple[Counter[str], dict[str, set[str]]]:
     return counted, where
 
 
+def _on_their_shards_writer(where: dict[str, set[str]]) -> None:
+    """Each user's files on the one writer of its shard: log-a owns shards 0-1, log-b 2-3."""
+    for user, hosts in where.items():
+        owner = "log-a" if shard_of(user, SHARDS) in (0, 1) else "log-b"
+        assert hosts == {owner}, f"{user} (shard {shard_of(user, SHARDS)}) written on {hosts}"
+
+
 def _expected(producers: dict[str, int], users: int) -> Counter[str]:
     return Counter(f"INFO:  {name} {n:06d}" for name, count in producers.items() for n in range(count))
 
@@ -125,9 +132,7 @@ def test_entries_travel_from_app_hosts_to_the_writer_of_their_shard_exactly_once
         time.sleep(1)  # anything doubled would show now
         counted, where = _written(writers)
         assert counted == expected
-        for user, hosts in where.items():
-            owner = "log-a" if shard_of(user, SHARDS) in (0, 1) else "log-b"
-            assert hosts == {owner}, f"{user} (shard {shard_of(user, SHARDS)}) written on {hosts}"
+        _on_their_shards_writer(where)
     finally:
         for host in [*apps, *writers]:
             host.stop()
@@ -256,9 +261,7 @@ def test_a_site_through_writer_and_forwarder_kills_and_a_broker_pause(
         time.sleep(2)  # anything doubled would show now
         counted, where = _written(everyone)
         assert counted == expected
-        for user, hosts in where.items():
-            owner = "log-a" if shard_of(user, SHARDS) in (0, 1) else "log-b"
-            assert hosts == {owner}, f"{user} (shard {shard_of(user, SHARDS)}) written on {hosts}"
+        _on_their_shards_writer(where)
         assert max(p99s) < 20, f"delay() p99 per producer (ms): {p99s}"
     finally:
         for host in [*apps, standby, *writers.values()]:

@@ -167,13 +167,18 @@ def decode(payload: bytes) -> Entry:
     return decode_body(body, message.content_type, message.headers)
 
 
-def decode_body(body: bytes | str, content_type: Any, headers: Any) -> Entry:
-    """The entry in a Celery body; checks the serializer and the task name first."""
+def _check_task(content_type: Any, headers: Any) -> None:
+    """Refuse a message that is not JSON or not apilog's task, before its body is read."""
     if content_type != CONTENT_TYPE:
         raise BadMessage(f"content type {content_type!r} refused: only JSON is accepted")
     task = headers.get("task") if isinstance(headers, dict) else getattr(headers, "task", None)
     if task != TASK_NAME:
         raise BadMessage(f"task {task!r} is not {TASK_NAME!r}")
+
+
+def decode_body(body: bytes | str, content_type: Any, headers: Any) -> Entry:
+    """The entry in a Celery body; checks the serializer and the task name first."""
+    _check_task(content_type, headers)
     try:
         return _decode_body(body)[1].entry
     except msgspec.ValidationError as exc:
@@ -184,11 +189,7 @@ def decode_body(body: bytes | str, content_type: Any, headers: Any) -> Entry:
 
 def decode_entries(body: bytes | str, content_type: Any, headers: Any) -> list[Entry]:
     """The entries in a Celery body of one entry or of several (`task_body_of_many`)."""
-    if content_type != CONTENT_TYPE:
-        raise BadMessage(f"content type {content_type!r} refused: only JSON is accepted")
-    task = headers.get("task") if isinstance(headers, dict) else getattr(headers, "task", None)
-    if task != TASK_NAME:
-        raise BadMessage(f"task {task!r} is not {TASK_NAME!r}")
+    _check_task(content_type, headers)
     try:
         arguments = _decode_several(body)[1]
     except msgspec.ValidationError as exc:
