@@ -8,6 +8,7 @@ import sys
 import time
 from io import BufferedReader
 from pathlib import Path
+from typing import IO
 
 import click
 
@@ -200,6 +201,45 @@ def search(pattern: str, user_: str | None, stream: str | None, since_: str | No
                 found += 1
     if not found:
         raise SystemExit(1)
+
+
+@main.command()
+@click.option("--user", "user_", help="Only this user's files and archives (the seal log is checked whole).")
+@click.option("--key", "key_file", type=click.File("r"),
+              help="The verification key `apilogd seal-key` printed (a file, or - for stdin).")
+def verify(user_: str | None, key_file: IO[str] | None) -> None:
+    """Check that every log file and archive is as apilogd sealed it: exit 0 intact, 1 tampered."""
+    from . import _verify
+    from .core import seal
+
+    conf = load_settings()
+    key = None
+    if key_file is not None:
+        try:
+            key = seal.VerificationKey.parse(key_file.read(4096))
+        except seal.BadKey as exc:
+            raise click.BadParameter(str(exc), param_hint="--key") from None
+    if user_ is not None:
+        try:
+            user_dir(user_)
+        except BadLocation as exc:
+            raise click.BadParameter(str(exc), param_hint="--user") from None
+    check = _verify.Verification(conf.log_dir, key, user_)
+    if user_ is not None and not check.paths:
+        raise click.UsageError(f"nothing was ever logged or sealed for user {user_!r}")
+    with click.progressbar(length=check.total_bytes, label="verifying", file=sys.stderr,
+                           show_pos=False) as bar:
+        report = check.run(bar.update)
+    for problem in report.problems:
+        click.echo(f"TAMPERED {problem}")
+    if key is None:
+        click.echo("apilog: no --key: the files agree with the seal log, but its seals were not checked "
+                   "against the verification key", err=True)
+    if report.problems:
+        raise SystemExit(1)
+    when = "" if report.last_time is None else time.strftime(" through %Y-%m-%d %H:%M:%S UTC",
+                                                            time.gmtime(report.last_time))
+    click.echo(f"intact: {report.files} files and archives, {report.lines} seal lines{when}")
 
 
 @main.command()

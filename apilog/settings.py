@@ -46,6 +46,8 @@ class Settings:
     shards: int = 1
     writer_shards: frozenset[int] = frozenset({0})  # the shards a writer owns
     standby: bool = False  # APILOG_WRITER_SHARDS=all among several shards: the writer stands by for every shard
+    seal: bool = True  # seal every file as it is written (SPEC 13)
+    seal_epoch: int = 900  # seconds a seal key lives before it evolves (fixed when the first key is made)
     spool_dir: Path = field(init=False)
     state_dir: Path = field(init=False)
 
@@ -209,6 +211,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "APILOG_ROLE": _choice(ROLES),
     "APILOG_SHARDS": _int(1),
     "APILOG_WRITER_SHARDS": lambda name, raw: raw.strip(),  # checked against APILOG_SHARDS in load()
+    "APILOG_SEAL": _bool,
+    "APILOG_SEAL_EPOCH": _int(1, units=_DURATION_UNITS, like="a duration such as 15 min"),
 }
 
 _DEFAULTS = {
@@ -225,6 +229,8 @@ _DEFAULTS = {
     "APILOG_ROLE": "local",
     "APILOG_SHARDS": "1",
     "APILOG_WRITER_SHARDS": "all",
+    "APILOG_SEAL": "1",
+    "APILOG_SEAL_EPOCH": "900",
 }
 
 
@@ -265,6 +271,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         shards=value["APILOG_SHARDS"],
         writer_shards=writer_shards,
         standby=value["APILOG_SHARDS"] > 1 and value["APILOG_WRITER_SHARDS"].lower() in ("", "all"),
+        seal=value["APILOG_SEAL"],
+        seal_epoch=value["APILOG_SEAL_EPOCH"],
     )
 
 

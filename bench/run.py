@@ -2,7 +2,7 @@
 
     python bench/run.py            # the full table (several minutes)
     python bench/run.py --quick    # fewer calls and no 1M backlog, to try it out
-    python bench/run.py --only web,users   # some groups of rows: callers, backlog, users, fsync, web, celery
+    python bench/run.py --only web,users   # some groups of rows: callers, backlog, users, fsync, web, celery, brokers, seal
 
 Every case runs in a fresh process and a fresh folder. Figures are medians over --rounds
 rounds (the 1M backlog runs once). Caller latency is per `delay()`/`log()` call; "e2e" is
@@ -377,7 +377,7 @@ def fresh(base: Path, name: str) -> str:
     return str(path)
 
 
-GROUPS = ("callers", "users", "backlog", "fsync", "web", "celery", "brokers")
+GROUPS = ("callers", "users", "backlog", "fsync", "web", "celery", "brokers", "seal")
 
 
 def main() -> None:
@@ -456,6 +456,21 @@ def main() -> None:
                 return {**caller, **drain(home, {"APILOG_FSYNC": "always"})}
 
             row(label, median_of(args.rounds, durable))
+
+    if "seal" in only:
+        # Sealed and unsealed rounds alternate, so both meet the same moments of a noisy machine.
+        for entries, users in ((n, USERS), (30_000, 10_000)):
+            results: dict[str, list[dict[str, float]]] = {"1": [], "0": []}
+            for _ in range(args.rounds):
+                for sealed in ("1", "0"):
+                    home = fresh(base, "seal")
+                    run_case("apilog", home, users, users=users)  # every user's file exists before the timed drain
+                    drain(home, {"APILOG_SEAL": sealed})
+                    run_case("apilog", home, entries, users=users)
+                    results[sealed].append(drain(home, {"APILOG_SEAL": sealed}))
+            for sealed, label in (("1", "sealed"), ("0", "APILOG_SEAL=0")):
+                row(f"apilog drain {label}, {entries:,} over {users:,} users",
+                    {k: statistics.median(r[k] for r in results[sealed]) for k in results[sealed][0]})
 
     if "web" in only:
         seconds = 5 if args.quick else 15
@@ -543,6 +558,10 @@ def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespa
           f"p99 {ratio(web['apilog'], 'p99', web['loguru'], 'p99')}")
     print(f"- apilog drain / stock Celery worker: "
           f"{ratio(one, 'e2e', 'stock Celery + kombu filesystem, 2,000 waiting', 'e2e')}")
+    for label in labels:
+        if label.startswith("apilog drain sealed, "):
+            peer = label.replace("sealed", "APILOG_SEAL=0")
+            print(f"- {label[13:]} / {peer[13:]}: {ratio(label, 'e2e', peer, 'e2e')}")
     local = next((label for label in labels if label.endswith("waiting, local spool")), "")
     for label in labels:
         if label.startswith(("redis:", "rabbitmq:")):

@@ -1,9 +1,10 @@
 """Rotation and compression: live files past their size or age move into archive/ and are gzipped aside.
 
 Rotation happens in the drain loop between batches (so no batch is ever split between
-two files, and the journal never names a rotated file) and is one rename. Compression
-runs in its own thread: gzip to `.gz.tmp`, fsync, rename to `.gz`, remove the plain copy.
-A crash leaves a plain archive (compressed again at start) or a `.tmp` (removed).
+two files) and is one rename, journaled and sealed like a batch by the writer. Compression
+runs in its own thread: gzip to `.gz.tmp`, fsync, rename to `.gz`; the writer's next batch
+seals the .gz and removes the plain copy, and removes archives past APILOG_RETAIN_DAYS.
+A crash leaves a plain archive (its .gz checked, or made again, at start) or a `.tmp` (removed).
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, BinaryIO
 
+from apilog.core import seal
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, archive_name, first_time, parse_archive_name
 from apilog.core.tree import LogTree
 from apilog.settings import Settings
 
-from ._files import OpenFiles
 from ._watch import ChangeWatcher
+
+if TYPE_CHECKING:
+    from ._batch import BatchWriter
 
 AGE_CHECK_EVERY = 1.0  # seconds between looks at live files' ages
 ROTATIONS_PER_TICK = 16
@@ -35,13 +40,10 @@ FIRST_SWEEP_AFTER = 5.0  # seconds after start
 class Archiver:
     """Decides which live files are due, rotates them, and compresses archives off the write path."""
 
-    def __init__(self, settings: Settings, tree: LogTree, files: OpenFiles,
-                 before_rotation: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, writer: BatchWriter) -> None:
         self.settings = settings
-        self.tree = tree
-        self.files = files
-        # The journal's checkpoint: no record may name a file's size from before the file was rotated.
-        self.before_rotation = before_rotation
+        self.tree: LogTree = writer.tree
+        self.writer = writer  # journals (and seals) each rotation, compression and removal
         self.root = settings.log_dir
         self.first_entry: dict[str, float] = {}  # live file -> event time of its first entry
         self.notes: list[tuple[str, dict[str, object]]] = []  # INTERNAL reports for the drainer
@@ -164,8 +166,6 @@ class Archiver:
         if not self._size(relpath):
             self.first_entry.pop(relpath, None)
             return None
-        self.before_rotation()
-        self.files.forget(relpath)  # the next entry opens a fresh live file
         stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
         folder, _, name = relpath.rpartition("/")
         counter = 0
@@ -174,10 +174,7 @@ class Archiver:
             if not self.tree.exists(target) and not self.tree.exists(target + ".gz"):
                 break
             counter += 1
-        self.tree.rename(relpath, target)
-        if self.settings.fsync != "off":
-            self.tree.fsync_dir(f"{ARCHIVE}/{folder}")
-            self.tree.fsync_dir(folder)
+        self.writer.rotate(relpath, target)
         self.first_entry.pop(relpath, None)
         self._enqueue(target)
         return target
@@ -246,7 +243,7 @@ class Archiver:
                 elif self.settings.retain_days:
                     with contextlib.suppress(FileNotFoundError):
                         if os.stat(os.path.join(dirpath, name), follow_symlinks=False).st_mtime < keep_after:
-                            self.tree.unlink(relpath)
+                            self.writer.retire(relpath)
 
     def _compress_loop(self) -> None:
         while True:
@@ -263,11 +260,14 @@ class Archiver:
                     self._queued.discard(relpath)
 
     def compress(self, relpath: str) -> None:
-        """gzip a plain archive beside itself, durably, then remove the plain copy."""
+        """gzip a plain archive beside itself, durably; the writer then seals the .gz and removes the plain copy."""
         final = relpath + ".gz"
-        if self.tree.exists(final):  # compressed before a crash that came before the removal
-            self.tree.unlink(relpath)
-            return
+        if self.tree.exists(final):  # compressed before a crash that came before the plain copy's removal
+            content = self._digest(relpath)
+            if content is not None and content == self._digest(final, unpacked=True):
+                self.writer.compressed(relpath, *self._gz_seal(final))
+                return
+            self.tree.unlink(final)  # not the plain copy's content: made again
         tmp = final + ".tmp"
         self.tree.unlink(tmp)
         src = self.tree.open_existing(relpath, os.O_RDONLY)
@@ -283,6 +283,23 @@ class Archiver:
         finally:
             os.close(src)
         self.tree.rename(tmp, final)
-        folder = relpath.rpartition("/")[0]
-        self.tree.fsync_dir(folder)
-        self.tree.unlink(relpath)
+        self.tree.fsync_dir(relpath.rpartition("/")[0])
+        self.writer.compressed(relpath, *self._gz_seal(final))
+
+    def _open(self, relpath: str, unpacked: bool) -> BinaryIO:
+        handle: BinaryIO = os.fdopen(self.tree.open_existing(relpath, os.O_RDONLY), "rb")
+        return gzip.GzipFile(fileobj=handle, mode="rb") if unpacked else handle  # type: ignore[return-value]
+
+    def _digest(self, relpath: str, *, unpacked: bool = False) -> str | None:
+        """The BLAKE2b of a file's bytes (of its content, `unpacked` from gzip); None when it cannot be read whole."""
+        try:
+            with self._open(relpath, unpacked) as handle:
+                return seal.file_digest(handle)
+        except (OSError, EOFError, gzip.BadGzipFile):
+            return None
+
+    def _gz_seal(self, relpath: str) -> tuple[int, str]:
+        """(size, digest) of a .gz, as its seal names them."""
+        with self._open(relpath, False) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            return size, seal.file_digest(handle)

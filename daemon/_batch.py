@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import resource
 import sys
 import time
@@ -30,6 +31,7 @@ from ._folders import Folders
 from ._journal import Batch, Journal
 from ._ledger import Ledger
 from ._probe import Probe
+from ._sealer import Sealer
 from ._source import NoSource, Source
 
 MAX_ITEMS = 32768  # items per batch: one journal record, one write per file
@@ -75,7 +77,7 @@ class BatchWriter:
     """
 
     def __init__(self, settings: Settings, folders: Folders,
-                 open_source: Callable[[Ledger], Source] | None = None) -> None:
+                 open_source: Callable[[Ledger], Source] | None = None, *, seal: bool = True) -> None:
         self.settings = settings
         self.folders = folders
         self.durable = settings.fsync != "off"
@@ -97,11 +99,22 @@ class BatchWriter:
         self.quarantined = 0  # items committed batches set aside, since the service last took the count
         self._set_aside_now = 0  # of the batch being made
         self.unapplied: tuple[Batch, bytes] | None = None  # committed, but its appends failed: redone first
+        self._rename_error: OSError | None = None  # why the last record's rotation did not happen
         self.journal_since = 0.0  # when the journal's oldest record was committed (it is empty after a checkpoint)
         self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
         self.source: Source = NoSource()
+        self.sealer: Sealer | None = None
+        # Compressions and removals the archiver's threads finished, sealed and journaled by the next batch.
+        self.archive_ops: queue.SimpleQueue[tuple[str, int, str]] = queue.SimpleQueue()
+        self._ops: list[tuple[str, int, str]] = []  # taken from archive_ops, not committed yet
         try:
             self._recover()
+            if seal and settings.seal:
+                self.sealer = Sealer(folders.state, self.tree, self.files, settings.seal_epoch,
+                                     durable=self.durable, saved=self.ledger.seal)
+                self.notes.extend(internal(note, {}) for note in self.sealer.notes)
+                if self.sealer.genesis is not None or self.sealer.notes:
+                    self._commit_and_apply([])
             if open_source is not None:
                 self.source = open_source(self.ledger)
             self.checkpoint()
@@ -157,6 +170,8 @@ class BatchWriter:
             self.files.sync()
             self.source.sync()
         self.ledger.checkpoint = self.journal.seq
+        if self.sealer is not None:
+            self.ledger.seal = self.sealer.position
         self.ledger.last_ids = []  # the source's own record of them is on disk now
         self.ledger.save()
         self.journal.empty()
@@ -167,21 +182,19 @@ class BatchWriter:
         """Write one batch (or, `only_notes`, just the INTERNAL notes waiting); return how many items it committed."""
         source = self.source
         self._apply_unapplied()
+        self._end_epoch()
         self.created, self.sizes = {}, {}
         self.notes.extend(source.notes)
         source.notes.clear()
         batch = [] if only_notes else source.take(1 if self.one_at_a_time else MAX_ITEMS)
-        if not batch and not self.notes:
+        self._take_archive_ops()
+        if not batch and not self.notes and not self._ops:
             self.checkpoint()  # idle: make the last batches durable now
             source.tidy()
             return 0
         try:
             targets = self._targets(self._lines(batch))
-            data = b"".join(chunk for _, _, chunk in targets)
-            if self.journal.size == 0:  # a burst after a quiet spell runs a full second before its checkpoint
-                self.journal_since = time.monotonic()
-            record = self.journal.append([(r, before, len(chunk)) for r, before, chunk in targets], data,
-                                         source.positions(batch), source.ids(batch))
+            record, data = self._commit(targets, source.positions(batch), source.ids(batch))
         except BaseException as exc:
             source.rewind(batch)  # taken again at the next step
             if not isinstance(exc, OSError) and isinstance(exc, Exception):
@@ -209,6 +222,81 @@ class BatchWriter:
             self.checkpoint()
         return len(batch)
 
+    def _commit(self, targets: list[tuple[str, int, bytes]], advance: dict[str, int], ids: list[str], *,
+                mv: list[tuple[str, str]] | None = None, end: int | None = None) -> tuple[Batch, bytes]:
+        """Commit a batch as one journal record: its files' bytes, then its seal line; return the record and its data."""
+        mv = mv or []
+        gz = [(relpath, size, digest) for relpath, size, digest in self._ops if size >= 0]
+        rm = [relpath for relpath, size, _ in self._ops if size < 0]
+        line = None
+        if self.sealer is not None:
+            line = self.sealer.make(targets, mv=mv, gz=gz, rm=rm, end=end)
+            targets = [*targets, line]
+        data = b"".join(chunk for _, _, chunk in targets)
+        if self.journal.size == 0:  # a burst after a quiet spell runs a full second before its checkpoint
+            self.journal_since = time.monotonic()
+        record = self.journal.append([(r, before, len(chunk)) for r, before, chunk in targets], data,
+                                     advance, ids, renames=mv, removes=[relpath for relpath, _, _ in gz] + rm)
+        self._ops = []
+        if self.sealer is not None and line is not None:
+            self.sealer.committed(line[0], line[2], end)
+        return record, data
+
+    def _commit_and_apply(self, targets: list[tuple[str, int, bytes]], **how: Any) -> None:
+        """A batch of no entries (a seal line, a rotation, archive changes), committed and applied at once."""
+        record, data = self._commit(targets, {}, [], **how)
+        self._apply(record, data, redo=False)
+
+    def _end_epoch(self) -> None:
+        """The clock passed the seal key's epoch: its last line, then the next epoch's key (the old one is gone)."""
+        if self.sealer is not None and (epoch := self.sealer.epoch_over()) is not None:
+            self._take_archive_ops()
+            self._commit_and_apply([], end=epoch)
+
+    def _take_archive_ops(self) -> None:
+        while True:
+            try:
+                self._ops.append(self.archive_ops.get_nowait())
+            except queue.Empty:
+                return
+
+    # What the archiver does to files, journaled (and sealed) like a batch.
+
+    def rotate(self, relpath: str, archive: str) -> None:
+        """Move a live file into archive/: one record naming the move, applied at once; OSError when it cannot be moved."""
+        self.checkpoint()  # no record may name the file's size from before it was rotated
+        self._take_archive_ops()
+        self._commit_and_apply([], mv=[(relpath, archive)])
+        if not self.tree.exists(archive):  # the rename failed: take the record (and its seal line) back
+            self.unapplied = None
+            error = self._rename_error or OSError(errno.ENOENT, "the file vanished")
+            self._take_back()
+            raise error
+
+    def _take_back(self) -> None:
+        """Undo the record committed last, whose rename did not happen: it is cut from the journal and the seal log."""
+        self.journal.drop_last()
+        if self.sealer is not None:
+            self.sealer.take_back()
+
+    def compressed(self, archive: str, gz_size: int, gz_digest: str) -> None:
+        """(Any thread) `archive` has its .gz, durable: the next batch seals it and removes the plain copy."""
+        self.archive_ops.put((archive, gz_size, gz_digest))
+
+    def retire(self, archive: str) -> None:
+        """(Any thread) `archive` is past APILOG_RETAIN_DAYS: the next batch seals its removal and removes it."""
+        self.archive_ops.put((archive, -1, ""))
+
+    def _rename(self, relpath: str, archive: str) -> None:
+        if self.tree.exists(archive) or self.tree.exists(archive + ".gz") or not self.tree.exists(relpath):
+            return  # done before a crash
+        self.files.forget(relpath)  # the next entry opens a fresh live file
+        self.tree.rename(relpath, archive)
+
+    def _remove(self, relpath: str) -> None:
+        if relpath.endswith(".gz") or self.tree.exists(relpath + ".gz"):  # never the only copy
+            self.tree.unlink(relpath)
+
     def _apply_unapplied(self) -> None:
         """Redo the committed batch whose appends failed last time (a full or failing disk), before anything else."""
         if self.unapplied is not None:
@@ -234,6 +322,19 @@ class BatchWriter:
                         raise
                     # Opened fine when the batch was made, not now (a redo after a restart): not lost, reported.
                     self.notes.append(self._diverted(relpath, chunk.decode("utf-8", "replace"), exc))
+            self._rename_error = None
+            for relpath, archive in batch.renames:
+                try:
+                    self._rename(relpath, archive)
+                except OSError as exc:
+                    if exc.errno in DISK_ERRORS:
+                        raise
+                    self._rename_error = exc  # `rotate` takes the record back
+                    if redo:  # a crash came between the record and its rename, which fails now: said, not retried
+                        self.notes.append(internal(f"could not finish rotating {relpath} into {archive}: {describe(exc)}",
+                                                   {"file": relpath, "archive": archive, "error": describe(exc)}))
+            for relpath in batch.removes:
+                self._remove(relpath)
         except BaseException:
             self.unapplied = (batch, data)
             raise

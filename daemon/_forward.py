@@ -59,7 +59,7 @@ class Forwarder:
     def __init__(self, settings: Settings, folders: Folders) -> None:
         self.settings = settings
         self.folders = folders
-        BatchWriter(settings, folders).close()  # a journal left by the local role is redone first, never dropped
+        BatchWriter(settings, folders, seal=False).close()  # a journal left by the local role is redone first, never dropped
         self.ledger = Ledger(folders.state, durable=settings.fsync != "off")
         self.probe = Probe(folders.state)
         self.source = SpoolSource(settings, folders, self.ledger)

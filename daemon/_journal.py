@@ -42,13 +42,15 @@ HEADER = struct.Struct("<4sIII")  # magic, header length, data length, crc32(hea
 MAX_RECORD = 1 << 30
 
 
-class Batch(msgspec.Struct, frozen=True):
+class Batch(msgspec.Struct, frozen=True, omit_defaults=True):
     """One committed batch: what its record's header says."""
 
     seq: int
     files: list[tuple[str, int, int]]  # (relative path, size before the batch, bytes appended)
     advance: dict[str, int]  # source position -> offset once the batch is in
     ids: list[str]  # entry ids a broker source must not write again
+    renames: list[tuple[str, str]] = []  # (live file, archive): rotations, done after the appends
+    removes: list[str] = []  # archives removed: a plain one once its .gz is sealed, a .gz by retention
 
     def shares(self, data: bytes) -> Iterator[tuple[str, int, bytes]]:
         """(relative path, size before, bytes) for each file of the batch."""
@@ -94,6 +96,8 @@ def _problem(batch: Batch, data_len: int) -> str | None:
         return "a source position that is not one"
     if not all(is_entry_id(i) for i in batch.ids):
         return "an id that is not an entry id"
+    if not all(is_relpath(p) for pair in batch.renames for p in pair) or not all(map(is_relpath, batch.removes)):
+        return "a rename or removal of a path apilogd never writes"
     return None
 
 
@@ -204,6 +208,7 @@ class Journal:
         if end < len(raw) and self.torn is None:
             os.ftruncate(self.fd, end)
         self.size = end
+        self.last_size = 0
         self.seq = max([checkpoint] + [batch.seq for batch, _ in records])
         self.to_redo = [(batch, data) for batch, data in records if batch.seq > checkpoint]
 
@@ -223,9 +228,10 @@ class Journal:
                            f"nothing was written; {REPAIR_HINT}")
 
     def append(self, files: list[tuple[str, int, int]], data: bytes, advance: dict[str, int],
-               ids: list[str]) -> Batch:
+               ids: list[str], *, renames: list[tuple[str, str]] | None = None,
+               removes: list[str] | None = None) -> Batch:
         """Commit a batch: its record appended and, when durable, on disk before this returns."""
-        batch = Batch(self.seq + 1, files, advance, ids)
+        batch = Batch(self.seq + 1, files, advance, ids, renames or [], removes or [])
         head = _encode_batch(batch)
         record = HEADER.pack(MAGIC, len(head), len(data), zlib.crc32(data, zlib.crc32(head))) + head + data
         view = memoryview(record)
@@ -239,7 +245,15 @@ class Journal:
             raise
         self.seq = batch.seq
         self.size += len(record)
+        self.last_size = len(record)
         return batch
+
+    def drop_last(self) -> None:
+        """Take back the record appended last, none of whose effects happened (a rotation that failed)."""
+        os.ftruncate(self.fd, self.size - self.last_size)
+        self.size -= self.last_size
+        self.seq -= 1
+        self.last_size = 0
 
     def empty(self) -> None:
         """Every record is covered by a saved checkpoint: start the journal afresh."""

@@ -17,7 +17,8 @@ import os
 from typing import Any, NamedTuple, NoReturn
 
 from apilog.core.folder import Folder
-from apilog.core.logfile import SYSTEM, USERS
+from apilog.core.logfile import ARCHIVE, SYSTEM, USERS
+from apilog.core.seal import SEALS
 from apilog.spool.backlog import LEDGER_NAME
 
 from .exceptions import StateDamaged
@@ -47,7 +48,7 @@ def is_relpath(path: object) -> bool:
     if type(path) is not str or "\0" in path:
         return False
     parts = path.split("/")
-    return len(parts) >= 2 and parts[0] in (SYSTEM, USERS) and all(is_segment_name(p) for p in parts)
+    return len(parts) >= 2 and parts[0] in (SYSTEM, USERS, ARCHIVE, SEALS) and all(is_segment_name(p) for p in parts)
 
 
 def _offsets(value: object, what: str, check: Any = is_segment_name) -> dict[str, int]:
@@ -66,6 +67,7 @@ class Parsed(NamedTuple):
     pending: dict[str, Any] | None  # a batch in flight, as the version before the journal recorded it
     last_ids: list[str]
     checkpoint: int | None  # the last journal record these offsets cover; None: a ledger older than the journal
+    seal: tuple[int, str] | None  # the seal log's last line as of the checkpoint: (number, digest)
 
 
 def parse(raw: bytes) -> Parsed:
@@ -89,7 +91,13 @@ def parse(raw: bytes) -> Parsed:
     checkpoint = data.get("checkpoint")
     if checkpoint is not None and (type(checkpoint) is not int or checkpoint < 0):
         raise ValueError("checkpoint is not a journal record number")
-    return Parsed(offsets, pending, last_ids, checkpoint)
+    seal = data.get("seal")
+    if seal is not None:
+        if (type(seal) is not list or len(seal) != 2 or type(seal[0]) is not int or seal[0] < 0
+                or type(seal[1]) is not str or len(seal[1]) > 64):
+            raise ValueError("seal is not a seal line's number and digest")
+        seal = (seal[0], seal[1])
+    return Parsed(offsets, pending, last_ids, checkpoint, seal)
 
 
 def unrepaired(state: Folder, name: str) -> str | None:
@@ -125,7 +133,7 @@ class Ledger:
         except OSError as exc:  # a folder, a link or a FIFO in its place
             self.damaged(f"not a plain file: {exc.strerror or exc}")
         try:
-            self.offsets, self.pending, self.last_ids, checkpoint = parse(raw)
+            self.offsets, self.pending, self.last_ids, checkpoint, self.seal = parse(raw)
         except ValueError as exc:
             self.damaged(str(exc))
         self.journaled = checkpoint is not None  # saved by a version that keeps a journal
@@ -156,6 +164,6 @@ class Ledger:
 
     def save(self) -> None:
         state = {"offsets": self.offsets, "pending": self.pending, "last_ids": self.last_ids,
-                 "checkpoint": self.checkpoint}
+                 "checkpoint": self.checkpoint, "seal": self.seal}
         body = json.dumps(state, separators=(",", ":"))
         self.state.write_atomic(LEDGER_NAME, body.encode(), durable=self.durable)

@@ -1,4 +1,4 @@
-"""The `apilogd` command: run, start, stop, status, install-service."""
+"""The `apilogd` command: run, start, stop, status, repair, seal-key, metrics, install-service."""
 
 from __future__ import annotations
 
@@ -63,6 +63,32 @@ def repair() -> None:
 
     for line in run_repair(load_settings()):
         click.echo(line)
+
+
+@main.command("seal-key")
+def seal_key() -> None:
+    """Print the verification key of the seals, once; keep it off this machine (`apilog verify --key`)."""
+    from apilog.core.folder import Folder
+
+    from ._sealer import KEY_NAME, take_verification_key
+
+    conf = load_settings()
+    try:
+        with Folder.at(conf.state_dir) as state:
+            text = take_verification_key(state)
+            sealing = state.exists(KEY_NAME)
+    except FileNotFoundError:
+        text, sealing = None, False
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {conf.state_dir}: {exc.strerror or exc} (run as apilogd's user)") from None
+    if text is not None:
+        click.echo(text)
+        click.echo("apilogd: this is the only copy; it was removed from this machine. Keep it safe and off it: "
+                   "`apilog verify --key FILE` needs it.", err=True)
+        return
+    if sealing:
+        raise click.ClickException("the verification key was printed before and is no longer on this machine")
+    raise click.ClickException("apilogd has sealed nothing yet: start it (`apilogd start`), then run `apilogd seal-key`")
 
 
 @main.command()

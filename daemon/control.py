@@ -183,9 +183,11 @@ def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> tuple[int
             stack.callback(folders.close)
             writer = BatchWriter(settings, folders)  # redoes what the journal holds: no half batch is rotated
             stack.callback(writer.close)
-            archiver = Archiver(settings, writer.tree, writer.files, before_rotation=writer.checkpoint)
+            archiver = Archiver(settings, writer)
             result = archiver.rotate_all()
             archiver.close(wait=True)
+            writer.step(only_notes=True)  # seals the compressions and removes the plain copies
+            writer.checkpoint()
         return result
     with holder:
         token = uuid.uuid4().hex

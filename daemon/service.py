@@ -135,7 +135,7 @@ class Service:
                 else:
                     drainer = BatchWriter(conf, folders, open_source(conf, folders))
                     stack.callback(drainer.close)
-                    archiver = Archiver(conf, drainer.tree, drainer.files, before_rotation=drainer.checkpoint)
+                    archiver = Archiver(conf, drainer)
                     stack.callback(archiver.close)
                 crashed = drainer.probe.start()
             except UnsafePath as exc:

@@ -7,6 +7,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,13 @@ def _chaos_test(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str |
     counts = run_chaos(home, producers=producers, per_producer=per_producer, kills=kills, seed=seed)
     _assert_clean(counts)
     assert (counts["archives"] > 0) == bool(rotate_bytes)
+    # The seals went through every kill too (SPEC 13): the untouched tree verifies against the key.
+    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
+    (home / "verification.key").write_text(key.stdout)
+    found = subprocess.run([sys.executable, "-m", "apilog", "verify", "--key", str(home / "verification.key")],
+                           capture_output=True, text=True)
+    print("verify:", found.stdout.strip())
+    assert found.returncode == 0, found.stdout
 
 
 @pytest.mark.parametrize("rotate_bytes", [None, "1000"], ids=["no-rotation", "rotation"])

@@ -1,0 +1,195 @@
+"""Sealing as apilogd writes (SPEC 13): the current epoch's key in the state folder, and one seal line per batch.
+
+The seal line of a batch is one more share of the batch's journal record (the last), so a
+batch a crash undoes is redone with the very line it was committed with, and sealing stays
+exactly-once with the files. The key is evolved only after the epoch's last line is committed;
+the key file is readable by apilogd's user alone, and the verification key waits in
+`state/seal.verify` until `apilogd seal-key` prints and removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Sequence
+
+from apilog.core import seal
+from apilog.core.folder import Folder
+from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, parse_archive_name
+from apilog.core.tree import LogTree
+
+from ._files import OpenFiles
+
+KEY_NAME = "seal.key"
+VERIFY_NAME = "seal.verify"
+KEY_MODE = 0o600  # never the app's group
+SEGMENT_BYTES = 64 * 1024 * 1024  # a new seal log file past this: a restart reads only the last one's tail
+
+
+class Sealer:
+    """The chain's position (line number, digest of the last line) and the current epoch's key."""
+
+    def __init__(self, state: Folder, tree: LogTree, files: OpenFiles, epoch_seconds: int, *,
+                 durable: bool, saved: tuple[int, str] | None) -> None:
+        """`saved`: the line number and digest the ledger holds as of its last checkpoint."""
+        self.state = state
+        self.tree = tree
+        self.files = files
+        self.durable = durable
+        self.n, self.prev, self.segment = 0, "", ""
+        self.next_epoch: int | None = None  # the last line ended its epoch: evolve before the next one
+        self.notes: list[str] = []  # what the next line must say (a seal log cut outside apilogd)
+        self._read_tail()
+        if saved is not None and saved[0] > self.n:
+            self.notes.append(f"the seal log ended at line {self.n}; apilogd had sealed up to line {saved[0]}")
+            self.n, self.prev = saved
+        self.genesis: seal.Body | None = None
+        self._before = (self.n, self.prev, self.segment, 0)  # where the chain stood before the line committed last
+        try:
+            key = json.loads(state.read(KEY_NAME, 4096))
+            self.id, self.t0, self.epoch_seconds = key["id"], float(key["t0"]), int(key["len"])
+            self.epoch, self.key = int(key["epoch"]), bytes.fromhex(key["key"])
+        except FileNotFoundError:
+            self._start_chain(epoch_seconds)
+        if self.next_epoch is not None and self.next_epoch > self.epoch:
+            self.evolve(self.next_epoch)  # a crash came between an epoch's last line and the new key
+
+    # The chain's start and its key.
+
+    def _start_chain(self, epoch_seconds: int) -> None:
+        """A first key (or a new one, when the old was lost): its first line adopts every file already there."""
+        first = os.urandom(32)
+        self.t0, self.epoch_seconds, self.epoch, self.key = time.time(), epoch_seconds, 0, first
+        self.id = seal.key_id(first)
+        verification = seal.VerificationKey(self.id, first, self.t0, epoch_seconds)
+        self.state.write_atomic(VERIFY_NAME, verification.text().encode() + b"\n", mode=KEY_MODE, durable=self.durable)
+        self._save_key()
+        if self.n:
+            self.notes.append(f"the seal key was missing; a new key (id {self.id}) seals from here on")
+        whole, packed = self._adopted()
+        self.genesis = seal.Body(n=0, e=0, t=self.t0, w=whole, gz=packed, id=self.id, t0=self.t0, len=epoch_seconds)
+
+    def _adopted(self) -> tuple[list[tuple[str, int, int, str]], list[tuple[str, int, str]]]:
+        """Every file written before sealing began, sealed whole as it is now: (live files and plain archives, .gz archives)."""
+        root = self.tree.root
+        whole: list[tuple[str, int, int, str]] = []
+        packed: list[tuple[str, int, str]] = []
+        for top in (SYSTEM, USERS, ARCHIVE):
+            for dirpath, _dirs, names in os.walk(root / top):
+                for name in sorted(names):
+                    relpath = os.path.relpath(os.path.join(dirpath, name), root)
+                    match = parse_archive_name(name)
+                    if top == ARCHIVE and (match is None or match["tmp"]):
+                        continue
+                    try:
+                        with os.fdopen(self.tree.open_existing(relpath, os.O_RDONLY), "rb") as handle:
+                            size, digest = os.fstat(handle.fileno()).st_size, seal.file_digest(handle)
+                    except OSError:
+                        continue
+                    if match is not None and match["gz"]:
+                        packed.append((relpath.removesuffix(".gz"), size, digest))
+                    else:
+                        whole.append((relpath, 0, size, digest))
+        return whole, packed
+
+    def _save_key(self) -> None:
+        key = {"id": self.id, "t0": self.t0, "len": self.epoch_seconds, "epoch": self.epoch, "key": self.key.hex()}
+        self.state.write_atomic(KEY_NAME, json.dumps(key).encode(), mode=KEY_MODE, durable=self.durable)
+
+    def evolve(self, epoch: int) -> None:
+        """Move to `epoch`'s key; the old one is gone from disk once this returns."""
+        key = seal.evolve(self.key, epoch - self.epoch)
+        previous = (self.epoch, self.key)
+        self.epoch, self.key = epoch, key
+        try:
+            self._save_key()
+        except BaseException:
+            self.epoch, self.key = previous
+            raise
+        self.next_epoch = None
+
+    def epoch_over(self) -> int | None:
+        """The epoch the clock is in, when it is past the current key's (its last line is due)."""
+        now = seal.epoch_at(time.time(), self.t0, self.epoch_seconds)
+        return now if now > self.epoch and self.next_epoch is None else None
+
+    # Lines.
+
+    def _read_tail(self) -> None:
+        """Where the chain stands, from the last line of the last seal log file (after the journal's redo)."""
+        try:
+            names = sorted(n for n in os.listdir(self.tree.root / seal.SEALS) if seal.is_segment(n))
+        except FileNotFoundError:
+            return
+        if not names:
+            return
+        self.segment = f"{seal.SEALS}/{names[-1]}"
+        try:
+            with os.fdopen(self.tree.open_existing(self.segment, os.O_RDONLY), "rb") as handle:
+                data = handle.read()
+        except OSError:
+            return
+        last = data.rstrip(b"\n").rpartition(b"\n")[2]
+        if not last:
+            return
+        try:
+            body, _, _ = seal.split(last)
+        except ValueError:
+            self.notes.append(f"the last line of {self.segment} is not a seal line")
+            return
+        self.n, self.prev = body.n, seal.digest(last + b"\n")
+        self.next_epoch = body.end
+
+    def make(self, shares: Sequence[tuple[str, int, bytes]], *, mv: Sequence[tuple[str, str]] = (),
+             gz: Sequence[tuple[str, int, str]] = (), rm: Sequence[str] = (),
+             end: int | None = None) -> tuple[str, int, bytes]:
+        """The seal line of a batch (not yet committed): its file, the file's size, its bytes."""
+        if self.next_epoch is not None:
+            self.evolve(self.next_epoch)
+        body = self.genesis or seal.Body(n=0, e=self.epoch, t=time.time())
+        body.n, body.p, body.e = self.n + 1, self.prev, self.epoch
+        body.w = body.w + [(relpath, before, len(data), seal.digest(data)) for relpath, before, data in shares]
+        body.mv, body.gz, body.rm, body.end = list(mv), body.gz + list(gz), list(rm), end
+        body.note = "; ".join(self.notes)
+        segment = self.segment
+        if not segment or self.files.size(segment) >= SEGMENT_BYTES:
+            segment = f"{seal.SEALS}/{seal.segment_name(body.n)}"
+        raw = seal.line(body, self.key)
+        return segment, self.files.size(segment), raw
+
+    def committed(self, segment: str, raw: bytes, end: int | None) -> None:
+        """The line made last is in the journal: the chain moves on (and, after an epoch's last line, the key)."""
+        self._before = (self.n, self.prev, self.segment, self.files.size(segment))
+        self.n += 1
+        self.prev = seal.digest(raw)
+        self.segment = segment
+        self.genesis = None
+        self.notes.clear()
+        if end is not None:
+            self.next_epoch = end
+            with contextlib.suppress(OSError):  # else at the next line, which waits until it can
+                self.evolve(end)
+
+    def take_back(self) -> None:
+        """The line committed last is taken back with its record (its rotation failed): cut it off the seal log."""
+        self.n, self.prev, segment, size = self._before
+        self.files.truncate(self.segment, size)
+        self.segment = segment
+
+    @property
+    def position(self) -> tuple[int, str]:
+        return self.n, self.prev
+
+
+def take_verification_key(state: Folder) -> str | None:
+    """The verification key, removed from the machine as it is handed over; None once it was taken."""
+    try:
+        text = state.read(VERIFY_NAME, 4096).decode("ascii").strip()
+    except FileNotFoundError:
+        return None
+    seal.VerificationKey.parse(text)  # never hand over (and lose) something that is not one
+    state.unlink(VERIFY_NAME)
+    state.fsync()
+    return text

@@ -1,0 +1,303 @@
+"""SPEC 13: sealed logs. A real apilogd seals a tree; each way of tampering with it is caught by `apilog verify`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from apilogd import control
+
+from apilog import logger, settings
+from apilog.core import seal
+
+from .conftest import Daemon, wait_for, wait_written
+
+USER_A, USER_B = "usera1@gizzleMail.com", "userb2@gizzleMail.com"
+EPOCH = 1  # seconds: several epochs pass while the tree is made
+
+
+def apilog(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "apilog", *args], capture_output=True, text=True, timeout=120,
+                          env=env or dict(os.environ))
+
+
+def verify(log_dir: Path, key: Path | None, *more: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "APILOG_LOG_DIR": str(log_dir)}
+    return apilog("verify", *(["--key", str(key)] if key else []), *more, env=env)
+
+
+def _one_batch_each(texts: list[tuple[str, str, str]]) -> None:
+    """Each entry in a batch of its own, so a file holds many seals."""
+    for stream, user, text in texts:
+        logger.delay(stream, user, text)
+        wait_written()
+
+
+def _archive_and_settle(home: Path) -> None:
+    assert apilog("archive").returncode == 0
+    archive = home / "logs" / "archive"
+    wait_for(lambda: not [p for p in archive.rglob("*") if p.is_file() and not p.name.endswith(".gz")],
+             what="compression and its seal")
+    time.sleep(0.3)  # the .gz's seal line follows its compression
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """A tree a real apilogd sealed over several epochs: live files, two generations of archives, a dict body.
+
+    Yields (the home, the verification key's file); the daemon is stopped.
+    """
+    home = tmp_path_factory.mktemp("sealed") / "home"
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith("APILOG_") or n == "NOTIFY_SOCKET"]:
+        del os.environ[name]
+    os.environ.update(APILOG_HOME=str(home), APILOG_SEAL_EPOCH=str(EPOCH))
+    settings.reset()
+    try:
+        control.start(settings.load())
+        for generation in range(3):
+            _one_batch_each([("INFO", USER_A, f"gen {generation} entry {i}") for i in range(6)]
+                            + [("LOGIN", USER_B, f"gen {generation} login {i}") for i in range(3)])
+            logger.delay("SECURITY ALERT", USER_A, {"ip": "10.0.0.1", "gen": generation}, dict_to_string=True,
+                         heading="Odd login")
+            wait_written()
+            if generation < 2:
+                _archive_and_settle(home)
+        time.sleep(2.5 * EPOCH)  # the key evolves while idle too
+        printed = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True,
+                                 check=True)
+        key = home.parent / "verification.key"
+        key.write_text(printed.stdout)
+        control.stop(settings.load())
+        yield home, key
+    finally:
+        control.stop(settings.load())
+        os.environ.clear()
+        os.environ.update(saved)
+        settings.reset()
+
+
+@pytest.fixture
+def tree(sealed: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the sealed log tree to tamper with, and the verification key."""
+    home, key = sealed
+    copy = tmp_path / "logs"
+    shutil.copytree(home / "logs", copy, symlinks=True)
+    return copy, key
+
+
+def _live(tree: Path, user: str, stream: str) -> Path:
+    return tree / "users" / user / f"{stream.replace(' ', '_')}.log"
+
+
+def _archives(tree: Path, user: str, stream: str) -> list[Path]:
+    return sorted((tree / "archive" / "users" / user).glob(f"{stream}.*.log.gz"))
+
+
+def _edit(path: Path, change: Callable[[list[str]], list[str]]) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(change(lines)))
+
+
+def _edit_archive(path: Path, change: Callable[[list[str]], list[str]]) -> None:
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines(keepends=True)
+    path.write_bytes(gzip.compress("".join(change(lines)).encode(), mtime=0))
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name("swap.tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def _rewrite_plausibly(tree: Path) -> None:
+    """The whole file deleted and written again with entries of the right form and stamps."""
+    path = _live(tree, USER_B, "LOGIN")
+    text = path.read_text()
+    path.unlink()
+    path.write_text(text.replace("login 1", "login 7"))
+
+
+def _before_last_write(lines: list[str]) -> list[str]:
+    """The seal log without its lines from the last one that sealed appended bytes on (a cut hiding the last entries)."""
+    last = max(i for i, text in enumerate(lines) if seal.split(text.encode())[0].w)
+    return lines[:last]
+
+
+TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
+    "a changed byte": (lambda t: _edit(_live(t, USER_A, "INFO"), lambda ls: [ls[0], ls[1].replace("entry", "entrY"), *ls[2:]]),
+                       "line 2"),
+    "an inserted entry": (lambda t: _edit(_live(t, USER_A, "INFO"), lambda ls: [ls[0], ls[1], ls[1], *ls[2:]]), "line 3"),
+    "a removed entry": (lambda t: _edit(_live(t, USER_A, "INFO"), lambda ls: [ls[0], *ls[2:]]), "line 2"),
+    "reordered entries": (lambda t: _edit(_live(t, USER_A, "INFO"), lambda ls: [ls[0], ls[2], ls[1], *ls[3:]]), "line 2"),
+    "a cut file": (lambda t: _edit(_live(t, USER_A, "INFO"), lambda ls: ls[:3]), "cut"),
+    "an appended forgery": (lambda t: _edit(_live(t, USER_A, "INFO"),
+                                            lambda ls: [*ls, "INFO:  gen 2 entry 6 \u00a7 [2026-11-29 01:58:10]\n"]),
+                            "after the last sealed"),
+    "an archive removed": (lambda t: _archives(t, USER_A, "INFO")[0].unlink(), "removed"),
+    "an archive recompressed": (lambda t: _archives(t, USER_A, "INFO")[0].write_bytes(
+        gzip.compress(gzip.decompress(_archives(t, USER_A, "INFO")[0].read_bytes()), compresslevel=1, mtime=1)),
+        "rewritten"),
+    "an archive rewritten": (lambda t: _edit_archive(_archives(t, USER_A, "INFO")[1], lambda ls: ls[1:]), "line 1"),
+    "archives swapped": (lambda t: _swap(*_archives(t, USER_A, "INFO")), "INFO."),
+    "an archive swapped with another user's": (lambda t: _swap(_archives(t, USER_A, "INFO")[0],
+                                                               _archives(t, USER_B, "LOGIN")[0]), "differ"),
+    "a file deleted and rewritten": (_rewrite_plausibly, "line 2"),
+    "a planted file": (lambda t: (t / "users" / "intruder").mkdir() or (t / "users" / "intruder" / "INFO.log")
+                       .write_text("INFO:  hello\n"), "never sealed"),
+    "a user's folder deleted": (lambda t: shutil.rmtree(t / "users" / USER_B), "removed"),
+    "a seal line removed": (lambda t: _edit(next((t / "seals").iterdir()), lambda ls: [*ls[:4], *ls[5:]]), "line 5"),
+    "the seal log cut short": (lambda t: _edit(next((t / "seals").iterdir()), _before_last_write), "SECURITY_ALERT"),
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERING))
+def test_verify_catches_each_way_of_tampering(tree: tuple[Path, Path], how: str) -> None:
+    """Exit 1, naming the file (and the first bad entry where there is one); the untouched copy verifies."""
+    logs, key = tree
+    assert verify(logs, key).returncode == 0
+    tamper, said = TAMPERING[how]
+    tamper(logs)
+    found = verify(logs, key)
+    assert found.returncode == 1, f"{how} went unnoticed: {found.stdout}{found.stderr}"
+    assert "TAMPERED" in found.stdout and said in found.stdout, found.stdout
+
+
+def test_an_untouched_tree_verifies_and_the_key_is_handed_out_once(sealed: tuple[Path, Path]) -> None:
+    home, key = sealed
+    state = home / "state"
+    assert (state / "seal.key").stat().st_mode & 0o777 == 0o600  # never the app's group
+    assert not (state / "seal.verify").exists()  # handed out, and gone
+    again = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True,
+                           env={**os.environ, "APILOG_HOME": str(home)})
+    assert again.returncode == 1 and "printed before" in again.stderr
+    found = verify(home / "logs", key)
+    assert found.returncode == 0, found.stdout
+    assert "intact:" in found.stdout
+    assert verify(home / "logs", key, "--user", USER_A).returncode == 0
+    keyless = verify(home / "logs", None)
+    assert keyless.returncode == 0 and "not checked" in keyless.stderr
+    assert verify(home / "logs", key, "--user", "nobody@example.com").returncode == 2
+    bad_key = home.parent / "bad.key"
+    bad_key.write_text("apilog-seal-1:0000:00:0:1\n")
+    assert verify(home / "logs", bad_key).returncode == 2
+
+
+def _lines(tree: Path) -> tuple[Path, list[bytes]]:
+    segment = next((tree / "seals").iterdir())
+    return segment, segment.read_bytes().splitlines(keepends=True)
+
+
+def _reseal(lines: list[bytes], start: int, key_of: Callable[[int], bytes]) -> list[bytes]:
+    """Lines from `start` on tagged again and chained anew, each with the key `key_of` gives for its epoch."""
+    out = lines[:start]
+    for raw_line in lines[start:]:
+        body = seal.split(raw_line)[0]
+        body.p = seal.digest(out[-1])
+        out.append(seal.line(body, key_of(body.e)))
+    return out
+
+
+def test_the_key_on_disk_cannot_seal_a_past_epoch(sealed: tuple[Path, Path], tmp_path: Path) -> None:
+    """A past line forged and re-sealed with the key the machine holds now fails; with its epoch's own key it would pass."""
+    home, key_file = sealed
+    on_disk = json.loads((home / "state" / "seal.key").read_text())
+    now_epoch, now_key = on_disk["epoch"], bytes.fromhex(on_disk["key"])
+    first = seal.VerificationKey.parse(key_file.read_text())
+    logs = tmp_path / "logs"
+    shutil.copytree(home / "logs", logs)
+    segment, lines = _lines(logs)
+    # The forgery: one of user A's INFO entries changed in the live file, and its seal line changed to match.
+    live = _live(logs, USER_A, "INFO")
+    text = live.read_bytes()
+    forged_text = text.replace(b"gen 2 entry 3", b"gen 2 entry X")
+    where, relpath = text.index(b"gen 2 entry 3"), f"users/{USER_A}/INFO.log"
+    at = max(i for i, raw in enumerate(lines)  # the live file's seal that covers the entry (earlier ones are archives')
+             if any(w[0] == relpath and w[1] <= where < w[1] + w[2] for w in seal.split(raw)[0].w))
+    body = seal.split(lines[at])[0]
+    assert body.e < now_epoch, "the forged line must be of a past epoch"
+    body.w = [(path, before, length, seal.digest(forged_text[before:before + length]) if path == relpath
+               else digest) for path, before, length, digest in body.w]
+
+    def forge(key_of: Callable[[int], bytes]) -> subprocess.CompletedProcess[str]:
+        resealed = _reseal([*lines[:at], seal.line(body, b"\0" * 32), *lines[at + 1:]], at, key_of)
+        segment.write_bytes(b"".join(resealed))
+        live.write_bytes(forged_text)
+        return verify(logs, key_file)
+
+    # The intruder holds only today's key, and whatever can be derived from it (later epochs' keys).
+    for derived in (now_key, seal.evolve(now_key), seal.evolve(now_key, 5)):
+        found = forge(lambda epoch, k=derived: k)  # type: ignore[misc]
+        assert found.returncode == 1 and "does not hold" in found.stdout, found.stdout
+    # Control: with each epoch's true key (derived from the verification key) the same forgery passes,
+    # so what stops the intruder is the key alone.
+    assert forge(lambda epoch: seal.evolve(first.key, epoch)).returncode == 0
+    assert seal.evolve(first.key, now_epoch) == now_key  # the key on disk is epoch k's, evolved forward
+    assert all(seal.evolve(first.key, e) != now_key for e in range(now_epoch))
+
+
+def test_sealing_holds_through_sigkills_and_rotation(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apilogd killed with SIGKILL mid-stream, with rotation on: everything written once and the tree verifies."""
+    monkeypatch.setenv("APILOG_ROTATE_BYTES", "4000")
+    monkeypatch.setenv("APILOG_SEAL_EPOCH", "1")
+    settings.reset()
+    written = 0
+    for round_ in range(4):
+        daemon = Daemon(tmp_path)
+        assert daemon.ready()
+        for i in range(400):
+            logger.delay("INFO", f"kill{i % 4}", f"r{round_} n{i:04d}", timestamp=False)
+            written += 1
+            if i == 250:
+                time.sleep(0.05)
+        time.sleep(0.02 * round_)
+        daemon.kill()  # SIGKILL, mid-batch or between
+    daemon = Daemon(tmp_path)
+    assert daemon.ready()
+    wait_written()
+    assert apilog("archive").returncode == 0
+    time.sleep(1.5)
+    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
+    (tmp_path / "key").write_text(key.stdout)
+    assert daemon.stop() == 0
+    found = verify(home / "logs", tmp_path / "key")
+    assert found.returncode == 0, found.stdout + daemon.stderr[-3000:]
+    entries = []
+    for path in (home / "logs").rglob("*"):
+        if path.is_file() and "users" in path.parts:
+            data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+            entries.extend(data.decode().splitlines())
+    assert len(entries) == written == len(set(entries))
+
+
+def test_a_seal_log_cut_while_apilogd_was_stopped_is_sealed_as_such(home: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seal log's tail cut (with the files' matching tails): apilogd notices at start and seals what it found."""
+    daemon = Daemon(tmp_path)
+    assert daemon.ready()
+    _one_batch_each([("INFO", USER_A, f"entry {i}") for i in range(5)])
+    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
+    (tmp_path / "key").write_text(key.stdout)
+    assert daemon.stop() == 0
+    logs = home / "logs"
+    segment, lines = _lines(logs)
+    kept = lines[:-2]  # the last two batches' lines, and their entries, cut away
+    segment.write_bytes(b"".join(kept))
+    _edit(_live(logs, USER_A, "INFO"), lambda ls: ls[:3])
+    assert verify(logs, tmp_path / "key").returncode == 0  # consistent, as far as the tree alone can tell
+    daemon = Daemon(tmp_path)
+    assert daemon.ready()
+    logger.delay("INFO", USER_A, "after the cut")
+    wait_written()
+    assert daemon.stop() == 0
+    found = verify(logs, tmp_path / "key")
+    assert found.returncode == 1 and "lines removed" in found.stdout, found.stdout
