@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .core.logfile import USERS, decode_user
+from .core.seal import SEALS
 from .settings import Settings
 
 WAIT_SECONDS = 30.0
@@ -47,7 +48,7 @@ def run(settings: Settings) -> None:
     files = sorted(p for p in settings.log_dir.rglob("*") if p.is_file())
     for path in files:
         click.echo(f"  {_label(path.relative_to(settings.log_dir))}")
-    for path in files:
+    for path in [p for p in files if p.relative_to(settings.log_dir).parts[0] != SEALS]:
         lines = path.read_text(encoding="utf-8").splitlines()[-6:]
         click.echo(f"\n==> {path.relative_to(settings.log_dir)} (last lines) <==")
         click.echo("\n".join(lines))
@@ -56,6 +57,8 @@ def run(settings: Settings) -> None:
 
 def _label(relpath: Path) -> str:
     parts = relpath.parts
+    if parts[0] == SEALS:
+        return f"{relpath}    (the seal log: `apilog verify` checks every file against it)"
     if len(parts) == 3 and parts[0] == USERS and decode_user(parts[1]) != parts[1]:
         return f"{relpath}    (user {decode_user(parts[1])!r})"
     return str(relpath)

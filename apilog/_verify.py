@@ -9,8 +9,10 @@ file is checked again against the seal log read anew, a few times, before it is 
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +76,10 @@ def read_seals(root: Path, key: seal.VerificationKey | None) -> Seals:
                 found.problems.append(Problem(where, f"line {number}: {problem}"))
                 return found  # nothing after a broken link can be trusted
             body, epoch_key = problem
+            outside = next((p for p in _paths(body) if not _in_tree(p)), None)
+            if outside is not None:
+                found.problems.append(Problem(where, f"line {number}: names {outside[:120]!r}, outside the log tree"))
+                return found
             _apply(found.files, body)
             if body.note:
                 found.problems.append(Problem(where, f"line {number}: apilogd sealed that {body.note}"))
@@ -119,6 +125,17 @@ def _chain_problem(raw_line: bytes, prev: seal.Body | None, prev_digest: str, ke
     return body, epoch_key
 
 
+def _paths(body: seal.Body) -> list[str]:
+    return [w[0] for w in body.w] + [p for pair in body.mv for p in pair] + [g[0] for g in body.gz] + body.rm
+
+
+def _in_tree(relpath: str) -> bool:
+    """A path apilogd seals: below system/, users/ or archive/, with no way out (a forged line is never followed)."""
+    parts = relpath.split("/")
+    return (len(parts) >= 2 and parts[0] in (SYSTEM, USERS, ARCHIVE)
+            and all(p not in ("", ".", "..") and "\0" not in p for p in parts))
+
+
 def _apply(files: dict[str, Expected], body: seal.Body) -> None:
     """What one seal line changes in what each file must hold."""
     for relpath, before, length, digest in body.w:
@@ -152,7 +169,11 @@ def _within(relpath: str, tops: list[str]) -> bool:
 
 
 def _open(path: Path, unpacked: bool) -> BinaryIO:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """A regular file, never through a link, never waiting on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
     handle: BinaryIO = os.fdopen(fd, "rb")
     return gzip.GzipFile(fileobj=handle, mode="rb") if unpacked else handle  # type: ignore[return-value]
 

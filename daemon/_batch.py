@@ -26,7 +26,7 @@ from apilog.core.streams import INTERNAL, Registry
 from apilog.core.tree import LogTree
 from apilog.settings import Settings
 
-from ._files import MAX_OPEN, OpenFiles
+from ._files import DISK_ERRORS, MAX_OPEN, OpenFiles
 from ._folders import Folders
 from ._journal import Batch, Journal
 from ._ledger import Ledger
@@ -39,8 +39,6 @@ CHECKPOINT_EVERY = 1.0  # age of the journal's oldest record when the log files 
 CHECKPOINT_BYTES = 64 * 1024 * 1024  # or bytes: a restart redoes at most this much
 LOG_FILES_SHARE, SEGMENTS_SHARE = 0.6, 0.2  # of the descriptor limit: thousands of users' files stay open
 NEW_FOLDERS_PER_MINUTE = 1000  # more new user folders than this in a minute is reported as a burst
-# Errors that say the log disk as a whole cannot take the batch: undo it and retry, never divert entries.
-DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 def descriptor_share(share: float) -> int:
@@ -224,10 +222,14 @@ class BatchWriter:
 
     def _commit(self, targets: list[tuple[str, int, bytes]], advance: dict[str, int], ids: list[str], *,
                 mv: list[tuple[str, str]] | None = None, end: int | None = None) -> tuple[Batch, bytes]:
-        """Commit a batch as one journal record: its files' bytes, then its seal line; return the record and its data."""
+        """Commit a batch as one journal record: its files' bytes, then its seal line; return the record and its data.
+
+        A rotation (`mv`) travels alone: its record may be taken back, which the archive changes must not be.
+        """
+        ops = [] if mv else self._ops
         mv = mv or []
-        gz = [(relpath, size, digest) for relpath, size, digest in self._ops if size >= 0]
-        rm = [relpath for relpath, size, _ in self._ops if size < 0]
+        gz = [(relpath, size, digest) for relpath, size, digest in ops if size >= 0]
+        rm = [relpath for relpath, size, _ in ops if size < 0]
         line = None
         if self.sealer is not None:
             line = self.sealer.make(targets, mv=mv, gz=gz, rm=rm, end=end)
@@ -237,7 +239,8 @@ class BatchWriter:
             self.journal_since = time.monotonic()
         record = self.journal.append([(r, before, len(chunk)) for r, before, chunk in targets], data,
                                      advance, ids, renames=mv, removes=[relpath for relpath, _, _ in gz] + rm)
-        self._ops = []
+        if not mv:
+            self._ops = []
         if self.sealer is not None and line is not None:
             self.sealer.committed(line[0], line[2], end)
         return record, data
@@ -265,7 +268,6 @@ class BatchWriter:
     def rotate(self, relpath: str, archive: str) -> None:
         """Move a live file into archive/: one record naming the move, applied at once; OSError when it cannot be moved."""
         self.checkpoint()  # no record may name the file's size from before it was rotated
-        self._take_archive_ops()
         self._commit_and_apply([], mv=[(relpath, archive)])
         if not self.tree.exists(archive):  # the rename failed: take the record (and its seal line) back
             self.unapplied = None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 from collections import OrderedDict
 
 from apilog.core.tree import LogTree
 
+# Errors that say the log disk as a whole cannot take a batch: undo it and retry, never divert entries.
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 MAX_OPEN = 16384  # handles kept; past them the least recently used is closed (no sync: the journal has its bytes)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -14,18 +14,20 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from apilog.core import seal
 from apilog.core.folder import Folder
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, parse_archive_name
 from apilog.core.tree import LogTree
 
-from ._files import OpenFiles
+from ._files import DISK_ERRORS, OpenFiles
 
 KEY_NAME = "seal.key"
 VERIFY_NAME = "seal.verify"
 KEY_MODE = 0o600  # never the app's group
-SEGMENT_BYTES = 64 * 1024 * 1024  # a new seal log file past this: a restart reads only the last one's tail
+SEGMENT_BYTES = 64 * 1024 * 1024  # a new seal log file past this
+TAIL_BYTES = 16 * 1024 * 1024  # read of the last seal log file at start: far more than its last line
 
 
 class Sealer:
@@ -128,7 +130,8 @@ class Sealer:
         self.segment = f"{seal.SEALS}/{names[-1]}"
         try:
             with os.fdopen(self.tree.open_existing(self.segment, os.O_RDONLY), "rb") as handle:
-                data = handle.read()
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - TAIL_BYTES))
+                data = handle.read(TAIL_BYTES)
         except OSError:
             return
         last = data.rstrip(b"\n").rpartition(b"\n")[2]
@@ -154,10 +157,15 @@ class Sealer:
         body.mv, body.gz, body.rm, body.end = list(mv), body.gz + list(gz), list(rm), end
         body.note = "; ".join(self.notes)
         segment = self.segment
-        if not segment or self.files.size(segment) >= SEGMENT_BYTES:
-            segment = f"{seal.SEALS}/{seal.segment_name(body.n)}"
-        raw = seal.line(body, self.key)
-        return segment, self.files.size(segment), raw
+        try:
+            if segment and self.files.size(segment) < SEGMENT_BYTES:
+                return segment, self.files.size(segment), seal.line(body, self.key)
+        except OSError as exc:
+            if exc.errno in DISK_ERRORS:
+                raise
+            # Swapped for a link or a folder outside apilogd: the chain goes on in a new file (and verify says why).
+        segment = f"{seal.SEALS}/{seal.segment_name(body.n)}"
+        return segment, self.files.size(segment), seal.line(body, self.key)
 
     def committed(self, segment: str, raw: bytes, end: int | None) -> None:
         """The line made last is in the journal: the chain moves on (and, after an epoch's last line, the key)."""
@@ -193,3 +201,13 @@ def take_verification_key(state: Folder) -> str | None:
     state.unlink(VERIFY_NAME)
     state.fsync()
     return text
+
+
+def seal_status(state_dir: Path, enabled: bool) -> dict[str, object]:
+    """What `apilogd status` says of sealing: on or off, the key's id and epoch, whether the verification key still waits here."""
+    out: dict[str, object] = {"on": enabled, "key_id": None, "epoch": None,
+                              "verification_key_waiting": (state_dir / VERIFY_NAME).exists()}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        key = json.loads((state_dir / KEY_NAME).read_bytes())
+        out.update(key_id=str(key["id"]), epoch=int(key["epoch"]))
+    return out

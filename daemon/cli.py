@@ -138,8 +138,11 @@ def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts and monitoring.")
 def status(as_json: bool) -> None:
     """Say whether apilogd runs, and how much waits in the spool (exit 0 running, 3 stopped)."""
+    from ._sealer import seal_status
+
     conf = load_settings()
     info = control.status(conf)
+    sealing = seal_status(conf.state_dir, conf.seal and conf.role != "forward")
     if as_json:
         click.echo(json.dumps({
             "running": info.pid is not None, "pid": info.pid, "backlog": info.backlog,
@@ -150,7 +153,7 @@ def status(as_json: bool) -> None:
             "writer_shards": sorted(conf.writer_shards) if conf.role == "write" else None,
             "owned_shards": info.owned_shards, "broker_error": info.broker_error,
             "broker_warning": control.durability_warning(conf),
-            "home": str(conf.home), "logs": str(conf.log_dir),
+            "home": str(conf.home), "logs": str(conf.log_dir), "seal": sealing,
         }))
         raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)
     if info.pid is None:
@@ -178,6 +181,13 @@ def status(as_json: bool) -> None:
     click.echo(f"oldest:      {age}")
     if info.written_last_minute is not None:
         click.echo(f"written:     {info.written_last_minute} entries in the last minute")
+    if sealing["on"]:
+        key = "no key yet" if sealing["key_id"] is None else f"key {sealing['key_id']}, epoch {sealing['epoch']}"
+        click.echo(f"sealing:     on ({key})")
+        if sealing["verification_key_waiting"]:
+            click.echo("warning:     the verification key is still on this machine: take it off with `apilogd seal-key`")
+    else:
+        click.echo("sealing:     off")
     click.echo(f"quarantined: {info.quarantined} spool messages (in {conf.spool_dir / 'quarantine'})")
     click.echo(f"spool group: {_group_of(conf.spool_dir)} (an app's user must be in it to log: usermod -aG <group> <user>)")
     raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)

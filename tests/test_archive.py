@@ -243,6 +243,8 @@ def test_a_file_that_cannot_be_rotated_stays_live_and_the_others_still_rotate(ho
         control.stop(settings.load())
     assert not (home / "logs" / "users" / "kim" / "INFO.log").exists()
     assert lineage(home, "users/kim/INFO.log") == ("INFO:  kim one\nINFO:  kim two\n" if running else "INFO:  kim one\n")
+    verified = CliRunner().invoke(main, ["verify"])
+    assert verified.exit_code == 0, verified.output  # the failed rotation's seal line went with its record
 
 
 def test_a_compression_that_fails_leaves_a_readable_archive_and_is_finished_later(home: Path) -> None:

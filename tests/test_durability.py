@@ -79,7 +79,7 @@ def _crash_child(point: str) -> None:
 
     def half_then_die(relpath: str, data: bytes) -> None:
         calls["append"] += 1
-        if calls["append"] == 3:
+        if (calls["append"] == 3) if point == "mid-append" else relpath.startswith("seals/"):
             with open(Path(conf.log_dir) / relpath, "ab") as torn:
                 torn.write(data[: len(data) // 2])
             _kill_self()
@@ -99,7 +99,7 @@ def _crash_child(point: str) -> None:
         wrap(writer.journal, "append", before=torn_record)
     elif point == "after-record":
         wrap(writer.journal, "append", after=True)
-    elif point == "mid-append":
+    elif point in ("mid-append", "mid-seal-line"):
         wrap(writer.files, "append", before=half_then_die)
     elif point == "after-appends":
         wrap(writer, "_apply", after=True)
@@ -113,7 +113,8 @@ def _crash_child(point: str) -> None:
     os._exit(0)  # the crash point was not reached
 
 
-CRASH_POINTS = ["mid-record", "after-record", "mid-append", "after-appends", "mid-checkpoint", "after-ack"]
+CRASH_POINTS = ["mid-record", "after-record", "mid-append", "mid-seal-line", "after-appends", "mid-checkpoint",
+                "after-ack"]
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
@@ -124,7 +125,8 @@ def test_crash_at_each_journal_step(home: Path, point: str) -> None:
     after-record: committed, no file touched (redone from the journal). mid-append: a torn line
     (cut back, redone). after-appends: every line in, no checkpoint (redone over itself).
     mid-checkpoint: the ledger saved, the journal not yet emptied (its records are not redone).
-    after-ack: a drained segment being removed.
+    after-ack: a drained segment being removed. mid-seal-line: the batch's seal line torn (cut back, redone).
+    Through each, the seals stay one with the files: `apilog verify` finds the tree intact.
     """
     expected = _log_batch(60)
     _seal_producer()
@@ -146,6 +148,8 @@ def test_crash_at_each_journal_step(home: Path, point: str) -> None:
     for relpath, text in by_file.items():
         assert log_file(home, relpath) == text
     assert not list((home / "spool" / "segments").iterdir())
+    verified = subprocess.run([sys.executable, "-m", "apilog", "verify"], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout
 
 
 def test_half_written_record_waits_for_a_live_producer(daemon: Path) -> None:

@@ -155,6 +155,10 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
     "a planted file": (lambda t: (t / "users" / "intruder").mkdir() or (t / "users" / "intruder" / "INFO.log")
                        .write_text("INFO:  hello\n"), "never sealed"),
     "a user's folder deleted": (lambda t: shutil.rmtree(t / "users" / USER_B), "removed"),
+    "a file swapped for a link": (lambda t: _live(t, USER_A, "INFO").unlink() or _live(t, USER_A, "INFO")
+                                  .symlink_to("/etc/passwd"), "cannot be read"),
+    "a FIFO in place of a file": (lambda t: _live(t, USER_B, "LOGIN").unlink() or os.mkfifo(_live(t, USER_B, "LOGIN")),
+                                  "cannot be read"),
     "a seal line removed": (lambda t: _edit(next((t / "seals").iterdir()), lambda ls: [*ls[:4], *ls[5:]]), "line 5"),
     "the seal log cut short": (lambda t: _edit(next((t / "seals").iterdir()), _before_last_write), "SECURITY_ALERT"),
 }
@@ -301,3 +305,17 @@ def test_a_seal_log_cut_while_apilogd_was_stopped_is_sealed_as_such(home: Path, 
     assert daemon.stop() == 0
     found = verify(logs, tmp_path / "key")
     assert found.returncode == 1 and "lines removed" in found.stdout, found.stdout
+
+
+def test_a_seal_line_naming_a_path_outside_the_tree_is_never_followed(tree: tuple[Path, Path]) -> None:
+    """Even a line validly sealed (by a holder of the key) that names ../../etc/passwd makes verify read nothing outside."""
+    logs, key_file = tree
+    first = seal.VerificationKey.parse(key_file.read_text())
+    segment, lines = _lines(logs)
+    body = seal.split(lines[1])[0]
+    body.w = [("users/../../../../etc/passwd", 0, 10, "0" * 64)]
+    segment.write_bytes(b"".join(_reseal([lines[0], seal.line(body, b""), *lines[2:]], 1,
+                                         lambda epoch: seal.evolve(first.key, epoch))))
+    found = verify(logs, key_file)
+    assert found.returncode == 1 and "outside the log tree" in found.stdout, found.stdout
+    assert "passwd: " not in found.stdout  # reported as a bad line, never checked as a file
