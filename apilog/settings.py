@@ -48,6 +48,7 @@ class Settings:
     standby: bool = False  # APILOG_WRITER_SHARDS=all among several shards: the writer stands by for every shard
     seal: bool = True  # seal every file as it is written (SPEC 13)
     seal_epoch: int = 900  # seconds a seal key lives before it evolves (fixed when the first key is made)
+    web_token: str | None = None  # `apilog web`'s token; None: one kept in the home
     spool_dir: Path = field(init=False)
     state_dir: Path = field(init=False)
 
@@ -213,6 +214,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "APILOG_WRITER_SHARDS": lambda name, raw: raw.strip(),  # checked against APILOG_SHARDS in load()
     "APILOG_SEAL": _bool,
     "APILOG_SEAL_EPOCH": _int(1, units=_DURATION_UNITS, like="a duration such as 15 min"),
+    "APILOG_WEB_TOKEN": lambda name, raw: raw.strip() or None,
 }
 
 _DEFAULTS = {
@@ -231,6 +233,7 @@ _DEFAULTS = {
     "APILOG_WRITER_SHARDS": "all",
     "APILOG_SEAL": "1",
     "APILOG_SEAL_EPOCH": "900",
+    "APILOG_WEB_TOKEN": "",
 }
 
 
@@ -273,6 +276,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         standby=value["APILOG_SHARDS"] > 1 and value["APILOG_WRITER_SHARDS"].lower() in ("", "all"),
         seal=value["APILOG_SEAL"],
         seal_epoch=value["APILOG_SEAL_EPOCH"],
+        web_token=value["APILOG_WEB_TOKEN"],
     )
 
 

@@ -68,11 +68,13 @@ def test_metrics_and_status_count_what_was_written(daemon: Path) -> None:
     assert status.returncode == 0
     state = json.loads(status.stdout)
     pid = control.running_pid(daemon)
+    key_id = json.loads((daemon / "state" / "seal.key").read_text())["id"]
     assert pid is not None and state | {"oldest_age_s": None} == {
         "running": True, "pid": pid, "backlog": 0, "oldest_age_s": None, "written_last_minute": 25,
         "quarantined": 1, "role": "local", "broker": None, "home": str(daemon), "logs": str(daemon / "logs"),
         "shards": None, "writer_shards": None, "owned_shards": None, "broker_error": None,
         "broker_warning": None,
+        "seal": {"on": True, "key_id": key_id, "epoch": 0, "verification_key_waiting": True},
     }
 
     for n in range(10):

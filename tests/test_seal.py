@@ -319,3 +319,50 @@ def test_a_seal_line_naming_a_path_outside_the_tree_is_never_followed(tree: tupl
     found = verify(logs, key_file)
     assert found.returncode == 1 and "outside the log tree" in found.stdout, found.stdout
     assert "passwd: " not in found.stdout  # reported as a bad line, never checked as a file
+
+
+def test_the_key_on_disk_cannot_cut_the_end_of_a_past_epoch(sealed: tuple[Path, Path], tmp_path: Path) -> None:
+    """With today's key an intruder can add lines from now on (the README says so), but cannot hide that a past
+    epoch's last lines are gone: each epoch ends with a line sealed by its own key, naming the next epoch."""
+    home, key_file = sealed
+    on_disk = json.loads((home / "state" / "seal.key").read_text())
+    now_epoch, now_key = on_disk["epoch"], bytes.fromhex(on_disk["key"])
+    logs = tmp_path / "logs"
+    shutil.copytree(home / "logs", logs)
+    segment, lines = _lines(logs)
+    assert seal.split(lines[-1])[0].end == now_epoch  # the last line ended the epoch before today's
+
+    def forged_after(kept: list[bytes]) -> subprocess.CompletedProcess[str]:
+        last = seal.split(kept[-1])[0]
+        forged = seal.Body(n=last.n + 1, e=now_epoch, t=time.time(), p=seal.digest(kept[-1]))
+        segment.write_bytes(b"".join([*kept, seal.line(forged, now_key)]))
+        return verify(logs, key_file)
+
+    assert forged_after(lines).returncode == 0  # adding from now on: what the current key allows
+    cut = forged_after(lines[:-1])  # the past epoch's last line cut, and the chain carried on with today's key
+    assert cut.returncode == 1 and "epoch" in cut.stdout, cut.stdout
+
+
+def test_a_rotation_whose_rename_fails_takes_its_seal_line_back(daemon: Path) -> None:
+    """The rename into archive/ refused (the folder made immutable): the file stays live, and the move its
+    record had sealed is taken back with the record, so the tree still verifies; the rotation later succeeds."""
+    logger.delay("INFO", "kim", "kim one", timestamp=False)
+    wait_written()
+    folder = daemon / "logs" / "archive" / "users" / "kim"
+    folder.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        refused = apilog("archive")
+        assert refused.returncode == 1 and "users/kim/INFO.log" in refused.stderr, refused.stderr
+        logger.delay("INFO", "kim", "kim two", timestamp=False)
+        wait_written()
+        found = verify(daemon / "logs", None)
+        assert found.returncode == 0, found.stdout
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert apilog("archive").returncode == 0
+    wait_for(lambda: any(folder.glob("INFO.*.log.gz")) and not any(folder.glob("*.log")), what="the archive compressed")
+    time.sleep(0.3)
+    assert verify(daemon / "logs", None).returncode == 0
+    assert gzip.decompress(next(folder.glob("INFO.*.log.gz")).read_bytes()) == b"INFO:  kim one\nINFO:  kim two\n"
