@@ -243,6 +243,18 @@ def verify(user_: str | None, key_file: IO[str] | None) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback unless you say).")
+@click.option("--port", default=8787, show_default=True, type=click.IntRange(1, 65535))
+def web(host: str, port: int) -> None:
+    """Read-only pages over the log tree in the browser, for holders of the token it prints."""
+    try:
+        from .web import serve
+    except ImportError as exc:
+        raise click.ClickException(f"apilog web needs its extra: pip install 'apilog[web]' ({exc})") from None
+    serve(load_settings(), host, port)
+
+
+@main.command()
 def archive() -> None:
     """Rotate every live log file into archive/ now (gzipped off the write path)."""
     from apilogd import control  # rotation has one owner: the daemon's code

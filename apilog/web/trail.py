@@ -1,0 +1,396 @@
+"""What the web view reads: the users and their summaries, a user's trail newest first in pages, search and activity.
+
+Nothing here loads a whole history: a page of a trail is read backwards from the end of each
+stream's files (a gzip archive is unpacked only when a page reaches it, and a few are kept), and a
+page of users reads only those users' files. Every path comes from listing the tree itself, and a
+user's folder from the tree's own encoder: nothing a request says can point outside the tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import itertools
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from apilog._reading import archives
+from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, BadLocation, decode_user, encode_user, parse, user_dir
+from apilog.settings import Settings
+
+_TEXT_START = re.compile(rb"^[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:(?: |  )", re.MULTILINE)
+_TEXT_HOUR = re.compile(" \u00a7 \\[(\\d{4}-\\d\\d-\\d\\d \\d\\d):\\d\\d:\\d\\d\\]\n".encode())  # an entry's stamp, its hour
+_JSONL_HOUR = re.compile(rb'"ts": ?"(\d{4}-\d\d-\d\dT\d\d)')
+ALERTS = ("SECURITY ALERT", "STRANGE ACTIVITY")
+ACTIVITY_CHUNK = 1 << 20
+SEARCH_SECONDS = 2.0  # a search stops here and says its results are partial
+UNPACKED_KEPT = 4  # gzip archives kept unpacked between requests (a user's older pages)
+WINDOW = 64 * 1024  # first read back from a file's end
+
+
+@dataclass(frozen=True)
+class Item:
+    """An entry as the pages show it: its text exactly as written."""
+
+    stream: str
+    ts: float | None
+    text: str
+    file: str  # relative to the log root
+    start: int  # where it begins in its file (its content, for an archive)
+
+
+@dataclass
+class UserSummary:
+    name: str
+    last_activity: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Trail:
+    """The log tree as the web view reads it (one per server; safe to share between request threads)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.log_dir
+        self.starts = _TEXT_START if settings.format == "text" else re.compile(rb"^", re.MULTILINE)
+        self.stamps = _TEXT_HOUR if settings.format == "text" else _JSONL_HOUR
+        self._unpacked: OrderedDict[str, bytes] = OrderedDict()
+        self._counts: dict[tuple[str, int, int], int] = {}  # (file, size, mtime) -> entries
+        self._lock = threading.Lock()
+
+    # Users.
+
+    def folder(self, name: str) -> str | None:
+        """The user's folder relative to the root (`system` for the system), or None when there is no such user."""
+        try:
+            folder = user_dir(name)
+        except BadLocation:
+            return None
+        if name != SYSTEM and decode_user(encode_user(name)) != name:
+            return None
+        live, old = self.root / folder, self.root / ARCHIVE / folder
+        return folder if _is_dir(live) or _is_dir(old) else None
+
+    def users(self) -> list[tuple[str, float]]:
+        """Every user (and `system`) with their last activity (newest file change), most recent first."""
+        found: dict[str, float] = {}
+        for base in (self.root / USERS, self.root / ARCHIVE / USERS):
+            for entry in _scandir(base):
+                if entry.is_dir(follow_symlinks=False):
+                    name = decode_user(entry.name)
+                    found[name] = max(found.get(name, 0.0), _newest(Path(entry.path)))
+        for base in (self.root / SYSTEM, self.root / ARCHIVE / SYSTEM):
+            if _is_dir(base):
+                found[SYSTEM] = max(found.get(SYSTEM, 0.0), _newest(base))
+        return sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def summary(self, name: str, last_activity: float) -> UserSummary:
+        """A user's counts of entries by stream (archives counted once, then remembered)."""
+        out = UserSummary(name, last_activity)
+        for stream, files in self.streams(name).items():
+            out.counts[stream] = sum(self._count(path) for path in files)
+        return out
+
+    def streams(self, name: str) -> dict[str, list[Path]]:
+        """A user's files by stream name, oldest first: archives in rotation order, then the live file."""
+        folder = self.folder(name)
+        if folder is None:
+            return {}
+        suffix = self.settings.log_suffix
+        out: dict[str, list[Path]] = {}
+        for path in archives(self.root / ARCHIVE / folder):
+            out.setdefault(_stream_of(path.name), []).append(path)
+        for entry in _scandir(self.root / folder):
+            if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
+                out.setdefault(_stream_of(entry.name), []).append(Path(entry.path))
+        return dict(sorted(out.items()))
+
+    # A trail, newest first.
+
+    def page(self, name: str, streams: set[str] | None, limit: int, cursor: str | None = None,
+             since: float | None = None) -> tuple[list[Item], str | None]:
+        """Up to `limit` entries older than `cursor`, newest first, merged by time; and the cursor of the next page."""
+        files = {s: f for s, f in self.streams(name).items() if streams is None or s in streams}
+        position = _decode_cursor(cursor, files, self.root)
+        taken: list[Item] = []
+        heads = [list(itertools.islice(self._backwards(paths, position.get(stream)), limit))
+                 for stream, paths in files.items()]
+        merged = sorted((item for items in heads for item in items),
+                        key=lambda i: (i.ts if i.ts is not None else float("-inf")), reverse=True)
+        for item in merged:
+            if len(taken) == limit or (since is not None and item.ts is not None and item.ts < since):
+                break
+            taken.append(item)
+        if len(taken) < limit:
+            return taken, None  # nothing older left (or nothing since `since`)
+        last: dict[str, list[object]] = {s: [str(p.relative_to(self.root)), at] for s, (p, at) in position.items()}
+        for item in taken:
+            last[item.stream] = [item.file, item.start]
+        return taken, _encode_cursor(last)
+
+    def _backwards(self, paths: list[Path], position: tuple[Path, int] | None) -> Iterator[Item]:
+        """A stream's entries newest first, from `position` (a file and an offset) or from its live end."""
+        index, end = len(paths) - 1, None
+        if position is not None:
+            index, end = paths.index(position[0]), position[1]
+        while index >= 0:
+            path = paths[index]
+            data = self._content(path)
+            end = len(data) if end is None else min(end, len(data))
+            yield from self._entries_back(data, end, path)
+            index, end = index - 1, None
+
+    def _entries_back(self, data: bytes | _File, end: int, path: Path) -> Iterator[Item]:
+        source = str(path.relative_to(self.root))
+        window = WINDOW
+        while end > 0:
+            lo = max(0, end - window)
+            chunk = data[lo:end]
+            starts = [m.start() for m in self.starts.finditer(chunk) if m.start() > 0 or lo == 0]
+            if not starts or (lo > 0 and len(starts) < 2):
+                window *= 4  # an entry longer than the window: read further back
+                continue
+            if lo > 0:
+                starts = starts[1:] if starts[0] == 0 else starts  # the first may be cut: taken with the next window
+            cut = [*starts, len(chunk)]
+            for begin, stop in reversed(list(itertools.pairwise(cut))):
+                text = chunk[begin:stop].decode("utf-8", "replace")
+                for written in parse(text, source, self.settings.format, self.settings.tz):
+                    yield Item(written.stream, written.ts, written.text, source, lo + begin)
+            end = lo + starts[0]
+            window = WINDOW
+
+    def _content(self, path: Path) -> bytes | _File:
+        """A plain file read where asked; an archive unpacked whole (a few kept)."""
+        if path.name.endswith(".gz"):
+            key = str(path)
+            with self._lock:
+                if key in self._unpacked:
+                    self._unpacked.move_to_end(key)
+                    return self._unpacked[key]
+            data = _read_gz(path)
+            with self._lock:
+                self._unpacked[key] = data
+                while len(self._unpacked) > UNPACKED_KEPT:
+                    self._unpacked.popitem(last=False)
+            return data
+        return _File(path)
+
+    def _count(self, path: Path) -> int:
+        try:
+            st = path.stat()
+        except OSError:
+            return 0
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._counts:
+                return self._counts[key]
+        data = _read_gz(path) if path.name.endswith(".gz") else _read(path)
+        count = sum(1 for _ in self.starts.finditer(data)) if self.settings.format == "text" else data.count(b"\n")
+        with self._lock:
+            self._counts[key] = count
+        return count
+
+    # Live tail, search, activity.
+
+    def live_sizes(self, name: str) -> dict[str, int]:
+        """Where each live file of a user ends now: the start of a live tail."""
+        return {str(paths[-1].relative_to(self.root)): _size(paths[-1])
+                for paths in self.streams(name).values() if not paths[-1].name.endswith(".gz")}
+
+    def after(self, name: str, sizes: dict[str, int] | None) -> tuple[list[Item], dict[str, int]]:
+        """Entries appended to a user's live files past `sizes`, oldest first, and where the files end now.
+
+        A file `sizes` does not name is new since (read from its start); a file shorter than it was
+        was rotated (its successor read from its start). No `sizes`: where to start a tail.
+        """
+        items: list[Item] = []
+        now = self.live_sizes(name)
+        if sizes is None:
+            return items, now
+        for relpath, size in now.items():
+            begin = sizes.get(relpath, 0)
+            if begin > size:
+                begin = 0  # rotated since: the new live file from its start
+            if size > begin:
+                path = self.root / relpath
+                text = _File(path)[begin:size].decode("utf-8", "replace")
+                items.extend(Item(w.stream, w.ts, w.text, relpath, begin)
+                             for w in parse(text, relpath, self.settings.format, self.settings.tz))
+        items.sort(key=lambda i: i.ts if i.ts is not None else float("inf"))
+        return items, now
+
+    def search(self, needle: str, *, user: str | None = None, streams: set[str] | None = None,
+               limit: int = 200) -> tuple[list[tuple[str, Item]], bool]:
+        """Entries containing `needle` (case-insensitive), newest users first; and whether the search stopped early."""
+        wanted = needle.casefold()
+        deadline = time.monotonic() + SEARCH_SECONDS
+        found: list[tuple[str, Item]] = []
+        names = [user] if user is not None else [name for name, _ in self.users()]
+        for name in names:
+            for stream, paths in self.streams(name).items():
+                if streams is not None and stream not in streams:
+                    continue
+                for path in reversed(paths):
+                    data = self._content(path)
+                    raw = data if isinstance(data, bytes) else data[0:data.size]
+                    if wanted.encode() not in raw.lower() and wanted not in raw.decode("utf-8", "replace").casefold():
+                        continue
+                    source = str(path.relative_to(self.root))
+                    text = raw.decode("utf-8", "replace")
+                    for written in parse(text, source, self.settings.format, self.settings.tz):
+                        if wanted in written.text.casefold():
+                            found.append((name, Item(written.stream, written.ts, written.text, source, 0)))
+                            if len(found) >= limit:
+                                return found, True
+                    if time.monotonic() > deadline:
+                        return found, True
+        return found, False
+
+    def activity(self, name: str, hours: int, now: float | None = None) -> tuple[float, dict[str, list[int]]]:
+        """Entries per hour by stream over the last `hours` (the first hour's start, and a count per hour per stream).
+
+        Counted from the stamps alone, read back from the end of each stream until they are older
+        than the first hour: no entry is parsed, so a busy user's chart costs a scan of its last hours.
+        """
+        now = time.time() if now is None else now
+        first = (int(now) // 3600 - hours + 1) * 3600
+        oldest = self._hour_key(first)
+        out: dict[str, list[int]] = {}
+        for stream, paths in self.streams(name).items():
+            seen: Counter[bytes] = Counter()
+            for path in reversed(paths):
+                data = self._content(path)
+                end, done = len(data), False
+                while end > 0 and not done:
+                    lo = max(0, end - ACTIVITY_CHUNK)
+                    chunk = data[lo:end]
+                    cut = chunk.find(b"\n") + 1 if lo > 0 else 0  # a line cut by the chunk: read with the next one
+                    stamps = self.stamps.findall(chunk, cut)
+                    seen.update(stamps)
+                    done = bool(stamps) and stamps[0] < oldest
+                    end = lo + cut if cut else lo
+                if done:
+                    break
+            for key, n in seen.items():
+                if key >= oldest:
+                    bucket = int(self._hour_start(key) - first) // 3600
+                    if 0 <= bucket < hours:
+                        out.setdefault(stream, [0] * hours)[bucket] += n
+        return float(first), out
+
+    def _hour_key(self, ts: float) -> bytes:
+        # In the zone the stamps are written in (None: the machine's local zone).
+        when = datetime.fromtimestamp(ts, self.settings.tz) if self.settings.tz else datetime.fromtimestamp(ts)  # noqa: DTZ006
+        if self.settings.format == "text":
+            return when.strftime("%Y-%m-%d %H").encode()
+        return when.astimezone(UTC).strftime("%Y-%m-%dT%H").encode()
+
+    def _hour_start(self, key: bytes) -> float:
+        if self.settings.format == "text":
+            when = datetime.strptime(key.decode(), "%Y-%m-%d %H")  # noqa: DTZ007 - the zone is the settings'
+            return (when.replace(tzinfo=self.settings.tz) if self.settings.tz else when).timestamp()
+        return datetime.strptime(key.decode(), "%Y-%m-%dT%H").replace(tzinfo=UTC).timestamp()
+
+
+class _File:
+    """A plain file read by slices, never whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = _size(path)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> bytes:
+        lo, hi = part.start or 0, min(part.stop if part.stop is not None else self.size, self.size)
+        if hi <= lo:
+            return b""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return b""
+        try:
+            return os.pread(fd, hi - lo, lo)
+        finally:
+            os.close(fd)
+
+
+def _read(path: Path) -> bytes:
+    file = _File(path)
+    return file[0:file.size]
+
+
+def _read_gz(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as unpacked:
+            return unpacked.read()
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return b""
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def _scandir(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as found:
+            return list(found)
+    except OSError:
+        return []
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _newest(folder: Path) -> float:
+    newest = 0.0
+    for entry in _scandir(folder):
+        try:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            continue
+    return newest
+
+
+def _stream_of(filename: str) -> str:
+    return filename.split(".", 1)[0].replace("_", " ")
+
+
+def _encode_cursor(position: dict[str, list[object]]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, files: dict[str, list[Path]], root: Path) -> dict[str, tuple[Path, int]]:
+    """A page cursor back into positions; anything that does not name one of the user's own files is ignored."""
+    if not cursor:
+        return {}
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):
+        return {}
+    out: dict[str, tuple[Path, int]] = {}
+    if not isinstance(raw, dict):
+        return out
+    for stream, value in raw.items():
+        if (stream in files and isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+                and isinstance(value[1], int) and value[1] >= 0):
+            by_name = {str(p.relative_to(root)): p for p in files[stream]}
+            if value[0] in by_name:
+                out[stream] = (by_name[value[0]], value[1])
+    return out
