@@ -69,6 +69,7 @@ def timed(client: TestClient, url: str, rounds: int) -> tuple[float, float]:
 
 def main() -> None:
     from apilog.web.app import create_app
+    from apilog.web.trail import encode_cursor
 
     base = Path(tempfile.mkdtemp(prefix="apilog-webview-"))
     os.environ.update(APILOG_HOME=str(base / "home"), APILOG_LOG_DIR=str(base / "logs"))
@@ -81,12 +82,15 @@ def main() -> None:
     big = quote(BIG, safe="")
     second = client.get(f"/api/entries?user={big}&limit=200").json()["before"]
     deep = f"/u/{big}?before={second}"
+    oldest = sorted((base / "logs" / "archive" / "users" / encode_user(BIG)).iterdir())[0]
+    inside = encode_cursor({"INFO": [str(oldest.relative_to(base / "logs")), 300_000]})  # a page in the oldest archive
     rows = [
         ("users page (10,000 users, 100 per page)", "/"),
         ("users page 50 (the last)", "/?page=99"),
         ("JSON users page", "/api/users"),
         ("timeline of the 1M-entry user, first page (200)", f"/u/{big}"),
         ("  its second page", deep),
+        ("  a page inside its oldest gzip archive", f"/u/{big}?stream=INFO&before={inside}"),
         ("  only SECURITY ALERT", f"/u/{big}?stream=SECURITY%20ALERT"),
         ("  since 2h", f"/u/{big}?since=2h"),
         ("JSON entries, 200", f"/api/entries?user={big}"),

@@ -110,7 +110,6 @@ class BatchWriter:
             if seal and settings.seal:
                 self.sealer = Sealer(folders.state, self.tree, self.files, settings.seal_epoch,
                                      durable=self.durable, saved=self.ledger.seal)
-                self.notes.extend(internal(note, {}) for note in self.sealer.notes)
                 if self.sealer.genesis is not None or self.sealer.notes:
                     self._commit_and_apply([])
             if open_source is not None:
@@ -202,6 +201,7 @@ class BatchWriter:
         self.ledger.advance(record.advance)
         self.quarantined += self._set_aside_now
         self.notes.clear()
+        self._take_seal_reports()
         now = time.time()  # the daemon's clock judges a file's age, never a producer's
         self.created = {r: now for r, before, _ in targets if before == 0}
         self.sizes = {r: before + len(chunk) for r, before, chunk in targets}
@@ -248,7 +248,14 @@ class BatchWriter:
     def _commit_and_apply(self, targets: list[tuple[str, int, bytes]], **how: Any) -> None:
         """A batch of no entries (a seal line, a rotation, archive changes), committed and applied at once."""
         record, data = self._commit(targets, {}, [], **how)
+        self._take_seal_reports()
         self._apply(record, data, redo=False)
+
+    def _take_seal_reports(self) -> None:
+        """What the sealer found (a seal log cut or swapped outside apilogd, a damaged key) goes to INTERNAL too."""
+        if self.sealer is not None and self.sealer.reports:
+            self.notes.extend(internal(report, {}) for report in self.sealer.reports)
+            self.sealer.reports.clear()
 
     def _end_epoch(self) -> None:
         """The clock passed the seal key's epoch: its last line, then the next epoch's key (the old one is gone)."""

@@ -16,12 +16,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+
 from apilog.core import seal
 from apilog.core.folder import Folder
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, parse_archive_name
 from apilog.core.tree import LogTree
 
 from ._files import DISK_ERRORS, OpenFiles
+from ._ledger import DAMAGED
 
 KEY_NAME = "seal.key"
 VERIFY_NAME = "seal.verify"
@@ -43,18 +46,27 @@ class Sealer:
         self.n, self.prev, self.segment = 0, "", ""
         self.next_epoch: int | None = None  # the last line ended its epoch: evolve before the next one
         self.notes: list[str] = []  # what the next line must say (a seal log cut outside apilogd)
+        self.reports: list[str] = []  # the same, for INTERNAL (taken by the writer)
         self._read_tail()
         if saved is not None and saved[0] > self.n:
-            self.notes.append(f"the seal log ended at line {self.n}; apilogd had sealed up to line {saved[0]}")
+            self.note(f"the seal log ended at line {self.n}; apilogd had sealed up to line {saved[0]}")
             self.n, self.prev = saved
         self.genesis: seal.Body | None = None
         self._before = (self.n, self.prev, self.segment, 0)  # where the chain stood before the line committed last
         try:
             key = json.loads(state.read(KEY_NAME, 4096))
-            self.id, self.t0, self.epoch_seconds = key["id"], float(key["t0"]), int(key["len"])
+            self.id, self.t0, self.epoch_seconds = str(key["id"]), float(key["t0"]), int(key["len"])
             self.epoch, self.key = int(key["epoch"]), bytes.fromhex(key["key"])
+            if len(self.key) != 32 or self.epoch < 0 or self.epoch_seconds < 1:
+                raise ValueError("not a seal key")
         except FileNotFoundError:
             self._start_chain(epoch_seconds)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Damaged, or not a plain file: logging goes on under a new key, and the break is sealed and reported.
+            aside = state.set_aside(KEY_NAME, DAMAGED)
+            self._start_chain(epoch_seconds)
+            self.note(f"{state.path / KEY_NAME} was damaged ({type(exc).__name__}: {str(exc)[:100]}); "
+                              f"set aside as {aside}; a new key (id {self.id}) seals from here on")
         if self.next_epoch is not None and self.next_epoch > self.epoch:
             self.evolve(self.next_epoch)  # a crash came between an epoch's last line and the new key
 
@@ -68,8 +80,8 @@ class Sealer:
         verification = seal.VerificationKey(self.id, first, self.t0, epoch_seconds)
         self.state.write_atomic(VERIFY_NAME, verification.text().encode() + b"\n", mode=KEY_MODE, durable=self.durable)
         self._save_key()
-        if self.n:
-            self.notes.append(f"the seal key was missing; a new key (id {self.id}) seals from here on")
+        if self.n and not self.state.exists(KEY_NAME + "." + DAMAGED):
+            self.note(f"the seal key was missing; a new key (id {self.id}) seals from here on")
         whole, packed = self._adopted()
         self.genesis = seal.Body(n=0, e=0, t=self.t0, w=whole, gz=packed, id=self.id, t0=self.t0, len=epoch_seconds)
 
@@ -140,7 +152,7 @@ class Sealer:
         try:
             body, _, _ = seal.split(last)
         except ValueError:
-            self.notes.append(f"the last line of {self.segment} is not a seal line")
+            self.note(f"the last line of {self.segment} is not a seal line")
             return
         self.n, self.prev = body.n, seal.digest(last + b"\n")
         self.next_epoch = body.end
@@ -151,21 +163,48 @@ class Sealer:
         """The seal line of a batch (not yet committed): its file, the file's size, its bytes."""
         if self.next_epoch is not None:
             self.evolve(self.next_epoch)
-        body = self.genesis or seal.Body(n=0, e=self.epoch, t=time.time())
-        body.n, body.p, body.e = self.n + 1, self.prev, self.epoch
-        body.w = body.w + [(relpath, before, len(data), seal.digest(data)) for relpath, before, data in shares]
-        body.mv, body.gz, body.rm, body.end = list(mv), body.gz + list(gz), list(rm), end
-        body.note = "; ".join(self.notes)
-        segment = self.segment
+        base = self.genesis or seal.Body(n=0, e=self.epoch, t=time.time())
+        written = [(relpath, before, len(data), seal.digest(data)) for relpath, before, data in shares]
+        segment, size = self._segment(self.n + 1)
+        body = msgspec.structs.replace(base, n=self.n + 1, p=self.prev, e=self.epoch, w=[*base.w, *written],
+                                       mv=list(mv), gz=[*base.gz, *gz], rm=list(rm), end=end,
+                                       note="; ".join(self.notes))
+        return segment, size, seal.line(body, self.key)
+
+    def _segment(self, n: int) -> tuple[str, int]:
+        """The seal log file the line numbered `n` goes to, and its size now.
+
+        A new file past SEGMENT_BYTES. One swapped for a link or a folder outside apilogd: the chain
+        goes on in a new file; the folder itself swapped: it is set aside and made anew. Either way
+        the next line says so, verify finds the break, and writing never stops for it (SPEC D7).
+        """
         try:
-            if segment and self.files.size(segment) < SEGMENT_BYTES:
-                return segment, self.files.size(segment), seal.line(body, self.key)
+            if self.segment and self.files.size(self.segment) < SEGMENT_BYTES:
+                return self.segment, self.files.size(self.segment)
         except OSError as exc:
             if exc.errno in DISK_ERRORS:
                 raise
-            # Swapped for a link or a folder outside apilogd: the chain goes on in a new file (and verify says why).
-        segment = f"{seal.SEALS}/{seal.segment_name(body.n)}"
-        return segment, self.files.size(segment), seal.line(body, self.key)
+            self._note_once(f"{self.segment} could not be opened ({exc.strerror or exc}); the seal log goes on in a new file")
+        segment = f"{seal.SEALS}/{seal.segment_name(n)}"
+        try:
+            return segment, self.files.size(segment)
+        except OSError as exc:
+            if exc.errno in DISK_ERRORS:
+                raise
+            aside = f"{seal.SEALS}.aside-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            self.tree.rename(seal.SEALS, aside)
+            self._note_once(f"{seal.SEALS}/ was not a folder apilogd could write ({exc.strerror or exc}); "
+                            f"set aside as {aside}")
+            return segment, self.files.size(segment)
+
+    def _note_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.note(note)
+
+    def note(self, note: str) -> None:
+        """Something the next seal line says, and INTERNAL reports."""
+        self.notes.append(note)
+        self.reports.append(note)
 
     def committed(self, segment: str, raw: bytes, end: int | None) -> None:
         """The line made last is in the journal: the chain moves on (and, after an epoch's last line, the key)."""

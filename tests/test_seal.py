@@ -366,3 +366,47 @@ def test_a_rotation_whose_rename_fails_takes_its_seal_line_back(daemon: Path) ->
     time.sleep(0.3)
     assert verify(daemon / "logs", None).returncode == 0
     assert gzip.decompress(next(folder.glob("INFO.*.log.gz")).read_bytes()) == b"INFO:  kim one\nINFO:  kim two\n"
+
+
+def _internal(home: Path) -> str:
+    path = home / "logs" / "system" / "INTERNAL.log"
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("damage", ["bad JSON", "a link", "the seals folder a link", "the seal log a folder"])
+def test_a_damaged_key_or_seal_log_never_stops_writing(home: Path, tmp_path: Path, damage: str) -> None:
+    """Sealing's own state damaged while apilogd was stopped: it starts, every entry is written, INTERNAL says
+    what was found, and verify reports the break instead of passing over it (SPEC D7)."""
+    daemon = Daemon(tmp_path)
+    assert daemon.ready()
+    _one_batch_each([("INFO", USER_A, f"before {i}") for i in range(3)])
+    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
+    (tmp_path / "key").write_text(key.stdout)
+    assert daemon.stop() == 0
+    logs, elsewhere = home / "logs", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if damage == "bad JSON":
+        (home / "state" / "seal.key").write_text("{not json")
+    elif damage == "a link":
+        (home / "state" / "seal.key").unlink()
+        (home / "state" / "seal.key").symlink_to(elsewhere / "planted.key")
+    elif damage == "the seals folder a link":
+        (logs / "seals").rename(elsewhere / "seals")
+        (logs / "seals").symlink_to(elsewhere / "seals")
+    else:
+        segment = next((logs / "seals").iterdir())
+        segment.unlink()
+        segment.mkdir()
+    daemon = Daemon(tmp_path)
+    assert daemon.ready(), daemon.stderr
+    _one_batch_each([("INFO", USER_A, f"after {i}") for i in range(3)])
+    assert daemon.stop() == 0
+    assert _live(logs, USER_A, "INFO").read_text().count("INFO:  ") == 6
+    found = verify(logs, tmp_path / "key")
+    assert found.returncode == 1, found.stdout
+    reported = _internal(home)
+    assert ("seal" in reported and ("damaged" in reported or "could not be opened" in reported
+                                    or "set aside" in reported or "ended at line" in reported)), reported
+    assert not any(elsewhere.rglob("*.seal")) or damage == "the seals folder a link"
+    if damage == "the seals folder a link":  # never written through the link
+        assert len(next(elsewhere.joinpath("seals").iterdir()).read_text().splitlines()) < 10

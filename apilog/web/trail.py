@@ -120,7 +120,7 @@ class Trail:
              since: float | None = None) -> tuple[list[Item], str | None]:
         """Up to `limit` entries older than `cursor`, newest first, merged by time; and the cursor of the next page."""
         files = {s: f for s, f in self.streams(name).items() if streams is None or s in streams}
-        position = _decode_cursor(cursor, files, self.root)
+        position = decode_cursor(cursor, files, self.root)
         taken: list[Item] = []
         heads = [list(itertools.islice(self._backwards(paths, position.get(stream)), limit))
                  for stream, paths in files.items()]
@@ -135,7 +135,7 @@ class Trail:
         last: dict[str, list[object]] = {s: [str(p.relative_to(self.root)), at] for s, (p, at) in position.items()}
         for item in taken:
             last[item.stream] = [item.file, item.start]
-        return taken, _encode_cursor(last)
+        return taken, encode_cursor(last)
 
     def _backwards(self, paths: list[Path], position: tuple[Path, int] | None) -> Iterator[Item]:
         """A stream's entries newest first, from `position` (a file and an offset) or from its live end."""
@@ -195,7 +195,9 @@ class Trail:
             if key in self._counts:
                 return self._counts[key]
         data = _read_gz(path) if path.name.endswith(".gz") else _read(path)
-        count = sum(1 for _ in self.starts.finditer(data)) if self.settings.format == "text" else data.count(b"\n")
+        count = data.count(b"\n")
+        if self.settings.format == "text":  # only an entry's first line starts at column 0 with a letter (SPEC 6)
+            count -= data.count(b"\n ") + data.count(b"\n{") + data.count(b"\n}")
         with self._lock:
             self._counts[key] = count
         return count
@@ -372,11 +374,11 @@ def _stream_of(filename: str) -> str:
     return filename.split(".", 1)[0].replace("_", " ")
 
 
-def _encode_cursor(position: dict[str, list[object]]) -> str:
+def encode_cursor(position: dict[str, list[object]]) -> str:
     return base64.urlsafe_b64encode(json.dumps(position, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str | None, files: dict[str, list[Path]], root: Path) -> dict[str, tuple[Path, int]]:
+def decode_cursor(cursor: str | None, files: dict[str, list[Path]], root: Path) -> dict[str, tuple[Path, int]]:
     """A page cursor back into positions; anything that does not name one of the user's own files is ignored."""
     if not cursor:
         return {}
