@@ -82,7 +82,7 @@ def main() -> None:
     big = quote(BIG, safe="")
     second = client.get(f"/api/entries?user={big}&limit=200").json()["before"]
     deep = f"/u/{big}?before={second}"
-    oldest = sorted((base / "logs" / "archive" / "users" / encode_user(BIG)).iterdir())[0]
+    oldest = min((base / "logs" / "archive" / "users" / encode_user(BIG)).iterdir())
     inside = encode_cursor({"INFO": [str(oldest.relative_to(base / "logs")), 300_000]})  # a page in the oldest archive
     rows = [
         ("users page (10,000 users, 100 per page)", "/"),
