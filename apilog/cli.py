@@ -247,10 +247,13 @@ def verify(user_: str | None, key_file: IO[str] | None) -> None:
 @click.option("--port", default=8787, show_default=True, type=click.IntRange(1, 65535))
 def web(host: str, port: int) -> None:
     """Read-only pages over the log tree in the browser, for holders of the token it prints."""
-    try:
-        from .web import serve
-    except ImportError as exc:
-        raise click.ClickException(f"apilog web needs its extra: pip install 'apilog[web]' ({exc})") from None
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"apilog web needs its extra: pip install 'apilog[web]' (missing: {', '.join(missing)})")
+    from .web import serve
+
     serve(load_settings(), host, port)
 
 

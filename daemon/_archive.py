@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
+import io
 import os
 import queue
 import shutil
@@ -274,8 +276,10 @@ class Archiver:
         try:
             dst = self.tree.open_append(tmp)
             try:
+                # The .gz is digested as it is written: what gets sealed is what we wrote, not what the path holds later.
                 with (os.fdopen(src, "rb", closefd=False) as plain, os.fdopen(dst, "wb", closefd=False) as raw,
-                      gzip.GzipFile(filename=os.path.basename(relpath), mode="wb", fileobj=raw, mtime=0) as packed):
+                      _Digesting(raw) as out,
+                      gzip.GzipFile(filename=os.path.basename(relpath), mode="wb", fileobj=out, mtime=0) as packed):
                     shutil.copyfileobj(plain, packed, 1 << 20)
                 os.fsync(dst)
             finally:
@@ -284,7 +288,7 @@ class Archiver:
             os.close(src)
         self.tree.rename(tmp, final)
         self.tree.fsync_dir(relpath.rpartition("/")[0])
-        self.writer.compressed(relpath, *self._gz_seal(final))
+        self.writer.compressed(relpath, out.size, out.hashed.hexdigest())
 
     def _open(self, relpath: str, unpacked: bool) -> BinaryIO:
         handle: BinaryIO = os.fdopen(self.tree.open_existing(relpath, os.O_RDONLY), "rb")
@@ -303,3 +307,25 @@ class Archiver:
         with self._open(relpath, False) as handle:
             size = os.fstat(handle.fileno()).st_size
             return size, seal.file_digest(handle)
+
+
+class _Digesting(io.RawIOBase):
+    """A write-only file that passes its bytes on and keeps their size and BLAKE2b (the seal's digest)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.hashed = hashlib.blake2b(digest_size=32)
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data)
+        self.hashed.update(view)
+        self.size += view.nbytes
+        self.raw.write(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        self.raw.flush()
