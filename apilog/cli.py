@@ -224,7 +224,9 @@ def verify(user_: str | None, key_file: IO[str] | None) -> None:
             user_dir(user_)
         except BadLocation as exc:
             raise click.BadParameter(str(exc), param_hint="--user") from None
-    check = _verify.Verification(conf.log_dir, key, user_)
+    if not conf.log_dir.is_dir():
+        raise click.UsageError(f"no log tree at {conf.log_dir} (APILOG_LOG_DIR)")
+    check = _verify.Verification(conf.log_dir, key, user_, conf.state_dir)
     if user_ is not None and not check.paths:
         raise click.UsageError(f"nothing was ever logged or sealed for user {user_!r}")
     with click.progressbar(length=check.total_bytes, label="verifying", file=sys.stderr,

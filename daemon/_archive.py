@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import io
 import os
 import queue
@@ -314,7 +313,7 @@ class _Digesting(io.RawIOBase):
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
-        self.hashed = hashlib.blake2b(digest_size=32)
+        self.hashed = seal.new_digest()
         self.size = 0
 
     def writable(self) -> bool:

@@ -47,28 +47,41 @@ class Sealer:
         self.next_epoch: int | None = None  # the last line ended its epoch: evolve before the next one
         self.notes: list[str] = []  # what the next line must say (a seal log cut outside apilogd)
         self.reports: list[str] = []  # the same, for INTERNAL (taken by the writer)
+        self.genesis: seal.Body | None = None
+        self.key = b""  # none yet: made by _start_chain
+        damage = self._load_key()
         self._read_tail()
         if saved is not None and saved[0] > self.n:
             self.note(f"the seal log ended at line {self.n}; apilogd had sealed up to line {saved[0]}")
             self.n, self.prev = saved
-        self.genesis: seal.Body | None = None
         self._before = (self.n, self.prev, self.segment, 0)  # where the chain stood before the line committed last
+        if not self.key:
+            self._start_chain(epoch_seconds)
+            self.next_epoch = None  # the old chain's: the new key starts at its epoch 0
+            if damage or self.n:
+                self.note(f"{damage or 'the seal key was missing'}; a new key (id {self.id}) seals from here on")
+        if self.next_epoch is not None and self.next_epoch > seal.epoch_at(time.time(), self.t0, self.epoch_seconds) + 1:
+            self.note(f"the last seal line names epoch {self.next_epoch}, after the clock's; not believed")
+            self.next_epoch = None
+        if self.next_epoch is not None and self.next_epoch > self.epoch:
+            self.evolve(self.next_epoch)  # a crash came between an epoch's last line and the new key
+
+    def _load_key(self) -> str:
+        """Read the current key; what was wrong with it ("" when it is fine or was never made)."""
         try:
-            key = json.loads(state.read(KEY_NAME, 4096))
+            key = json.loads(self.state.read(KEY_NAME, 4096))
             self.id, self.t0, self.epoch_seconds = str(key["id"]), float(key["t0"]), int(key["len"])
             self.epoch, self.key = int(key["epoch"]), bytes.fromhex(key["key"])
             if len(self.key) != 32 or self.epoch < 0 or self.epoch_seconds < 1:
                 raise ValueError("not a seal key")
         except FileNotFoundError:
-            self._start_chain(epoch_seconds)
+            return ""
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Damaged, or not a plain file: logging goes on under a new key, and the break is sealed and reported.
-            aside = state.set_aside(KEY_NAME, DAMAGED)
-            self._start_chain(epoch_seconds)
-            self.note(f"{state.path / KEY_NAME} was damaged ({type(exc).__name__}: {str(exc)[:100]}); "
-                              f"set aside as {aside}; a new key (id {self.id}) seals from here on")
-        if self.next_epoch is not None and self.next_epoch > self.epoch:
-            self.evolve(self.next_epoch)  # a crash came between an epoch's last line and the new key
+            self.key = b""
+            aside = self.state.set_aside(KEY_NAME, DAMAGED)
+            return f"{self.state.path / KEY_NAME} was damaged ({type(exc).__name__}: {str(exc)[:100]}); set aside as {aside}"
+        return ""
 
     # The chain's start and its key.
 
@@ -80,8 +93,6 @@ class Sealer:
         verification = seal.VerificationKey(self.id, first, self.t0, epoch_seconds)
         self.state.write_atomic(VERIFY_NAME, verification.text().encode() + b"\n", mode=KEY_MODE, durable=self.durable)
         self._save_key()
-        if self.n and not self.state.exists(KEY_NAME + "." + DAMAGED):
-            self.note(f"the seal key was missing; a new key (id {self.id}) seals from here on")
         whole, packed = self._adopted()
         self.genesis = seal.Body(n=0, e=0, t=self.t0, w=whole, gz=packed, id=self.id, t0=self.t0, len=epoch_seconds)
 
@@ -150,12 +161,21 @@ class Sealer:
         if not last:
             return
         try:
-            body, _, _ = seal.split(last)
+            body, raw, tag = seal.split(last)
         except ValueError:
             self.note(f"the last line of {self.segment} is not a seal line")
             return
+        if self.key and not self._ours(body, raw, tag):
+            self.note(f"the last line of {self.segment} is not one apilogd wrote")
+            return
         self.n, self.prev = body.n, seal.digest(last + b"\n")
         self.next_epoch = body.end
+
+    def _ours(self, body: seal.Body, raw: bytes, tag: str) -> bool:
+        """Sealed with the current key (the key file's epoch is the line's, or the one its `end` moved to)."""
+        if body.e == self.epoch:
+            return seal.tag_holds(raw, tag, self.key)
+        return body.end == self.epoch and body.e < self.epoch  # sealed by a key that is gone: believed only this far
 
     def make(self, shares: Sequence[tuple[str, int, bytes]], *, mv: Sequence[tuple[str, str]] = (),
              gz: Sequence[tuple[str, int, str]] = (), rm: Sequence[str] = (),

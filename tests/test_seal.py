@@ -133,6 +133,38 @@ def _before_last_write(lines: list[str]) -> list[str]:
     return lines[:last]
 
 
+def _shadowed_gz(tree: Path) -> None:
+    """The sealed content put back as a plain copy, and a forged .gz beside it (what readers show)."""
+    packed = _archives(tree, USER_A, "INFO")[0]
+    packed.with_suffix("").write_bytes(gzip.decompress(packed.read_bytes()))
+    packed.write_bytes(gzip.compress(b"INFO:  forged entry\n"))
+
+
+def _folder_linked_away(tree: Path) -> None:
+    outside = tree.parent / "outside"
+    (tree / "users" / USER_B).rename(outside)
+    (outside / "ERROR.log").write_text("ERROR:  planted behind a link\n")
+    (tree / "users" / USER_B).symlink_to(outside)
+
+
+def _far_epoch(tree: Path) -> None:
+    segment, lines = _lines(tree)
+    first = seal.split(lines[0])[0]
+    first.e = 10**12
+    segment.write_bytes(b"".join([seal.line(first, b"\0" * 32), *lines[1:]]))
+
+
+def _seal_log_file_is(tree: Path, kind: str) -> None:
+    segment = next((tree / "seals").iterdir())
+    if kind == "fifo":
+        os.mkfifo(segment.with_name("000000999999.seal"))
+    elif kind == "zero":
+        segment.with_name("000000999999.seal").symlink_to("/dev/zero")
+    else:
+        shutil.rmtree(tree / "seals")
+        (tree / "seals").write_text("not a folder\n")
+
+
 TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
     "a changed byte": (lambda t: _edit(_live(t, USER_A, "INFO"), lambda ls: [ls[0], ls[1].replace("entry", "entrY"), *ls[2:]]),
                        "line 2"),
@@ -159,6 +191,14 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
                                   .symlink_to("/etc/passwd"), "cannot be read"),
     "a FIFO in place of a file": (lambda t: _live(t, USER_B, "LOGIN").unlink() or os.mkfifo(_live(t, USER_B, "LOGIN")),
                                   "cannot be read"),
+    "a forged .gz beside its sealed plain copy": (_shadowed_gz, "forged entry"),
+    "a user's folder swapped for a link": (_folder_linked_away, "is a link"),
+    "everything deleted": (lambda t: [shutil.rmtree(t / top, ignore_errors=True)
+                                      for top in ("seals", "users", "archive", "system")], "missing"),
+    "a first line claiming a far epoch": (_far_epoch, "first line"),
+    "a FIFO among the seal log's files": (lambda t: _seal_log_file_is(t, "fifo"), "cannot be read"),
+    "a seal log file linked to /dev/zero": (lambda t: _seal_log_file_is(t, "zero"), "cannot be read"),
+    "the seals folder a file": (lambda t: _seal_log_file_is(t, "file"), "cannot be read"),
     "a seal line removed": (lambda t: _edit(next((t / "seals").iterdir()), lambda ls: [*ls[:4], *ls[5:]]), "line 5"),
     "the seal log cut short": (lambda t: _edit(next((t / "seals").iterdir()), _before_last_write), "SECURITY_ALERT"),
 }
@@ -285,7 +325,8 @@ def test_sealing_holds_through_sigkills_and_rotation(home: Path, tmp_path: Path,
 
 def test_a_seal_log_cut_while_apilogd_was_stopped_is_sealed_as_such(home: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The seal log's tail cut (with the files' matching tails): apilogd notices at start and seals what it found."""
+    """The seal log's tail cut (with the files' matching tails): verify, reading apilogd's ledger, and apilogd at its
+    next start (which seals what it found) both notice."""
     daemon = Daemon(tmp_path)
     assert daemon.ready()
     _one_batch_each([("INFO", USER_A, f"entry {i}") for i in range(5)])
@@ -297,7 +338,8 @@ def test_a_seal_log_cut_while_apilogd_was_stopped_is_sealed_as_such(home: Path, 
     kept = lines[:-2]  # the last two batches' lines, and their entries, cut away
     segment.write_bytes(b"".join(kept))
     _edit(_live(logs, USER_A, "INFO"), lambda ls: ls[:3])
-    assert verify(logs, tmp_path / "key").returncode == 0  # consistent, as far as the tree alone can tell
+    cut = verify(logs, tmp_path / "key")  # the tree agrees with itself; apilogd's ledger says the chain went further
+    assert cut.returncode == 1 and "but apilogd sealed up to line" in cut.stdout, cut.stdout
     daemon = Daemon(tmp_path)
     assert daemon.ready()
     logger.delay("INFO", USER_A, "after the cut")
@@ -373,7 +415,8 @@ def _internal(home: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-@pytest.mark.parametrize("damage", ["bad JSON", "a link", "the seals folder a link", "the seal log a folder"])
+@pytest.mark.parametrize("damage", ["bad JSON", "a link", "the seals folder a link", "the seal log a folder",
+                                    "a planted last line naming a far epoch"])
 def test_a_damaged_key_or_seal_log_never_stops_writing(home: Path, tmp_path: Path, damage: str) -> None:
     """Sealing's own state damaged while apilogd was stopped: it starts, every entry is written, INTERNAL says
     what was found, and verify reports the break instead of passing over it (SPEC D7)."""
@@ -393,10 +436,13 @@ def test_a_damaged_key_or_seal_log_never_stops_writing(home: Path, tmp_path: Pat
     elif damage == "the seals folder a link":
         (logs / "seals").rename(elsewhere / "seals")
         (logs / "seals").symlink_to(elsewhere / "seals")
-    else:
+    elif damage == "the seal log a folder":
         segment = next((logs / "seals").iterdir())
         segment.unlink()
         segment.mkdir()
+    else:  # found: apilogd believed the tail's `end` and spent for ever evolving its key to it
+        with next((logs / "seals").iterdir()).open("a") as segment_file:
+            segment_file.write('{"n":99,"e":0,"t":0,"end":1000000000000} ' + "0" * 64 + "\n")
     daemon = Daemon(tmp_path)
     assert daemon.ready(), daemon.stderr
     _one_batch_each([("INFO", USER_A, f"after {i}") for i in range(3)])
@@ -405,8 +451,43 @@ def test_a_damaged_key_or_seal_log_never_stops_writing(home: Path, tmp_path: Pat
     found = verify(logs, tmp_path / "key")
     assert found.returncode == 1, found.stdout
     reported = _internal(home)
-    assert ("seal" in reported and ("damaged" in reported or "could not be opened" in reported
-                                    or "set aside" in reported or "ended at line" in reported)), reported
+    assert ("seal" in reported and ("damaged" in reported or "could not be opened" in reported or "not one apilogd"
+                                    in reported or "set aside" in reported or "ended at line" in reported)), reported
     assert not any(elsewhere.rglob("*.seal")) or damage == "the seals folder a link"
     if damage == "the seals folder a link":  # never written through the link
         assert len(next(elsewhere.joinpath("seals").iterdir()).read_text().splitlines()) < 10
+
+
+def test_verify_against_a_busy_apilogd_rotating_many_times_a_second_finds_nothing_wrong(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an attack: with files rotated several times a second, verify called an intact tree tampered
+    (a live file a batch ahead of the seal log it read, or rotated since). A file is now read again and
+    checked against the seal log read after it."""
+    monkeypatch.setenv("APILOG_ROTATE_BYTES", "2000")
+    settings.reset()
+    daemon = Daemon(tmp_path)
+    assert daemon.ready()
+    producers = [subprocess.Popen([sys.executable, "-c", f"""
+import time
+from apilog import logger
+n, end = 0, time.time() + 10
+while time.time() < end:
+    for user in ("a@x.com", "b@x.com", "c@x.com"):
+        logger.delay("INFO", user, f"busy {p} {{n}}")
+    n += 1
+    time.sleep(0.001)
+"""]) for p in range(3)]
+    try:
+        time.sleep(1)
+        results = []
+        for _ in range(6):
+            apilog("archive")
+            results.append(verify(home / "logs", None))
+        assert all(p.wait(30) == 0 for p in producers)
+    finally:
+        for p in producers:
+            p.kill()
+    wait_written()
+    assert daemon.stop() == 0
+    assert [r.returncode for r in results] == [0] * 6, [r.stdout for r in results if r.returncode]
+    assert sum(1 for _ in (home / "logs" / "archive").rglob("*.gz")) > 20  # it did rotate, many times

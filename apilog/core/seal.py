@@ -61,9 +61,14 @@ def digest(data: bytes | memoryview) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
+def new_digest() -> hashlib.blake2b:
+    """A `digest` fed in pieces."""
+    return hashlib.blake2b(digest_size=32)
+
+
 def file_digest(handle: BinaryIO) -> str:
     """`digest` of everything a file object has left to read."""
-    hashed = hashlib.blake2b(digest_size=32)
+    hashed = new_digest()
     while chunk := handle.read(1 << 20):
         hashed.update(chunk)
     return hashed.hexdigest()
