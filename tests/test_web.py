@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -248,3 +249,74 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _within(seconds: float, call: object) -> object:
+    """`call()`'s answer, failing (rather than hanging the suite) when it takes longer than `seconds`."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(call).result(timeout=seconds)  # type: ignore[arg-type]
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_damaged_files_planted_links_and_fifos_never_hang_or_leak(tree: Path, tmp_path: Path) -> None:
+    """Found by an attack: a file not starting with an entry (or a cursor inside its first one) looped for ever,
+    a FIFO planted as an archive blocked the server, and a linked archive folder served a file outside the tree."""
+    import base64
+
+    logs = tree / "logs"
+    junk = logs / "users" / "junk"
+    junk.mkdir()
+    (junk / "INFO.log").write_text("junk line\nINFO:  hello \u00a7 [2026-11-29 02:00:00]\n")
+    os.mkfifo(logs / "archive" / "users" / USER / "WARN.20260101T000000Z.log.gz")
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "INFO.20250101T000000Z.log").write_text("INFO:  TOPSECRET outside the tree\n")
+    (logs / "archive" / "users" / "junk").symlink_to(secret)
+    web = client()
+    junk_page = _within(10, lambda: web.get("/api/entries?user=junk"))
+    assert [e["text"] for e in junk_page.json()["entries"]] == [  # type: ignore[attr-defined]
+        "INFO:  hello \u00a7 [2026-11-29 02:00:00]\n", "junk line\n"]
+    cursor = base64.urlsafe_b64encode(json.dumps({"INFO": [f"users/{USER}/INFO.log", 3]}).encode()).decode()
+    assert _within(10, lambda: web.get(f"/api/entries?user={quote(USER, safe='')}&before={cursor}")).status_code == 200  # type: ignore[attr-defined]
+    assert _within(10, lambda: web.get("/")).status_code == 200  # type: ignore[attr-defined]
+    assert _within(10, lambda: web.get(f"/u/{quote(USER, safe='')}")).status_code == 200  # type: ignore[attr-defined]
+    everything = web.get("/api/entries?user=junk&limit=1000").text + web.get("/api/search?q=topsecret").text
+    assert "TOPSECRET" not in everything
+
+
+def test_crafted_requests_get_clear_answers_never_a_bare_500(tree: Path) -> None:
+    import base64
+
+    web = client()
+    user = quote(USER, safe="")
+    assert web.get(f"/api/entries?user={user}&since=99999999999d").status_code == 400
+    assert web.get(f"/api/tail?user={user}&after=a:%C2%B2").status_code == 200
+    assert web.get(f"/api/tail?user={user}&after=a:{'9' * 5000}").status_code == 200
+    deep = base64.urlsafe_b64encode(b"[" * 3000).decode()
+    assert web.get(f"/api/entries?user={user}&before={deep}").status_code == 200
+    redirect = client(authorized=False).get(f"//evil.example/x?token={TOKEN}")
+    assert redirect.status_code == 303 and redirect.headers["location"].startswith("/") \
+        and not redirect.headers["location"].startswith("//")
+
+
+def test_a_forged_stamp_in_a_heading_neither_breaks_nor_feeds_the_chart(tree: Path) -> None:
+    logger.delay("INFO", "forge@x.com", "x", heading="hi \u00a7 [9999-99-99 99:00:00]")
+    logger.delay("INFO", "forge@x.com", "y", heading=f"hi \u00a7 [{time.strftime('%Y-%m-%d %H', time.gmtime())}:00:00]")
+    wait_written()
+    web = client()
+    assert web.get("/u/forge%40x.com").status_code == 200
+    assert sum(web.get("/api/activity?user=forge%40x.com").json()["per_hour"]["INFO"]) == 2  # the entries' own stamps
+
+
+def test_users_named_dot_and_dot_dot_are_reachable(tree: Path) -> None:
+    for name in (".", ".."):
+        logger.delay("INFO", name, f"I am {name!r}")
+    wait_written()
+    web = client()
+    users = web.get("/").text
+    assert 'href="/user?name=.."' in users and 'href="/user?name=."' in users
+    assert "I am &#39;..&#39;" in web.get("/user?name=..").text

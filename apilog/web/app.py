@@ -26,6 +26,7 @@ from .trail import ALERTS, Item, Trail
 USERS_PER_PAGE = 100
 ENTRIES_PER_PAGE = 200
 MAX_LIMIT = 1000
+MAX_STREAMS = 256  # in a live tail's position
 CHART_HOURS = 48
 
 
@@ -35,13 +36,14 @@ def create_app(settings: Settings, token: str) -> Starlette:
     env = Environment(loader=PackageLoader("apilog.web", "templates"), autoescape=select_autoescape(default=True))
     env.filters["when"] = _when
     env.filters["q"] = lambda value: quote(str(value), safe="")
+    env.filters["user_url"] = user_url
     env.globals["alerts"] = ALERTS
 
     def render(template: str, **values: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(template).render(**values))
 
     def user_of(request: Request) -> str:
-        name = request.path_params.get("name") or request.query_params.get("user") or ""
+        name = request.path_params.get("name") or request.query_params.get("name") or request.query_params.get("user") or ""
         if trail.folder(name) is None:
             raise HTTPException(404, "no such user")  # and never a path: the tree's encoder made the folder
         return name
@@ -52,7 +54,7 @@ def create_app(settings: Settings, token: str) -> Starlette:
         try:
             since = parse_since(raw_since) if raw_since else None
             limit = min(MAX_LIMIT, max(1, int(request.query_params.get("limit", ENTRIES_PER_PAGE))))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise HTTPException(400, "since is an ISO time or an age like 2h; limit a number") from None
         return streams, since, limit
 
@@ -66,12 +68,12 @@ def create_app(settings: Settings, token: str) -> Starlette:
         chosen = everyone[page * USERS_PER_PAGE:(page + 1) * USERS_PER_PAGE]
         return [trail.summary(n, t) for n, t in chosen], len(everyone), page
 
-    async def users_page(request: Request) -> Response:
+    def users_page(request: Request) -> Response:
         summaries, total, page = users_listed(request)
         return render("users.html", users=summaries, total=total, page=page, per_page=USERS_PER_PAGE,
                       q=request.query_params.get("q", ""))
 
-    async def user_page(request: Request) -> Response:
+    def user_page(request: Request) -> Response:
         name = user_of(request)
         streams, since, limit = wanted(request)
         items, cursor = trail.page(name, streams, limit, request.query_params.get("before"), since)
@@ -81,7 +83,7 @@ def create_app(settings: Settings, token: str) -> Starlette:
                       since=request.query_params.get("since", ""), chart=_chart(first_hour, counts),
                       live=_encode_sizes(trail.live_sizes(name)) if request.query_params.get("before") is None else "")
 
-    async def search_page(request: Request) -> Response:
+    def search_page(request: Request) -> Response:
         needle = request.query_params.get("q", "")
         user = request.query_params.get("user") or None
         if user is not None and trail.folder(user) is None:
@@ -90,24 +92,24 @@ def create_app(settings: Settings, token: str) -> Starlette:
         found, partial = trail.search(needle, user=user, streams=streams) if needle else ([], False)
         return render("search.html", q=needle, user=user or "", found=found, partial=partial)
 
-    async def api_users(request: Request) -> Response:
+    def api_users(request: Request) -> Response:
         summaries, total, page = users_listed(request)
         return JSONResponse({"total": total, "page": page, "users": [
             {"name": s.name, "last_activity": _iso(s.last_activity), "counts": s.counts} for s in summaries]})
 
-    async def api_entries(request: Request) -> Response:
+    def api_entries(request: Request) -> Response:
         name = user_of(request)
         streams, since, limit = wanted(request)
         items, cursor = trail.page(name, streams, limit, request.query_params.get("before"), since)
         return JSONResponse({"user": name, "entries": [_json(i) for i in items], "before": cursor})
 
-    async def api_tail(request: Request) -> Response:
+    def api_tail(request: Request) -> Response:
         name = user_of(request)
         raw = request.query_params.get("after")
         items, sizes = trail.after(name, None if raw is None else _decode_sizes(raw))
         return JSONResponse({"entries": [_json(i) for i in items], "after": _encode_sizes(sizes)})
 
-    async def api_search(request: Request) -> Response:
+    def api_search(request: Request) -> Response:
         needle = request.query_params.get("q", "")
         if not needle:
             raise HTTPException(400, "q is required")
@@ -118,7 +120,7 @@ def create_app(settings: Settings, token: str) -> Starlette:
         found, partial = trail.search(needle, user=user, streams=streams)
         return JSONResponse({"partial": partial, "results": [{"user": u, **_json(i)} for u, i in found]})
 
-    async def api_activity(request: Request) -> Response:
+    def api_activity(request: Request) -> Response:
         name = user_of(request)
         first_hour, counts = trail.activity(name, CHART_HOURS)
         return JSONResponse({"user": name, "first_hour": _iso(first_hour), "per_hour": counts})
@@ -133,6 +135,7 @@ def create_app(settings: Settings, token: str) -> Starlette:
     routes = [
         Route("/", users_page),
         Route("/u/{name:path}", user_page),
+        Route("/user", user_page),  # ?name=: for the users named . and ..
         Route("/search", search_page),
         Route("/api/users", api_users),
         Route("/api/entries", api_entries),
@@ -143,6 +146,11 @@ def create_app(settings: Settings, token: str) -> Starlette:
     ]
     return Starlette(routes=routes, middleware=[Middleware(TokenGate, token=token)],
                      exception_handlers={HTTPException: not_found})
+
+
+def user_url(name: str) -> str:
+    """A user's page; `.` and `..` by the query, which no browser folds away as a dot segment."""
+    return f"/user?name={quote(name, safe='')}" if name in (".", "..") else f"/u/{quote(name, safe='')}"
 
 
 def _iso(ts: float | None) -> str | None:
@@ -165,9 +173,9 @@ def _decode_sizes(raw: str) -> dict[str, int]:
     from urllib.parse import unquote
 
     out = {}
-    for part in raw.split(","):
+    for part in raw.split(",")[:MAX_STREAMS]:
         path, _, size = part.rpartition(":")
-        if path and size.isdigit():
+        if path and size.isascii() and size.isdigit() and len(size) <= 18:
             out[unquote(path)] = int(size)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 from http.cookies import SimpleCookie
@@ -55,7 +56,10 @@ class TokenGate:
         return offered is not None and hmac.compare_digest(offered.encode(), self.token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # none is served: refused before anything reads it
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -71,8 +75,9 @@ class TokenGate:
         if offered is not None:
             if self._holds(offered):  # once: the token leaves the URL (and the history) for a cookie
                 rest = urlencode([(k, v) for k, v in query if k != "token"])
-                path = scope.get("raw_path") or scope["path"].encode()  # as sent: a %2F in a user's name stays one
-                response = RedirectResponse(path.decode("latin-1") + (f"?{rest}" if rest else ""), status_code=303)
+                path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")  # as sent: a %2F stays one
+                path = "/" + path.lstrip("/")  # never "//host/...": that would leave this site
+                response = RedirectResponse(path + (f"?{rest}" if rest else ""), status_code=303)
                 response.set_cookie(COOKIE, offered, httponly=True, samesite="strict", path="/")
             else:
                 response = _unauthorized()
@@ -83,12 +88,24 @@ class TokenGate:
             await _with_headers(response)(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 MutableHeaders(scope=message).update(HEADERS)
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if started:
+                raise
+            # A bug must not answer without the policy: a plain 500 with the same headers (the traceback goes to the log).
+            logging.getLogger("apilog.web").exception("error answering %s", scope.get("path"))
+            await _with_headers(PlainTextResponse("500: the server failed on this request\n", status_code=500))(
+                scope, receive, send)
 
 
 def _unauthorized() -> Response:

@@ -25,16 +25,22 @@ from pathlib import Path
 
 from apilog._reading import archives
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, BadLocation, decode_user, encode_user, parse, user_dir
+from apilog.core.tree import LogTree
 from apilog.settings import Settings
 
 _TEXT_START = re.compile(rb"^[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:(?: |  )", re.MULTILINE)
-_TEXT_HOUR = re.compile(" \u00a7 \\[(\\d{4}-\\d\\d-\\d\\d \\d\\d):\\d\\d:\\d\\d\\]\n".encode())  # an entry's stamp, its hour
-_JSONL_HOUR = re.compile(rb'"ts": ?"(\d{4}-\d\d-\d\dT\d\d)')
+# An entry's own stamp, and its hour: the end of an entry (the next line starts one, or the file ends), never
+# a stamp-like text a message or heading carries. In jsonl, the record's own "ts", right after its id.
+_TEXT_HOUR = re.compile(" \u00a7 \\[(\\d{4}-\\d\\d-\\d\\d \\d\\d):\\d\\d:\\d\\d\\]\n".encode()
+                        + rb"(?=[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:(?: |  )|\Z)")
+_JSONL_HOUR = re.compile(rb'^\{"id":"[^"\\]*","ts":"(\d{4}-\d\d-\d\dT\d\d)', re.MULTILINE)
 ALERTS = ("SECURITY ALERT", "STRANGE ACTIVITY")
 ACTIVITY_CHUNK = 1 << 20
 SEARCH_SECONDS = 2.0  # a search stops here and says its results are partial
 UNPACKED_KEPT = 4  # gzip archives kept unpacked between requests (a user's older pages)
 WINDOW = 64 * 1024  # first read back from a file's end
+TAIL_MAX = 1 << 20  # at most this much of a file is sent by one live-tail answer
+MAX_CURSOR = 8192  # characters of a page cursor (a few streams' file names and offsets)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class Trail:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.root = settings.log_dir
+        self.tree = LogTree(settings.log_dir)
+        # An archive is at most a rotation's worth; anything much larger was not written by apilogd.
+        self.unpack_limit = max(64 << 20, 4 * settings.rotate_bytes)
         self.starts = _TEXT_START if settings.format == "text" else re.compile(rb"^", re.MULTILINE)
         self.stamps = _TEXT_HOUR if settings.format == "text" else _JSONL_HOUR
         self._unpacked: OrderedDict[str, bytes] = OrderedDict()
@@ -107,9 +116,10 @@ class Trail:
             return {}
         suffix = self.settings.log_suffix
         out: dict[str, list[Path]] = {}
-        for path in archives(self.root / ARCHIVE / folder):
-            out.setdefault(_stream_of(path.name), []).append(path)
-        for entry in _scandir(self.root / folder):
+        if _plain_folder(self.root, f"{ARCHIVE}/{folder}"):
+            for path in archives(self.root / ARCHIVE / folder):
+                out.setdefault(_stream_of(path.name), []).append(path)
+        for entry in _scandir(self.root / folder) if _plain_folder(self.root, folder) else []:
             if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
                 out.setdefault(_stream_of(entry.name), []).append(Path(entry.path))
         return dict(sorted(out.items()))
@@ -156,7 +166,9 @@ class Trail:
             lo = max(0, end - window)
             chunk = data[lo:end]
             starts = [m.start() for m in self.starts.finditer(chunk) if m.start() > 0 or lo == 0]
-            if not starts or (lo > 0 and len(starts) < 2):
+            if lo == 0 and (not starts or starts[0] > 0):
+                starts.insert(0, 0)  # bytes before the first entry (a damaged file): shown as they are
+            if lo > 0 and len(starts) < 2:
                 window *= 4  # an entry longer than the window: read further back
                 continue
             if lo > 0:
@@ -177,13 +189,13 @@ class Trail:
                 if key in self._unpacked:
                     self._unpacked.move_to_end(key)
                     return self._unpacked[key]
-            data = _read_gz(path)
+            data = _read_gz(self.tree, path, self.unpack_limit)
             with self._lock:
                 self._unpacked[key] = data
                 while len(self._unpacked) > UNPACKED_KEPT:
                     self._unpacked.popitem(last=False)
             return data
-        return _File(path)
+        return _File(self.tree, path)
 
     def _count(self, path: Path) -> int:
         try:
@@ -194,7 +206,8 @@ class Trail:
         with self._lock:
             if key in self._counts:
                 return self._counts[key]
-        data = _read_gz(path) if path.name.endswith(".gz") else _read(path)
+        gz = path.name.endswith(".gz")
+        data = _read_gz(self.tree, path, self.unpack_limit) if gz else _read(self.tree, path)
         count = data.count(b"\n")
         if self.settings.format == "text":  # only an entry's first line starts at column 0 with a letter (SPEC 6)
             count -= data.count(b"\n ") + data.count(b"\n{") + data.count(b"\n}")
@@ -220,12 +233,12 @@ class Trail:
         if sizes is None:
             return items, now
         for relpath, size in now.items():
-            begin = sizes.get(relpath, 0)
+            begin = sizes.get(relpath, max(0, size - TAIL_MAX))
             if begin > size:
-                begin = 0  # rotated since: the new live file from its start
+                begin = max(0, size - TAIL_MAX)  # rotated since: the new live file from its start
             if size > begin:
                 path = self.root / relpath
-                text = _File(path)[begin:size].decode("utf-8", "replace")
+                text = _File(self.tree, path)[begin:size].decode("utf-8", "replace")
                 items.extend(Item(w.stream, w.ts, w.text, relpath, begin)
                              for w in parse(text, relpath, self.settings.format, self.settings.tz))
         items.sort(key=lambda i: i.ts if i.ts is not None else float("inf"))
@@ -285,7 +298,10 @@ class Trail:
                     break
             for key, n in seen.items():
                 if key >= oldest:
-                    bucket = int(self._hour_start(key) - first) // 3600
+                    try:
+                        bucket = int(self._hour_start(key) - first) // 3600
+                    except ValueError:  # "9999-99-99 99": not a time, not counted
+                        continue
                     if 0 <= bucket < hours:
                         out.setdefault(stream, [0] * hours)[bucket] += n
         return float(first), out
@@ -305,10 +321,11 @@ class Trail:
 
 
 class _File:
-    """A plain file read by slices, never whole."""
+    """A regular file of the tree read by slices, never whole, and never through a link (or from a FIFO)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, tree: LogTree, path: Path) -> None:
+        self.tree = tree
+        self.relpath = str(path.relative_to(tree.root))
         self.size = _size(path)
 
     def __len__(self) -> int:
@@ -319,7 +336,7 @@ class _File:
         if hi <= lo:
             return b""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = self.tree.open_existing(self.relpath, os.O_RDONLY)
         except OSError:
             return b""
         try:
@@ -328,15 +345,17 @@ class _File:
             os.close(fd)
 
 
-def _read(path: Path) -> bytes:
-    file = _File(path)
+def _read(tree: LogTree, path: Path) -> bytes:
+    file = _File(tree, path)
     return file[0:file.size]
 
 
-def _read_gz(path: Path) -> bytes:
+def _read_gz(tree: LogTree, path: Path, limit: int) -> bytes:
+    """An archive's content, at most `limit` bytes of it (a gzip bomb planted in the tree stops there)."""
     try:
-        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as unpacked:
-            return unpacked.read()
+        fd = tree.open_existing(str(path.relative_to(tree.root)), os.O_RDONLY)
+        with os.fdopen(fd, "rb") as raw, gzip.GzipFile(fileobj=raw) as unpacked:
+            return unpacked.read(limit)
     except (OSError, EOFError, gzip.BadGzipFile):
         return b""
 
@@ -354,6 +373,16 @@ def _scandir(folder: Path) -> list[os.DirEntry[str]]:
             return list(found)
     except OSError:
         return []
+
+
+def _plain_folder(root: Path, relpath: str) -> bool:
+    """Every part of `relpath` below `root` is a folder, and none is a link."""
+    path = root
+    for part in relpath.split("/"):
+        path = path / part
+        if not _is_dir(path):
+            return False
+    return True
 
 
 def _is_dir(path: Path) -> bool:
@@ -380,11 +409,11 @@ def encode_cursor(position: dict[str, list[object]]) -> str:
 
 def decode_cursor(cursor: str | None, files: dict[str, list[Path]], root: Path) -> dict[str, tuple[Path, int]]:
     """A page cursor back into positions; anything that does not name one of the user's own files is ignored."""
-    if not cursor:
+    if not cursor or len(cursor) > MAX_CURSOR:
         return {}
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         return {}
     out: dict[str, tuple[Path, int]] = {}
     if not isinstance(raw, dict):
