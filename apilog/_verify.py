@@ -69,12 +69,10 @@ class Seals:
 
 def _segments(tree: LogTree) -> Iterator[tuple[str, Iterator[bytes]]]:
     """Each seal log file, in order, as its lines; raises OSError for one that is not a plain file apilogd wrote."""
-    names = sorted(n for n in os.listdir(tree.root / seal.SEALS) if seal.is_segment(n))
-    for name in names:
+    for name in seal.segments(tree.root):
         relpath = f"{seal.SEALS}/{name}"
-        fd = tree.open_existing(relpath, os.O_RDONLY)  # never through a link, never a FIFO or a folder
-        handle = os.fdopen(fd, "rb")
-        if os.fstat(fd).st_size > MAX_SEGMENT:
+        handle = tree.reader(relpath)  # never through a link, never a FIFO or a folder
+        if os.fstat(handle.fileno()).st_size > MAX_SEGMENT:
             handle.close()
             raise OSError(f"{relpath} is larger than apilogd ever writes one")
         yield relpath, _lines_of(handle)
@@ -261,12 +259,6 @@ def check_content(handle: BinaryIO, ranges: list[tuple[int, int, str]], shown: s
     return None
 
 
-def _open(tree: LogTree, relpath: str, unpacked: bool) -> BinaryIO:
-    """A regular file of the tree, reached without following any link."""
-    handle: BinaryIO = os.fdopen(tree.open_existing(relpath, os.O_RDONLY), "rb")
-    return gzip.GzipFile(fileobj=handle, mode="rb") if unpacked else handle  # type: ignore[return-value]
-
-
 def _exists(tree: LogTree, relpath: str) -> bool:
     try:
         return tree.exists(relpath)
@@ -284,23 +276,23 @@ def check_file(tree: LogTree, relpath: str, expected: Expected | None) -> Proble
         if not has_plain and not has_packed:
             return Problem(relpath, "removed: the seal log says it exists" + (" (as .gz)" if expected.gz else ""))
         if has_plain:
-            with _open(tree, relpath, False) as handle:
+            with tree.reader(relpath) as handle:
                 problem = check_content(handle, expected.ranges, relpath)
             if problem is not None or not has_packed:
                 return problem
         # The .gz: the one sealed, byte for byte; else (a compression not sealed yet) the plain copy's content.
         if expected.gz is not None:
             size, digest = expected.gz
-            with _open(tree, packed, False) as handle:
+            with tree.reader(packed) as handle:
                 found = seal.file_digest(handle)
                 found_size = os.fstat(handle.fileno()).st_size
             if found == digest and found_size == size:
                 return None
-            with _open(tree, packed, True) as handle:
+            with tree.reader(packed, unpacked=True) as handle:
                 inner = check_content(handle, expected.ranges, packed) if expected.ranges else None
             return inner or Problem(packed, "rewritten: its bytes are not the .gz that was sealed "
                                             "(recompressed, or another archive's)")
-        with _open(tree, packed, True) as handle:
+        with tree.reader(packed, unpacked=True) as handle:
             return check_content(handle, expected.ranges, packed)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         return Problem(relpath, f"cannot be read whole: {exc}")
@@ -308,7 +300,7 @@ def check_file(tree: LogTree, relpath: str, expected: Expected | None) -> Proble
 
 def _snapshot(tree: LogTree, relpath: str) -> bytes | None:
     try:
-        with _open(tree, relpath, False) as handle:
+        with tree.reader(relpath) as handle:
             return handle.read()
     except FileNotFoundError:
         return None
@@ -382,7 +374,8 @@ class Verification:
             match = parse_archive_name(relpath.rpartition("/")[2])
             paths.add(relpath.removesuffix(".gz") if match and match["gz"] else relpath)
         self.paths = sorted(paths)
-        self.total_bytes = sum(self._size(p) for p in self.paths)
+        self.sizes = {p: self._size(p) for p in self.paths}  # for the progress bar
+        self.total_bytes = sum(self.sizes.values())
 
     def _size(self, relpath: str) -> int:
         for candidate in (relpath, relpath + ".gz"):
@@ -400,7 +393,7 @@ class Verification:
             problem = check_file(self.tree, relpath, seals.files.get(relpath))
             if problem is not None:
                 failed[relpath] = problem
-            progress(self._size(relpath))
+            progress(self.sizes[relpath])
         live = [p for p in failed if not p.startswith(ARCHIVE + "/")]
         for _ in range(RETRIES if failed and not seals.problems else 0):
             time.sleep(RETRY_WAIT)

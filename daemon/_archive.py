@@ -216,12 +216,11 @@ class Archiver:
     def _first_entry_time(self, relpath: str) -> float | None:
         """The first entry's stamp, read from the file; its mtime when entries carry none."""
         try:
-            fd = self.tree.open_existing(relpath, os.O_RDONLY)  # never through a planted link
+            with self.tree.reader(relpath) as handle:  # never through a planted link
+                head = handle.read(1 << 16)
+                mtime = os.fstat(handle.fileno()).st_mtime
         except OSError:
             return None
-        with os.fdopen(fd, "rb") as handle:
-            head = handle.read(1 << 16)
-            mtime = os.fstat(handle.fileno()).st_mtime
         found = first_time(head, self.settings.format, self.settings.tz)
         return mtime if found is None else found
 
@@ -289,21 +288,17 @@ class Archiver:
         self.tree.fsync_dir(relpath.rpartition("/")[0])
         self.writer.compressed(relpath, out.size, out.hashed.hexdigest())
 
-    def _open(self, relpath: str, unpacked: bool) -> BinaryIO:
-        handle: BinaryIO = os.fdopen(self.tree.open_existing(relpath, os.O_RDONLY), "rb")
-        return gzip.GzipFile(fileobj=handle, mode="rb") if unpacked else handle  # type: ignore[return-value]
-
     def _digest(self, relpath: str, *, unpacked: bool = False) -> str | None:
         """The BLAKE2b of a file's bytes (of its content, `unpacked` from gzip); None when it cannot be read whole."""
         try:
-            with self._open(relpath, unpacked) as handle:
+            with self.tree.reader(relpath, unpacked=unpacked) as handle:
                 return seal.file_digest(handle)
         except (OSError, EOFError, gzip.BadGzipFile):
             return None
 
     def _gz_seal(self, relpath: str) -> tuple[int, str]:
         """(size, digest) of a .gz, as its seal names them."""
-        with self._open(relpath, False) as handle:
+        with self.tree.reader(relpath) as handle:
             size = os.fstat(handle.fileno()).st_size
             return size, seal.file_digest(handle)
 

@@ -242,7 +242,7 @@ class BatchWriter:
         if not mv:
             self._ops = []
         if self.sealer is not None and line is not None:
-            self.sealer.committed(line[0], line[2], end)
+            self.sealer.committed(line, end)
         return record, data
 
     def _commit_and_apply(self, targets: list[tuple[str, int, bytes]], **how: Any) -> None:
@@ -264,11 +264,8 @@ class BatchWriter:
             self._commit_and_apply([], end=epoch)
 
     def _take_archive_ops(self) -> None:
-        while True:
-            try:
-                self._ops.append(self.archive_ops.get_nowait())
-            except queue.Empty:
-                return
+        while not self.archive_ops.empty():  # this thread is the only one that takes
+            self._ops.append(self.archive_ops.get_nowait())
 
     # What the archiver does to files, journaled (and sealed) like a batch.
 

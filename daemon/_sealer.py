@@ -109,7 +109,7 @@ class Sealer:
                     if top == ARCHIVE and (match is None or match["tmp"]):
                         continue
                     try:
-                        with os.fdopen(self.tree.open_existing(relpath, os.O_RDONLY), "rb") as handle:
+                        with self.tree.reader(relpath) as handle:
                             size, digest = os.fstat(handle.fileno()).st_size, seal.file_digest(handle)
                     except OSError:
                         continue
@@ -145,14 +145,14 @@ class Sealer:
     def _read_tail(self) -> None:
         """Where the chain stands, from the last line of the last seal log file (after the journal's redo)."""
         try:
-            names = sorted(n for n in os.listdir(self.tree.root / seal.SEALS) if seal.is_segment(n))
+            names = seal.segments(self.tree.root)
         except FileNotFoundError:
             return
         if not names:
             return
         self.segment = f"{seal.SEALS}/{names[-1]}"
         try:
-            with os.fdopen(self.tree.open_existing(self.segment, os.O_RDONLY), "rb") as handle:
+            with self.tree.reader(self.segment) as handle:
                 handle.seek(max(0, os.fstat(handle.fileno()).st_size - TAIL_BYTES))
                 data = handle.read(TAIL_BYTES)
         except OSError:
@@ -199,8 +199,8 @@ class Sealer:
         the next line says so, verify finds the break, and writing never stops for it (SPEC D7).
         """
         try:
-            if self.segment and self.files.size(self.segment) < SEGMENT_BYTES:
-                return self.segment, self.files.size(self.segment)
+            if self.segment and (size := self.files.size(self.segment)) < SEGMENT_BYTES:
+                return self.segment, size
         except OSError as exc:
             if exc.errno in DISK_ERRORS:
                 raise
@@ -226,9 +226,10 @@ class Sealer:
         self.notes.append(note)
         self.reports.append(note)
 
-    def committed(self, segment: str, raw: bytes, end: int | None) -> None:
-        """The line made last is in the journal: the chain moves on (and, after an epoch's last line, the key)."""
-        self._before = (self.n, self.prev, self.segment, self.files.size(segment))
+    def committed(self, line: tuple[str, int, bytes], end: int | None) -> None:
+        """The line `make` gave is in the journal: the chain moves on (and, after an epoch's last line, the key)."""
+        segment, size, raw = line
+        self._before = (self.n, self.prev, self.segment, size)
         self.n += 1
         self.prev = seal.digest(raw)
         self.segment = segment

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
+from pathlib import Path
 from typing import BinaryIO
 
 import msgspec
@@ -110,8 +112,9 @@ def segment_name(first: int) -> str:
     return f"{first:012d}{SEAL_SUFFIX}"
 
 
-def is_segment(name: str) -> bool:
-    return _SEGMENT.match(name) is not None
+def segments(log_dir: Path) -> list[str]:
+    """The seal log's files in order (their names, below `seals/`); FileNotFoundError when there is none."""
+    return sorted(n for n in os.listdir(log_dir / SEALS) if _SEGMENT.match(n))
 
 
 class VerificationKey(msgspec.Struct, frozen=True):

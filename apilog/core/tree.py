@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gzip
 import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -76,6 +78,11 @@ class LogTree:
                 # A link on the way: walked again below, folder by folder, to say which part it is.
         with self._folder_of(relpath) as (dir_fd, name):
             return self._open_existing(name, flags, dir_fd, relpath)
+
+    def reader(self, relpath: str, *, unpacked: bool = False) -> BinaryIO:
+        """A regular file of the tree open for reading (`unpacked` from gzip), reached without following a link."""
+        handle: BinaryIO = os.fdopen(self.open_existing(relpath, os.O_RDONLY), "rb")
+        return gzip.GzipFile(fileobj=handle, mode="rb") if unpacked else handle  # type: ignore[return-value]
 
     def rename(self, src: str, dst: str) -> None:
         """Move `src` to `dst` inside the tree (creating dst's folders); refuses to overwrite."""

@@ -353,8 +353,7 @@ def _read(tree: LogTree, path: Path) -> bytes:
 def _read_gz(tree: LogTree, path: Path, limit: int) -> bytes:
     """An archive's content, at most `limit` bytes of it (a gzip bomb planted in the tree stops there)."""
     try:
-        fd = tree.open_existing(str(path.relative_to(tree.root)), os.O_RDONLY)
-        with os.fdopen(fd, "rb") as raw, gzip.GzipFile(fileobj=raw) as unpacked:
+        with tree.reader(str(path.relative_to(tree.root)), unpacked=True) as unpacked:
             return unpacked.read(limit)
     except (OSError, EOFError, gzip.BadGzipFile):
         return b""
