@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -42,14 +42,25 @@ def create_app(settings: Settings, token: str) -> Starlette:
     def render(template: str, **values: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(template).render(**values))
 
-    def user_of(request: Request) -> str:
+    def user_of(request: Request) -> tuple[str, dict[str, list[Path]]]:
+        """The user a request names, and the user's files by stream (listed once for the whole request)."""
         name = request.path_params.get("name") or request.query_params.get("name") or request.query_params.get("user") or ""
         if trail.folder(name) is None:
             raise HTTPException(404, "no such user")  # and never a path: the tree's encoder made the folder
-        return name
+        return name, trail.streams(name)
+
+    def streams_asked(request: Request) -> set[str] | None:
+        return {s.strip().upper() for s in request.query_params.getlist("stream") if s.strip()} or None
+
+    def search_asked(request: Request) -> tuple[str, str | None, set[str] | None]:
+        """(text, user, streams) of a search; an unknown user is a 404."""
+        user = request.query_params.get("user") or None
+        if user is not None and trail.folder(user) is None:
+            raise HTTPException(404, "no such user")
+        return request.query_params.get("q", ""), user, streams_asked(request)
 
     def wanted(request: Request) -> tuple[set[str] | None, float | None, int]:
-        streams = {s.strip().upper() for s in request.query_params.getlist("stream") if s.strip()} or None
+        streams = streams_asked(request)
         raw_since = request.query_params.get("since") or None
         try:
             since = parse_since(raw_since) if raw_since else None
@@ -74,21 +85,16 @@ def create_app(settings: Settings, token: str) -> Starlette:
                       q=request.query_params.get("q", ""))
 
     def user_page(request: Request) -> Response:
-        name = user_of(request)
+        name, files = user_of(request)
         streams, since, limit = wanted(request)
-        items, cursor = trail.page(name, streams, limit, request.query_params.get("before"), since)
-        every = list(trail.streams(name))
-        first_hour, counts = trail.activity(name, CHART_HOURS)
-        return render("user.html", name=name, items=items, cursor=cursor, every=every, shown=streams,
+        items, cursor = trail.page(files, streams, limit, request.query_params.get("before"), since)
+        first_hour, counts = trail.activity(files, CHART_HOURS)
+        return render("user.html", name=name, items=items, cursor=cursor, every=list(files), shown=streams,
                       since=request.query_params.get("since", ""), chart=_chart(first_hour, counts),
-                      live=_encode_sizes(trail.live_sizes(name)) if request.query_params.get("before") is None else "")
+                      live=_encode_sizes(trail.live_sizes(files)) if request.query_params.get("before") is None else "")
 
     def search_page(request: Request) -> Response:
-        needle = request.query_params.get("q", "")
-        user = request.query_params.get("user") or None
-        if user is not None and trail.folder(user) is None:
-            raise HTTPException(404, "no such user")
-        streams = {s.strip().upper() for s in request.query_params.getlist("stream") if s.strip()} or None
+        needle, user, streams = search_asked(request)
         found, partial = trail.search(needle, user=user, streams=streams) if needle else ([], False)
         return render("search.html", q=needle, user=user or "", found=found, partial=partial)
 
@@ -98,31 +104,27 @@ def create_app(settings: Settings, token: str) -> Starlette:
             {"name": s.name, "last_activity": _iso(s.last_activity), "counts": s.counts} for s in summaries]})
 
     def api_entries(request: Request) -> Response:
-        name = user_of(request)
+        name, files = user_of(request)
         streams, since, limit = wanted(request)
-        items, cursor = trail.page(name, streams, limit, request.query_params.get("before"), since)
+        items, cursor = trail.page(files, streams, limit, request.query_params.get("before"), since)
         return JSONResponse({"user": name, "entries": [_json(i) for i in items], "before": cursor})
 
     def api_tail(request: Request) -> Response:
-        name = user_of(request)
+        _, files = user_of(request)
         raw = request.query_params.get("after")
-        items, sizes = trail.after(name, None if raw is None else _decode_sizes(raw))
+        items, sizes = trail.after(files, None if raw is None else _decode_sizes(raw))
         return JSONResponse({"entries": [_json(i) for i in items], "after": _encode_sizes(sizes)})
 
     def api_search(request: Request) -> Response:
-        needle = request.query_params.get("q", "")
-        if not needle:
+        if not request.query_params.get("q"):
             raise HTTPException(400, "q is required")
-        user = request.query_params.get("user") or None
-        if user is not None and trail.folder(user) is None:
-            raise HTTPException(404, "no such user")
-        streams = {s.strip().upper() for s in request.query_params.getlist("stream") if s.strip()} or None
+        needle, user, streams = search_asked(request)
         found, partial = trail.search(needle, user=user, streams=streams)
         return JSONResponse({"partial": partial, "results": [{"user": u, **_json(i)} for u, i in found]})
 
     def api_activity(request: Request) -> Response:
-        name = user_of(request)
-        first_hour, counts = trail.activity(name, CHART_HOURS)
+        name, files = user_of(request)
+        first_hour, counts = trail.activity(files, CHART_HOURS)
         return JSONResponse({"user": name, "first_hour": _iso(first_hour), "per_hour": counts})
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -170,8 +172,6 @@ def _encode_sizes(sizes: dict[str, int]) -> str:
 
 
 def _decode_sizes(raw: str) -> dict[str, int]:
-    from urllib.parse import unquote
-
     out = {}
     for part in raw.split(",")[:MAX_STREAMS]:
         path, _, size = part.rpartition(":")

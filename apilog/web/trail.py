@@ -124,12 +124,12 @@ class Trail:
                 out.setdefault(_stream_of(entry.name), []).append(Path(entry.path))
         return dict(sorted(out.items()))
 
-    # A trail, newest first.
+    # A trail, newest first. These take a user's `streams()`, listed once per request.
 
-    def page(self, name: str, streams: set[str] | None, limit: int, cursor: str | None = None,
+    def page(self, every: dict[str, list[Path]], streams: set[str] | None, limit: int, cursor: str | None = None,
              since: float | None = None) -> tuple[list[Item], str | None]:
         """Up to `limit` entries older than `cursor`, newest first, merged by time; and the cursor of the next page."""
-        files = {s: f for s, f in self.streams(name).items() if streams is None or s in streams}
+        files = {s: f for s, f in every.items() if streams is None or s in streams}
         position = decode_cursor(cursor, files, self.root)
         taken: list[Item] = []
         heads = [list(itertools.islice(self._backwards(paths, position.get(stream)), limit))
@@ -217,19 +217,19 @@ class Trail:
 
     # Live tail, search, activity.
 
-    def live_sizes(self, name: str) -> dict[str, int]:
+    def live_sizes(self, every: dict[str, list[Path]]) -> dict[str, int]:
         """Where each live file of a user ends now: the start of a live tail."""
         return {str(paths[-1].relative_to(self.root)): _size(paths[-1])
-                for paths in self.streams(name).values() if not paths[-1].name.endswith(".gz")}
+                for paths in every.values() if not paths[-1].name.endswith(".gz")}
 
-    def after(self, name: str, sizes: dict[str, int] | None) -> tuple[list[Item], dict[str, int]]:
+    def after(self, every: dict[str, list[Path]], sizes: dict[str, int] | None) -> tuple[list[Item], dict[str, int]]:
         """Entries appended to a user's live files past `sizes`, oldest first, and where the files end now.
 
         A file `sizes` does not name is new since (read from its start); a file shorter than it was
         was rotated (its successor read from its start). No `sizes`: where to start a tail.
         """
         items: list[Item] = []
-        now = self.live_sizes(name)
+        now = self.live_sizes(every)
         if sizes is None:
             return items, now
         for relpath, size in now.items():
@@ -271,7 +271,8 @@ class Trail:
                         return found, True
         return found, False
 
-    def activity(self, name: str, hours: int, now: float | None = None) -> tuple[float, dict[str, list[int]]]:
+    def activity(self, every: dict[str, list[Path]], hours: int,
+                 now: float | None = None) -> tuple[float, dict[str, list[int]]]:
         """Entries per hour by stream over the last `hours` (the first hour's start, and a count per hour per stream).
 
         Counted from the stamps alone, read back from the end of each stream until they are older
@@ -281,7 +282,7 @@ class Trail:
         first = (int(now) // 3600 - hours + 1) * 3600
         oldest = self._hour_key(first)
         out: dict[str, list[int]] = {}
-        for stream, paths in self.streams(name).items():
+        for stream, paths in every.items():
             seen: Counter[bytes] = Counter()
             for path in reversed(paths):
                 data = self._content(path)
