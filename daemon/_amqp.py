@@ -267,11 +267,6 @@ class AmqpSource(ShardWriter[_Shard]):
         what = item.entry.id if item.entry is not None else hashlib.sha256(body_bytes(item.message)).hexdigest()[:16]
         return f"amqp:{what}"
 
-    def entry(self, item: Item) -> Entry:
-        if item.entry is None:
-            raise wire.BadMessage(item.problem)
-        return item.entry
-
     def set_aside(self, item: Item, why: str) -> Entry:
         return quarantine_message(self.folders, body_bytes(item.message), why, self.durable)
 

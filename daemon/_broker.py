@@ -309,6 +309,12 @@ class ShardWriter(Generic[ShardT]):
         self.delivered = DeliveredIds(folders.state)
         self.delivered.add(ledger.last_ids)  # journaled since the last checkpoint: perhaps not in the file yet
 
+    def entry(self, item: Any) -> Entry:
+        """The entry its message was decoded into when taken (a bad message: why, raised)."""
+        if item.entry is None:
+            raise wire.BadMessage(item.problem)
+        return item.entry  # type: ignore[no-any-return]
+
     def positions(self, batch: list[Any]) -> dict[str, int]:
         return {}  # a broker forgets what it delivered once acked: the ids tell a redelivery
 

@@ -264,11 +264,6 @@ class RedisSource(ShardWriter[_Shard]):
     def key(self, item: Item) -> str:
         return f"redis:{item.shard.shard}:{hashlib.sha256(item.raw).hexdigest()[:16]}"
 
-    def entry(self, item: Item) -> Entry:
-        if item.entry is None:
-            raise wire.BadMessage(item.problem)
-        return item.entry
-
     def set_aside(self, item: Item, why: str) -> Entry:
         return quarantine_message(self.folders, item.raw, why, self.durable)
 
