@@ -80,6 +80,13 @@ def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "cond
         time.sleep(0.05)
 
 
+def take_seal_key(into: Path) -> Path:
+    """`apilogd seal-key` for the current APILOG_HOME, its verification key kept in the file `into`."""
+    printed = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
+    into.write_text(printed.stdout)
+    return into
+
+
 def log_file(home: Path, relpath: str) -> str:
     return (home / "logs" / relpath).read_text(encoding="utf-8")
 

@@ -22,7 +22,7 @@ from apilog._reading import archives, read_text
 from apilog.core.logfile import decode_user
 from apilog.spool.transport import writer_for
 
-from .conftest import wait_written
+from .conftest import take_seal_key, wait_written
 
 STREAMS = ("INFO", "LOGIN", "SECURITY ALERT")
 USERS = 64  # many files per batch: a long append window for the kills to land in
@@ -166,10 +166,8 @@ def _chaos_test(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str |
     _assert_clean(counts)
     assert (counts["archives"] > 0) == bool(rotate_bytes)
     # The seals went through every kill too (SPEC 13): the untouched tree verifies against the key.
-    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
-    (home / "verification.key").write_text(key.stdout)
-    found = subprocess.run([sys.executable, "-m", "apilog", "verify", "--key", str(home / "verification.key")],
-                           capture_output=True, text=True)
+    key = take_seal_key(home / "verification.key")
+    found = subprocess.run([sys.executable, "-m", "apilog", "verify", "--key", str(key)], capture_output=True, text=True)
     print("verify:", found.stdout.strip())
     assert found.returncode == 0, found.stdout
 

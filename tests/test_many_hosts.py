@@ -112,6 +112,16 @@ def _on_their_shards_writer(where: dict[str, set[str]]) -> None:
         assert hosts == {owner}, f"{user} (shard {shard_of(user, SHARDS)}) written on {hosts}"
 
 
+def _each_once_on_its_writer(writers: list[Host], expected: Counter[str], timeout: float, settle: float) -> None:
+    """Wait for every entry to be written, give a doubled one `settle` seconds to show, then check each once, on its writer."""
+    wait_for(lambda: sum(_written(writers)[0].values()) >= sum(expected.values()), timeout=timeout,
+             what="every entry on a writer")
+    time.sleep(settle)  # anything doubled would show now
+    counted, where = _written(writers)
+    assert counted == expected
+    _on_their_shards_writer(where)
+
+
 def _expected(producers: dict[str, int], users: int) -> Counter[str]:
     return Counter(f"INFO:  {name} {n:06d}" for name, count in producers.items() for n in range(count))
 
@@ -126,13 +136,7 @@ def test_entries_travel_from_app_hosts_to_the_writer_of_their_shard_exactly_once
         producers = {f"p{n}": 1500 for n in range(4)}
         procs = [apps[n % 2].produce(count, name, 20) for n, (name, count) in enumerate(producers.items())]
         assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
-        expected = _expected(producers, 20)
-        wait_for(lambda: sum(_written(writers)[0].values()) >= sum(expected.values()), timeout=90,
-                 what="every entry on a writer")
-        time.sleep(1)  # anything doubled would show now
-        counted, where = _written(writers)
-        assert counted == expected
-        _on_their_shards_writer(where)
+        _each_once_on_its_writer(writers, _expected(producers, 20), timeout=90, settle=1)
     finally:
         for host in [*apps, *writers]:
             host.stop()
@@ -254,14 +258,7 @@ def test_a_site_through_writer_and_forwarder_kills_and_a_broker_pause(
             out, _ = proc.communicate(timeout=180)
             assert proc.returncode == 0
             p99s.append(float(out.strip()))
-        expected = _expected(producers, 24)
-        everyone = [*writers.values(), standby]
-        wait_for(lambda: sum(_written(everyone)[0].values()) >= sum(expected.values()), timeout=120,
-                 what="every entry on a writer")
-        time.sleep(2)  # anything doubled would show now
-        counted, where = _written(everyone)
-        assert counted == expected
-        _on_their_shards_writer(where)
+        _each_once_on_its_writer([*writers.values(), standby], _expected(producers, 24), timeout=120, settle=2)
         assert max(p99s) < 20, f"delay() p99 per producer (ms): {p99s}"
     finally:
         for host in [*apps, standby, *writers.values()]:

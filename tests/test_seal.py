@@ -18,7 +18,7 @@ from apilogd import control
 from apilog import logger, settings
 from apilog.core import seal
 
-from .conftest import Daemon, wait_for, wait_written
+from .conftest import Daemon, take_seal_key, wait_for, wait_written
 
 USER_A, USER_B = "usera1@gizzleMail.com", "userb2@gizzleMail.com"
 EPOCH = 1  # seconds: several epochs pass while the tree is made
@@ -72,10 +72,7 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pat
             if generation < 2:
                 _archive_and_settle(home)
         time.sleep(2.5 * EPOCH)  # the key evolves while idle too
-        printed = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True,
-                                 check=True)
-        key = home.parent / "verification.key"
-        key.write_text(printed.stdout)
+        key = take_seal_key(home.parent / "verification.key")
         control.stop(settings.load())
         yield home, key
     finally:
@@ -310,8 +307,7 @@ def test_sealing_holds_through_sigkills_and_rotation(home: Path, tmp_path: Path,
     wait_written()
     assert apilog("archive").returncode == 0
     time.sleep(1.5)
-    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
-    (tmp_path / "key").write_text(key.stdout)
+    take_seal_key(tmp_path / "key")
     assert daemon.stop() == 0
     found = verify(home / "logs", tmp_path / "key")
     assert found.returncode == 0, found.stdout + daemon.stderr[-3000:]
@@ -330,8 +326,7 @@ def test_a_seal_log_cut_while_apilogd_was_stopped_is_sealed_as_such(home: Path, 
     daemon = Daemon(tmp_path)
     assert daemon.ready()
     _one_batch_each([("INFO", USER_A, f"entry {i}") for i in range(5)])
-    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
-    (tmp_path / "key").write_text(key.stdout)
+    take_seal_key(tmp_path / "key")
     assert daemon.stop() == 0
     logs = home / "logs"
     segment, lines = _lines(logs)
@@ -423,8 +418,7 @@ def test_a_damaged_key_or_seal_log_never_stops_writing(home: Path, tmp_path: Pat
     daemon = Daemon(tmp_path)
     assert daemon.ready()
     _one_batch_each([("INFO", USER_A, f"before {i}") for i in range(3)])
-    key = subprocess.run([sys.executable, "-m", "apilogd", "seal-key"], capture_output=True, text=True, check=True)
-    (tmp_path / "key").write_text(key.stdout)
+    take_seal_key(tmp_path / "key")
     assert daemon.stop() == 0
     logs, elsewhere = home / "logs", tmp_path / "elsewhere"
     elsewhere.mkdir()
