@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .core.logfile import ARCHIVE, USERS, Written, archive_order, decode_user, file_stem, parse, parse_archive_name, user_dir
+from .core.tree import GZIP_MAGIC
 from .settings import Settings
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
@@ -53,8 +54,15 @@ def archives(folder: Path) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
+    """A file's text; an archive's gzip is told by its bytes (halfway through its switch to .gz it has the plain name)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        match = parse_archive_name(path.name)
+        if match is None or match["gz"]:
+            raise
+        data = path.with_name(path.name + ".gz").read_bytes()  # switched to its .gz since it was listed
+    if path.suffix == ".gz" or data.startswith(GZIP_MAGIC):
         data = gzip.decompress(data)
     return data.decode("utf-8", errors="replace")
 

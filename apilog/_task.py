@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,11 @@ from .core.jsonsafe import jsonable
 from .core.logfile import SYSTEM
 from .core.route import render, route
 from .core.shards import queue_name, shard_of
-from .core.streams import Registry
+from .core.streams import INTERNAL, Registry
 from .core.tree import LogTree
 from .exceptions import BadInput, ConfigError, SpoolError
+from .spool.frame import HEADER as FRAME_HEADER
+from .spool.limits import REASONS, limits_for
 from .spool.transport import writer_for
 
 # kombu resolves "apilog://" to the embedded spool.
@@ -108,8 +111,7 @@ class LogTask(Task):  # type: ignore[misc]
             return Receipt(entry.id, spooled=False)
         try:
             if self is logger:  # never the network: a forwarder takes the spool to the broker (SPEC 12)
-                writer_for(conf.spool_dir, conf.fsync == "always").append(wire.encode(entry))
-                return Receipt(entry.id, spooled=True)
+                return _spool(entry, conf)
             # The task registered on an app's own Celery (`register()`) travels on that app's broker.
             options.setdefault("queue", queue_name(shard_of(entry.location, conf.shards)))
             return super().apply_async(args=(), kwargs={"entry": entry.to_wire()}, task_id=entry.id, **options)
@@ -139,6 +141,32 @@ class LogTask(Task):  # type: ignore[misc]
                         os.close(fd)
         finally:
             tree.close()
+
+
+_last_drop_said = [0.0]  # when this process last said on stderr that it drops entries
+
+
+def _spool(entry: Entry, conf: settings.Settings) -> Receipt:
+    """Append the entry to the spool, unless its user's rate or the spool's budget says drop it (counted, noted later)."""
+    payload = wire.encode(entry)
+    size = FRAME_HEADER.size + len(payload)
+    limits = limits_for(conf.spool_dir, conf.user_rate, conf.user_burst, conf.spool_max)
+    if limits is not None:
+        reason = limits.admit(entry.location, entry.streams or [INTERNAL], size, limited=entry.location != SYSTEM)
+        if reason:
+            now = time.monotonic()
+            if now - _last_drop_said[0] >= 60 or not _last_drop_said[0]:  # a line a minute, never one per entry
+                _last_drop_said[0] = now
+                print(f"apilog: dropping entries ({REASONS[reason]}); each is counted and noted in its user's file",
+                      file=sys.stderr)
+            return Receipt(entry.id, spooled=False)
+    try:
+        writer_for(conf.spool_dir, conf.fsync == "always").append(payload)
+    except BaseException:
+        if limits is not None:
+            limits.unappend(size)
+        raise
+    return Receipt(entry.id, spooled=True)
 
 
 def _checked_entry(args: tuple[Any, ...], kwargs: dict[str, Any], conf: settings.Settings) -> tuple[Entry, bool]:

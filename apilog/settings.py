@@ -25,6 +25,30 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+DEFAULT_CAP = 4 * 2**30  # a default share of a file system never counts more than this, as journald's
+
+
+@dataclass(frozen=True)
+class Share:
+    """A budget in bytes, or a percentage of a file system's size (with a cap where it is a default); 0 means none."""
+
+    size: int = 0
+    percent: float = 0.0
+    cap: int = 0
+
+    def of(self, fs_bytes: int) -> int:
+        """The budget in bytes on a file system of `fs_bytes`; 0 when there is none."""
+        if not self.percent:
+            return self.size
+        share = max(1, int(fs_bytes * self.percent / 100))
+        return min(share, self.cap) if self.cap else share
+
+    def __str__(self) -> str:
+        if self.percent:
+            return f"{self.percent:g}%" + (f" (at most {self.cap // 2**30} GiB)" if self.cap else "")
+        return f"{self.size} bytes" if self.size else "none"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of SPEC section 2, validated."""
@@ -49,6 +73,12 @@ class Settings:
     seal: bool = True  # seal every file as it is written (SPEC 13)
     seal_epoch: int = 900  # seconds a seal key lives before it evolves (fixed when the first key is made)
     web_token: str | None = None  # `apilog web`'s token; None: one kept in the home
+    user_rate: float = 200.0  # entries a second one user may write, sustained; 0: no limit
+    user_burst: int = 2000  # entries one user may write at once
+    user_quota: int = 0  # bytes one user may hold in the tree; 0: no quota
+    max_use: Share = field(default_factory=lambda: Share(percent=10, cap=DEFAULT_CAP))  # the whole tree
+    keep_free: Share = field(default_factory=lambda: Share(percent=15, cap=DEFAULT_CAP))  # the log file system
+    spool_max: Share = field(default_factory=lambda: Share(percent=10, cap=DEFAULT_CAP))  # what waits in the spool
     spool_dir: Path = field(init=False)
     state_dir: Path = field(init=False)
 
@@ -136,6 +166,35 @@ def _int(minimum: int, *, units: Mapping[str, int] | None = None, per: int = 1,
     return parse
 
 
+def _rate(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip().lower().removesuffix("/s"))
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of entries a second such as 200 (0: no limit); got {raw!r}") from None
+    if not 0 <= value < 1e9:
+        raise ConfigError(f"{name} must be 0 (no limit) or a positive number of entries a second; got {raw!r}")
+    return value
+
+
+def _share(default: str) -> Callable[[str, str], Share]:
+    """A size (`500 MB`) or a percentage of the file system (`10%`); the default's percentage is capped."""
+    sizes = _int(0, units=_SIZE_UNITS, like="a size such as 500 MB, or a percentage such as 10%")
+
+    def parse(name: str, raw: str) -> Share:
+        text = raw.strip()
+        if not text.endswith("%"):
+            return Share(size=sizes(name, text))
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            percent = -1
+        if not 0 <= percent <= 100:
+            raise ConfigError(f"{name} must be a size such as 500 MB, or a percentage from 0% to 100%; got {raw!r}")
+        return Share(percent=percent, cap=DEFAULT_CAP if text == default else 0)
+
+    return parse
+
+
 def _zone(name: str, raw: str) -> str:
     value = raw.strip()
     if value.lower() == "local" or value.upper() == "UTC":
@@ -196,6 +255,9 @@ def _read_toml(home: Path) -> dict[str, str]:
     return values
 
 
+# Defaults a machine nobody tuned can live with (README, "Limits"): journald's 10% and 15%, each at most 4 GiB.
+_DEFAULT_MAX_USE, _DEFAULT_KEEP_FREE, _DEFAULT_SPOOL_MAX = "10%", "15%", "10%"
+
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "APILOG_HOME": _path,
     "APILOG_LOG_DIR": _path,
@@ -215,6 +277,12 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "APILOG_SEAL": _bool,
     "APILOG_SEAL_EPOCH": _int(1, units=_DURATION_UNITS, like="a duration such as 15 min"),
     "APILOG_WEB_TOKEN": lambda name, raw: raw.strip() or None,
+    "APILOG_USER_RATE": _rate,
+    "APILOG_USER_BURST": _int(1),
+    "APILOG_USER_QUOTA": _int(0, units=_SIZE_UNITS, like="a size such as 1 GB"),
+    "APILOG_MAX_USE": _share(_DEFAULT_MAX_USE),
+    "APILOG_KEEP_FREE": _share(_DEFAULT_KEEP_FREE),
+    "APILOG_SPOOL_MAX": _share(_DEFAULT_SPOOL_MAX),
 }
 
 _DEFAULTS = {
@@ -234,6 +302,12 @@ _DEFAULTS = {
     "APILOG_SEAL": "1",
     "APILOG_SEAL_EPOCH": "900",
     "APILOG_WEB_TOKEN": "",
+    "APILOG_USER_RATE": "200",
+    "APILOG_USER_BURST": "2000",
+    "APILOG_USER_QUOTA": "0",
+    "APILOG_MAX_USE": _DEFAULT_MAX_USE,
+    "APILOG_KEEP_FREE": _DEFAULT_KEEP_FREE,
+    "APILOG_SPOOL_MAX": _DEFAULT_SPOOL_MAX,
 }
 
 
@@ -277,6 +351,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         seal=value["APILOG_SEAL"],
         seal_epoch=value["APILOG_SEAL_EPOCH"],
         web_token=value["APILOG_WEB_TOKEN"],
+        user_rate=value["APILOG_USER_RATE"],
+        user_burst=value["APILOG_USER_BURST"],
+        user_quota=value["APILOG_USER_QUOTA"],
+        max_use=value["APILOG_MAX_USE"],
+        keep_free=value["APILOG_KEEP_FREE"],
+        spool_max=value["APILOG_SPOOL_MAX"],
     )
 
 

@@ -2,9 +2,11 @@
 
 Rotation happens in the drain loop between batches (so no batch is ever split between
 two files) and is one rename, journaled and sealed like a batch by the writer. Compression
-runs in its own thread: gzip to `.gz.tmp`, fsync, rename to `.gz`; the writer's next batch
-seals the .gz and removes the plain copy, and removes archives past APILOG_RETAIN_DAYS.
-A crash leaves a plain archive (its .gz checked, or made again, at start) or a `.tmp` (removed).
+runs in its own thread: gzip to `.gz.tmp`, fsync; the writer's next batch seals the .gz and
+switches the archive to it in two renames, each leaving every entry under exactly one name
+(`BatchWriter._switch`), and removes archives past APILOG_RETAIN_DAYS. A crash leaves a plain
+archive, perhaps with a `.tmp` (removed, and compressed again), or one halfway through its switch
+(finished by the journal's redo, or by the sweep).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from apilog.core import seal
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, archive_name, first_time, parse_archive_name
-from apilog.core.tree import LogTree
+from apilog.core.tree import LogTree, is_gzip
 from apilog.settings import Settings
 
 from ._watch import ChangeWatcher
@@ -62,6 +64,7 @@ class Archiver:
         self.failing: dict[str, str] = {}
         self._lock = threading.Lock()  # guards _swept and _queued, shared with the two threads
         self._closing = threading.Event()
+        self._abandon = False  # closing without waiting: the queued compressions are left for the next start
         self._compressor = threading.Thread(target=self._compress_loop, name="apilog-gzip", daemon=True)
         self._compressor.start()
         # Walking the tree (a stat per file, each file's first entry read once) takes a while with
@@ -71,7 +74,11 @@ class Archiver:
         self._last_age_check = 0.0
 
     def close(self, *, wait: bool = False) -> None:
-        """Stop watching and compressing; `wait` finishes the queued compressions first."""
+        """Stop watching and compressing: the compression in hand is finished and handed to the writer (`wait`: every
+        queued one); the rest are left for the next start. A second call does nothing."""
+        if self._closing.is_set():
+            return
+        self._abandon = not wait
         self.watcher.stop()
         self._closing.set()
         self._jobs.put(None)
@@ -106,6 +113,8 @@ class Archiver:
         with self._lock:
             due.update(self._swept)
             self._swept.clear()
+            self._queued.difference_update(self.writer.switched)  # out of hand once switched
+        self.writer.switched.clear()
         # Each rotation costs a few fsyncs: a bounded share per tick keeps the loop (and SIGTERM) responsive.
         chosen = sorted(due)[:ROTATIONS_PER_TICK]
         due.difference_update(chosen)
@@ -237,8 +246,8 @@ class Archiver:
                 with self._lock:
                     in_hand = plain in self._queued
                 if match["tmp"] and not in_hand:
-                    self.tree.unlink(relpath)  # a compression cut short; its plain copy is still there
-                elif not match["gz"]:
+                    self.tree.unlink(relpath)  # a compression cut short, or its switch: its plain copy holds the entries
+                elif not match["gz"]:  # plain, or halfway through its switch
                     self._enqueue(relpath)
                 elif self.settings.retain_days:
                     with contextlib.suppress(FileNotFoundError):
@@ -248,59 +257,45 @@ class Archiver:
     def _compress_loop(self) -> None:
         while True:
             relpath = self._jobs.get()
-            if relpath is None:
+            if relpath is None or (self._closing.is_set() and self._abandon):
                 return
+            handed = False
             try:
-                self.compress(relpath)
+                handed = self.compress(relpath)
             except OSError as exc:
                 self.notes.append(("archive compression failed; will retry at the next sweep",
                                    {"file": relpath, "error": str(exc)}))
-            finally:
+            if not handed:  # else in hand until the writer has switched it (`tick`)
                 with self._lock:
                     self._queued.discard(relpath)
 
-    def compress(self, relpath: str) -> None:
-        """gzip a plain archive beside itself, durably; the writer then seals the .gz and removes the plain copy."""
-        final = relpath + ".gz"
-        if self.tree.exists(final):  # compressed before a crash that came before the plain copy's removal
-            content = self._digest(relpath)
-            if content is not None and content == self._digest(final, unpacked=True):
-                self.writer.compressed(relpath, *self._gz_seal(final))
-                return
-            self.tree.unlink(final)  # not the plain copy's content: made again
-        tmp = final + ".tmp"
-        self.tree.unlink(tmp)
-        src = self.tree.open_existing(relpath, os.O_RDONLY)
+    def compress(self, relpath: str) -> bool:
+        """gzip a plain archive to its `.gz.tmp`, durably, and hand it to the writer, which seals it and switches the
+        archive to it; False when there was nothing to hand over (switched since it was queued)."""
         try:
+            plain = self.tree.reader(relpath)
+        except FileNotFoundError:
+            return False
+        with plain:
+            if is_gzip(plain):  # halfway through its switch (its second rename failed): only that rename is left
+                self.writer.compressed(relpath, os.fstat(plain.fileno()).st_size, seal.file_digest(plain))
+                return True
+            # A .gz beside its plain copy is an older apilogd's (it kept both until the next batch): made again.
+            self.tree.unlink(relpath + ".gz")
+            tmp = relpath + ".gz.tmp"
+            self.tree.unlink(tmp)
             dst = self.tree.open_append(tmp)
             try:
                 # The .gz is digested as it is written: what gets sealed is what we wrote, not what the path holds later.
-                with (os.fdopen(src, "rb", closefd=False) as plain, os.fdopen(dst, "wb", closefd=False) as raw,
-                      _Digesting(raw) as out,
+                with (os.fdopen(dst, "wb", closefd=False) as raw, _Digesting(raw) as out,
                       gzip.GzipFile(filename=os.path.basename(relpath), mode="wb", fileobj=out, mtime=0) as packed):
                     shutil.copyfileobj(plain, packed, 1 << 20)
                 os.fsync(dst)
             finally:
                 os.close(dst)
-        finally:
-            os.close(src)
-        self.tree.rename(tmp, final)
-        self.tree.fsync_dir(relpath.rpartition("/")[0])
+        self.tree.fsync_dir(relpath.rpartition("/")[0])  # the .gz.tmp is found by a redo of the record that names it
         self.writer.compressed(relpath, out.size, out.hashed.hexdigest())
-
-    def _digest(self, relpath: str, *, unpacked: bool = False) -> str | None:
-        """The BLAKE2b of a file's bytes (of its content, `unpacked` from gzip); None when it cannot be read whole."""
-        try:
-            with self.tree.reader(relpath, unpacked=unpacked) as handle:
-                return seal.file_digest(handle)
-        except (OSError, EOFError, gzip.BadGzipFile):
-            return None
-
-    def _gz_seal(self, relpath: str) -> tuple[int, str]:
-        """(size, digest) of a .gz, as its seal names them."""
-        with self.tree.reader(relpath) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            return size, seal.file_digest(handle)
+        return True
 
 
 class _Digesting(io.RawIOBase):

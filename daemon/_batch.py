@@ -30,6 +30,7 @@ from ._files import DISK_ERRORS, MAX_OPEN, OpenFiles
 from ._folders import Folders
 from ._journal import Batch, Journal
 from ._ledger import Ledger
+from ._limits import Budget, DropNotes, consumer_of, location_of
 from ._probe import Probe
 from ._sealer import Sealer
 from ._source import NoSource, Source
@@ -105,6 +106,14 @@ class BatchWriter:
         # Compressions and removals the archiver's threads finished, sealed and journaled by the next batch.
         self.archive_ops: queue.SimpleQueue[tuple[str, int, str]] = queue.SimpleQueue()
         self._ops: list[tuple[str, int, str]] = []  # taken from archive_ops, not committed yet
+        # Limits (README, "Limits"): notes of dropped entries, and the tree's disk budget.
+        self.drop_notes = DropNotes(settings)
+        self.budget = Budget(settings, self.tree.root_fd)
+        self._marks: dict[str, int] = {}  # drop counters the notes waiting in self.notes account for
+        self._dropping: dict[tuple[str, str, int], int] = {}  # entries of the batch being made dropped for space
+        # Archives switched to their .gz (or whose switch failed) since the archiver last looked: until then it keeps
+        # them in hand, so that no sweep compresses one again, or removes its .gz.tmp, under the switch.
+        self.switched: list[str] = []
         try:
             self._recover()
             if seal and settings.seal:
@@ -121,6 +130,7 @@ class BatchWriter:
 
     def close(self) -> None:
         """Release the source, files and folders; a disk that fails now is reported, never raised (we are stopping)."""
+        self.budget.close()
         self.source.close()
         self.files.close()
         self.tree.close()
@@ -152,6 +162,7 @@ class BatchWriter:
         redo = self.journal.to_redo
         for batch, data in redo:
             self._apply(batch, data)
+            self.drop_notes.mark(batch.noted)
             self.ledger.advance(batch.advance)
             self.ledger.last_ids.extend(batch.ids)
         if redo:
@@ -183,15 +194,21 @@ class BatchWriter:
         self.created, self.sizes = {}, {}
         self.notes.extend(source.notes)
         source.notes.clear()
+        if not self._marks:  # else the notes made last time wait in self.notes still
+            drop_notes, self._marks = self.drop_notes.due(force=only_notes)
+            self.notes.extend(drop_notes)
         batch = [] if only_notes else source.take(1 if self.one_at_a_time else MAX_ITEMS)
         self._take_archive_ops()
         if not batch and not self.notes and not self._ops:
             self.checkpoint()  # idle: make the last batches durable now
             source.tidy()
             return 0
+        rendered = len(self.notes)
         try:
-            targets = self._targets(self._lines(batch))
-            record, data = self._commit(targets, source.positions(batch), source.ids(batch))
+            lines, note_lines = self._lines(batch)
+            self._keep_within_budget(lines, note_lines)
+            targets = self._targets(lines)
+            record, data = self._commit(targets, source.positions(batch), source.ids(batch), noted=self._marks)
         except BaseException as exc:
             source.rewind(batch)  # taken again at the next step
             if not isinstance(exc, OSError) and isinstance(exc, Exception):
@@ -200,7 +217,10 @@ class BatchWriter:
         # Committed: whatever happens now, the journal brings the batch back.
         self.ledger.advance(record.advance)
         self.quarantined += self._set_aside_now
-        self.notes.clear()
+        del self.notes[:rendered]  # a note added while the batch was made (a removal's seal report) goes next time
+        self.drop_notes.mark(self._marks)
+        self.drop_notes.dropped(self._dropping)
+        self._marks, self._dropping = {}, {}
         self._take_seal_reports()
         now = time.time()  # the daemon's clock judges a file's age, never a producer's
         self.created = {r: now for r, before, _ in targets if before == 0}
@@ -215,13 +235,15 @@ class BatchWriter:
                 "it comes back and is recognised by its ids")
         self._watch_for_bursts()
         self._apply(record, data, redo=False)
+        self.budget.grew({relpath: len(chunk) for relpath, _, chunk in targets})
         source.tidy()  # in the files, and the journal can bring it back: consumed input may go
         if time.monotonic() - self.journal_since >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
             self.checkpoint()
         return len(batch)
 
     def _commit(self, targets: list[tuple[str, int, bytes]], advance: dict[str, int], ids: list[str], *,
-                mv: list[tuple[str, str]] | None = None, end: int | None = None) -> tuple[Batch, bytes]:
+                mv: list[tuple[str, str]] | None = None, end: int | None = None,
+                noted: dict[str, int] | None = None) -> tuple[Batch, bytes]:
         """Commit a batch as one journal record: its files' bytes, then its seal line; return the record and its data.
 
         A rotation (`mv`) travels alone: its record may be taken back, which the archive changes must not be.
@@ -237,8 +259,9 @@ class BatchWriter:
         data = b"".join(chunk for _, _, chunk in targets)
         if self.journal.size == 0:  # a burst after a quiet spell runs a full second before its checkpoint
             self.journal_since = time.monotonic()
-        record = self.journal.append([(r, before, len(chunk)) for r, before, chunk in targets], data,
-                                     advance, ids, renames=mv, removes=[relpath for relpath, _, _ in gz] + rm)
+        record = self.journal.append([(r, before, len(chunk)) for r, before, chunk in targets], data, advance, ids,
+                                     renames=mv, switches=[(relpath, size) for relpath, size, _ in gz], removes=rm,
+                                     noted=noted)
         if not mv:
             self._ops = []
         if self.sealer is not None and line is not None:
@@ -265,7 +288,9 @@ class BatchWriter:
 
     def _take_archive_ops(self) -> None:
         while not self.archive_ops.empty():  # this thread is the only one that takes
-            self._ops.append(self.archive_ops.get_nowait())
+            op = self.archive_ops.get_nowait()
+            self._ops.append(op)
+            self.budget.archived(op[0], op[1])
 
     # What the archiver does to files, journaled (and sealed) like a batch.
 
@@ -286,7 +311,7 @@ class BatchWriter:
             self.sealer.take_back()
 
     def compressed(self, archive: str, gz_size: int, gz_digest: str) -> None:
-        """(Any thread) `archive` has its .gz, durable: the next batch seals it and removes the plain copy."""
+        """(Any thread) `archive` has its .gz.tmp, durable: the next batch seals it and switches the archive to it."""
         self.archive_ops.put((archive, gz_size, gz_digest))
 
     def retire(self, archive: str) -> None:
@@ -298,6 +323,22 @@ class BatchWriter:
             return  # done before a crash
         self.files.forget(relpath)  # the next entry opens a fresh live file
         self.tree.rename(relpath, archive)
+
+    def _switch(self, archive: str, size: int) -> None:
+        """Put an archive's .gz in the place of its plain copy, so that each entry has one name at every instant.
+
+        The .gz.tmp is renamed over the plain name (its gzip bytes replace the text under that one name; readers
+        tell them by their magic), then that name to `.gz`. No fsync: the record stays in the journal until a
+        checkpoint syncs the file system, and a crash before it redoes the switch from the step it stopped at. A
+        .gz.tmp that is not the one sealed (lost, or a later attempt's) is left to the archiver's sweep.
+        """
+        tmp, packed = archive + ".gz.tmp", archive + ".gz"
+        if self.tree.exists(packed):
+            return  # switched before a crash
+        if self.tree.size(tmp) == size:
+            self.tree.replace(tmp, archive)
+        if self.tree.is_gzip(archive):
+            self.tree.rename(archive, packed)
 
     def _remove(self, relpath: str) -> None:
         if relpath.endswith(".gz") or self.tree.exists(relpath + ".gz"):  # never the only copy
@@ -339,11 +380,38 @@ class BatchWriter:
                     if redo:  # a crash came between the record and its rename, which fails now: said, not retried
                         self.notes.append(internal(f"could not finish rotating {relpath} into {archive}: {describe(exc)}",
                                                    {"file": relpath, "archive": archive, "error": describe(exc)}))
+            for archive, size in batch.switches:
+                try:
+                    self._switch(archive, size)
+                except OSError as exc:
+                    if exc.errno in DISK_ERRORS:
+                        raise
+                    # Refused (a folder made immutable): the plain copy keeps the entries, and the archiver's next
+                    # sweep compresses it again. Retried at every batch, it would hold up every entry.
+                    self.notes.append(internal(f"could not switch {archive} to its .gz: {describe(exc)}",
+                                               {"file": archive, "error": describe(exc)}))
+                self.switched.append(archive)
             for relpath in batch.removes:
                 self._remove(relpath)
-        except BaseException:
+        except BaseException as exc:
             self.unapplied = (batch, data)
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+                self._cut_back(batch)
             raise
+
+    def _cut_back(self, batch: Batch) -> None:
+        """A full or failing disk stopped a batch half-way: its files go back to their sizes before it.
+
+        So no file holds bytes past its last seal line while the batch waits in the journal to be
+        redone (cutting frees space, so it works on a full disk too).
+        """
+        for relpath, before, _ in batch.files:
+            try:
+                self.files.truncate(relpath, before)
+                if before == 0:  # made by this batch: an empty file no seal line names would read as planted
+                    self.tree.unlink(relpath)
+            except OSError as exc:
+                say(f"could not cut {relpath} back to {before} bytes after a failed write: {describe(exc)}")
 
     def _diverted(self, relpath: str, entries: str, exc: OSError, then: str = "") -> Entry:
         """The INTERNAL entry reporting a file that cannot be written, its entries' text included."""
@@ -361,8 +429,8 @@ class BatchWriter:
             self.probe.failed(self.source.key(batch[0]))  # set aside at its second failure
         self.one_at_a_time = max(self.one_at_a_time, len(batch))
 
-    def _lines(self, batch: list[Any]) -> dict[str, list[str]]:
-        """Rendered lines by target file; an item that cannot be read or rendered is set aside, alone."""
+    def _lines(self, batch: list[Any]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Rendered lines by target file, the entries' and the notes'; an item that cannot be read or rendered is set aside."""
         lines: dict[str, list[str]] = {}
         known = frozenset(self.registry.names())  # one look at the registry per batch
         probing = self.probe.armed  # only after a crash or a failed batch: a write per item
@@ -386,10 +454,44 @@ class BatchWriter:
             for relpath, text in routed:
                 lines.setdefault(relpath, []).append(text)
         self.probe.between()
+        note_lines: dict[str, list[str]] = {}
         for note in self.notes:
             for relpath, text in route(note, known, self.settings):
-                lines.setdefault(relpath, []).append(text)
-        return lines
+                note_lines.setdefault(relpath, []).append(text)
+        return lines, note_lines
+
+    def _keep_within_budget(self, lines: dict[str, list[str]], note_lines: dict[str, list[str]]) -> None:
+        """Make room for the batch, or drop the entries of consumers past their share, or wait: then add the notes.
+
+        Archives are removed in a record of their own, committed and applied before the batch. The
+        dropped entries are counted when the batch commits; notes (bounded) are never dropped.
+        """
+        need: dict[str, int] = {}
+        for relpath, texts in lines.items():
+            owner = consumer_of(relpath)
+            if owner is not None:
+                need[owner] = need.get(owner, 0) + sum(map(len, texts))
+        plan = self.budget.plan(need, sum(len(text) for texts in note_lines.values() for text in texts))
+        if plan.remove:
+            self._ops.extend((relpath, -1, "") for relpath, _ in plan.remove)
+            self._commit_and_apply([])
+            for relpath, size in plan.remove:
+                self.budget.removed(relpath, size)
+            self.notes.append(internal(  # written with the next batch
+                f"removed {len(plan.remove)} archives to keep the log tree within its budget",
+                {"removed": [relpath for relpath, _ in plan.remove], "bytes": sum(size for _, size in plan.remove),
+                 "why": "APILOG_USER_QUOTA takes a user's own oldest archives; APILOG_MAX_USE and APILOG_KEEP_FREE "
+                        "the largest consumer's oldest, only while it holds more than a fair share"}))
+        if plan.full is not None:
+            raise plan.full
+        self._dropping = {}
+        for relpath in [r for r in lines if consumer_of(r) in plan.drop]:
+            owner = consumer_of(relpath) or ""
+            stream = relpath.rsplit("/", 1)[1].rsplit(".", 1)[0].replace("_", " ")
+            key = (location_of(owner), stream, plan.drop[owner])
+            self._dropping[key] = self._dropping.get(key, 0) + len(lines.pop(relpath))
+        for relpath, texts in note_lines.items():
+            lines.setdefault(relpath, []).extend(texts)
 
     def _targets(self, lines: dict[str, list[str]]) -> list[tuple[str, int, bytes]]:
         """(file, size before the batch, bytes) for each target, INTERNAL last; a file that cannot take its lines diverts them.

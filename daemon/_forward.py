@@ -19,6 +19,7 @@ from ._batch import MAX_ITEMS, BatchWriter, describe
 from ._drain import SpoolSource
 from ._folders import Folders
 from ._ledger import Ledger
+from ._limits import DropNotes
 from ._probe import Probe
 
 
@@ -64,6 +65,8 @@ class Forwarder:
         self.probe = Probe(folders.state)
         self.source = SpoolSource(settings, folders, self.ledger)
         self.notes: list[Entry] = []
+        self.drop_notes = DropNotes(settings)  # this host's producers' drops, noted through the broker
+        self._marks: dict[str, int] = {}
         self.quarantined = 0
         # What the archiver reads of a BatchWriter: a forwarder writes no log files.
         self.created: dict[str, float] = {}
@@ -81,6 +84,9 @@ class Forwarder:
         source = self.source
         self.notes.extend(source.notes)
         source.notes.clear()
+        if not self._marks:  # the notes made last time still wait in self.notes
+            drop_notes, self._marks = self.drop_notes.due(force=only_notes)
+            self.notes.extend(drop_notes)
         batch = [] if only_notes else source.take(MAX_ITEMS)
         if not batch and not self.notes:
             source.tidy()
@@ -104,6 +110,9 @@ class Forwarder:
             raise
         self.last_error = None
         self.notes.clear()
+        # A crash before this publishes the notes again under the same ids: the writer keeps each once.
+        self.drop_notes.mark(self._marks)
+        self._marks = {}
         source.committed(batch)
         self.ledger.advance(source.positions(batch))
         self.ledger.save()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -50,7 +51,10 @@ class Batch(msgspec.Struct, frozen=True, omit_defaults=True):
     advance: dict[str, int]  # source position -> offset once the batch is in
     ids: list[str]  # entry ids a broker source must not write again
     renames: list[tuple[str, str]] = []  # (live file, archive): rotations, done after the appends
-    removes: list[str] = []  # archives removed: a plain one once its .gz is sealed, a .gz by retention
+    # (plain archive, size of its .gz): compressions, each switched from its .gz.tmp in two renames (BatchWriter._switch)
+    switches: list[tuple[str, int]] = []
+    removes: list[str] = []  # archives removed: a .gz by retention (a plain one, in a record of an older apilogd)
+    noted: dict[str, int] = {}  # drop counters ("slot:key") whose counts the batch's suppression notes hold
 
     def shares(self, data: bytes) -> Iterator[tuple[str, int, bytes]]:
         """(relative path, size before, bytes) for each file of the batch."""
@@ -83,6 +87,9 @@ def _decode_batch(head: memoryview) -> Batch:
             raise msgspec.DecodeError("not JSON") from None
 
 
+_NOTED = re.compile(r"\d{1,5}:\d{1,20}")
+
+
 def _problem(batch: Batch, data_len: int) -> str | None:
     """What is wrong with a record whose checksum holds (a hand edit, a bug): None when it is sound."""
     if batch.seq < 1:
@@ -96,8 +103,11 @@ def _problem(batch: Batch, data_len: int) -> str | None:
         return "a source position that is not one"
     if not all(is_entry_id(i) for i in batch.ids):
         return "an id that is not an entry id"
-    if not all(is_relpath(p) for pair in batch.renames for p in pair) or not all(map(is_relpath, batch.removes)):
+    if (not all(is_relpath(p) for pair in batch.renames for p in pair) or not all(map(is_relpath, batch.removes))
+            or not all(is_relpath(p) and size >= 0 for p, size in batch.switches)):
         return "a rename or removal of a path apilogd never writes"
+    if not all(_NOTED.fullmatch(k) and n >= 0 for k, n in batch.noted.items()):
+        return "a drop counter that is not one"
     return None
 
 
@@ -229,9 +239,10 @@ class Journal:
 
     def append(self, files: list[tuple[str, int, int]], data: bytes, advance: dict[str, int],
                ids: list[str], *, renames: list[tuple[str, str]] | None = None,
-               removes: list[str] | None = None) -> Batch:
+               switches: list[tuple[str, int]] | None = None, removes: list[str] | None = None,
+               noted: dict[str, int] | None = None) -> Batch:
         """Commit a batch: its record appended and, when durable, on disk before this returns."""
-        batch = Batch(self.seq + 1, files, advance, ids, renames or [], removes or [])
+        batch = Batch(self.seq + 1, files, advance, ids, renames or [], switches or [], removes or [], noted or {})
         head = _encode_batch(batch)
         record = HEADER.pack(MAGIC, len(head), len(data), zlib.crc32(data, zlib.crc32(head))) + head + data
         view = memoryview(record)

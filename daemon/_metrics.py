@@ -56,6 +56,12 @@ class Metrics:
                                      "estimated from the bytes above)", registry=registry)
         self.written_last_minute = Gauge("apilog_written_last_minute", "Items committed in the last 60 s",
                                          registry=registry)
+        self.suppressed = Counter("apilog_suppressed", "Entries dropped and counted in a suppression note, by reason",
+                                  ["reason"], registry=registry)
+        self.log_disk_full = Gauge("apilog_log_disk_full", "1 while batches wait for room on the log file system",
+                                   registry=registry)
+        for reason in ("rate limit", "spool full", "log space", "quota"):
+            self.suppressed.labels(reason=reason)
         for kind in ("write", "batch", "rotation"):
             self.errors.labels(kind=kind)  # present at 0 from the start, so a rate() sees the first one
         self._entry_bytes = 400.0  # a typical spooled entry, until a count says otherwise

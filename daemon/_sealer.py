@@ -21,7 +21,7 @@ import msgspec
 from apilog.core import seal
 from apilog.core.folder import Folder
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, parse_archive_name
-from apilog.core.tree import LogTree
+from apilog.core.tree import LogTree, is_gzip
 
 from ._files import DISK_ERRORS, OpenFiles
 from ._ledger import DAMAGED
@@ -110,10 +110,12 @@ class Sealer:
                         continue
                     try:
                         with self.tree.reader(relpath) as handle:
+                            # An archive's gzip, under its plain name too when a crash came halfway through its switch.
+                            gz = match is not None and (bool(match["gz"]) or is_gzip(handle))
                             size, digest = os.fstat(handle.fileno()).st_size, seal.file_digest(handle)
                     except OSError:
                         continue
-                    if match is not None and match["gz"]:
+                    if gz:
                         packed.append((relpath.removesuffix(".gz"), size, digest))
                     else:
                         whole.append((relpath, 0, size, digest))

@@ -6,11 +6,12 @@ import grp
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
 from apilog.core.clitools import Group, load_settings
-from apilog.settings import redacted
+from apilog.settings import Settings, redacted
 
 from . import _metrics, _units, control
 from .service import Service
@@ -134,6 +135,34 @@ def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None
         click.echo("apps that log must be in the apilog group: usermod -aG apilog <the app's user>")
 
 
+def _limits_json(conf: Settings, limits: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings of the limits, and what the running daemon last reported of them."""
+    found = dict(limits or {})
+    found.update(user_rate=conf.user_rate, user_burst=conf.user_burst, user_quota=conf.user_quota,
+                 max_use=str(conf.max_use), keep_free=str(conf.keep_free), spool_max=str(conf.spool_max))
+    found.setdefault("log_disk_full", False)
+    found.setdefault("suppressed", {})
+    found.setdefault("limited_now", [])
+    return found
+
+
+def _limits_text(conf: Settings, limits: dict[str, Any] | None) -> list[str]:
+    rate = f"{conf.user_rate:g}/s per user, bursts of {conf.user_burst}" if conf.user_rate else "no rate limit"
+    lines = [f"limits:      {rate}; tree {conf.max_use}, keep {conf.keep_free} free; spool {conf.spool_max}"]
+    if not limits:
+        return lines
+    if limits.get("log_disk_full"):
+        free = limits.get("free_bytes")
+        lines.append("warning:     log disk full: entries wait in the spool and are written once space returns"
+                     + (f" ({free} bytes free)" if isinstance(free, int) else ""))
+    suppressed = limits.get("suppressed") or {}
+    if suppressed:
+        lines.append("suppressed:  " + ", ".join(f"{n:,} ({reason})" for reason, n in sorted(suppressed.items())))
+    lines.extend(f"limited now: {item.get('user')} {item.get('stream')}: {item.get('reason')}, "
+                 f"{item.get('suppressed'):,} suppressed" for item in limits.get("limited_now") or [])
+    return lines
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts and monitoring.")
 def status(as_json: bool) -> None:
@@ -154,6 +183,7 @@ def status(as_json: bool) -> None:
             "owned_shards": info.owned_shards, "broker_error": info.broker_error,
             "broker_warning": control.durability_warning(conf),
             "home": str(conf.home), "logs": str(conf.log_dir), "seal": sealing,
+            "limits": _limits_json(conf, info.limits),
         }))
         raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)
     if info.pid is None:
@@ -189,5 +219,7 @@ def status(as_json: bool) -> None:
     else:
         click.echo("sealing:     off")
     click.echo(f"quarantined: {info.quarantined} spool messages (in {conf.spool_dir / 'quarantine'})")
+    for line in _limits_text(conf, info.limits):
+        click.echo(line)
     click.echo(f"spool group: {_group_of(conf.spool_dir)} (an app's user must be in it to log: usermod -aG <group> <user>)")
     raise SystemExit(0 if info.pid is not None else EXIT_STOPPED)

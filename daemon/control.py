@@ -14,6 +14,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from apilog.core import wire
 from apilog.core.atomic import write_atomic
@@ -109,6 +110,7 @@ class Status:
     written_last_minute: int | None  # None when the daemon is not running
     owned_shards: list[int] | None = None  # a writer's shards it holds now (the rest it stands by for)
     broker_error: str | None = None  # a forwarder's last failure to publish, while it retries
+    limits: dict[str, Any] | None = None  # who is limited now, what was dropped, how full the log disk is
 
 
 def _broker_backlog(url: str, shards: frozenset[int]) -> int | None:
@@ -159,8 +161,10 @@ def status(settings: Settings) -> Status:
         try:
             stats = json.loads((settings.state_dir / STATS_NAME).read_text())
             if stats.get("pid") == pid:
+                limits = stats.get("limits")
                 found = dataclasses.replace(found, written_last_minute=int(stats["written_last_minute"]),
-                                            owned_shards=stats.get("owned_shards"), broker_error=stats.get("broker_error"))
+                                            owned_shards=stats.get("owned_shards"), broker_error=stats.get("broker_error"),
+                                            limits=limits if isinstance(limits, dict) else None)
         except (OSError, ValueError, KeyError, TypeError):
             pass
     return found
@@ -186,7 +190,7 @@ def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> tuple[int
             archiver = Archiver(settings, writer)
             result = archiver.rotate_all()
             archiver.close(wait=True)
-            writer.step(only_notes=True)  # seals the compressions and removes the plain copies
+            writer.step(only_notes=True)  # seals the compressions and switches each archive to its .gz
             writer.checkpoint()
         return result
     with holder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -39,6 +40,7 @@ LINGER, LINGER_BELOW = 0.025, 1024  # after a batch under LINGER_BELOW items, wa
 SCAN_EVERY = 0.5  # seconds between looks for new segments while busy
 SWEEP_EVERY = 60.0  # seconds between tidyings of the spool's tmp folder
 BACKOFF_MAX = 10.0  # well inside WatchdogSec=, which the loop must keep feeding
+DISK_FULL_RETRY = 1.0  # seconds between tries while the log disk is full
 REPORT_EVERY = 2.0  # seconds between STATUS= lines and state/stats.json updates
 
 
@@ -118,6 +120,8 @@ class Service:
         self.last_ping = 0.0
         self.stats_failed = False
         self.metrics_failed = False
+        self.disk_full = False  # the last batch waited for room on the log file system
+        self.suppressed_counted: dict[str, int] = {}  # drops already added to the metric, by reason
 
     def run(self) -> int:
         conf = self.settings
@@ -157,7 +161,7 @@ class Service:
                 say(f"draining {drainer.source.name} into {conf.log_dir}")
             self._loop(drainer, archiver)
             notify("STOPPING=1")
-            self._last_notes(drainer)
+            self._last_notes(drainer, archiver)
             try:
                 drainer.checkpoint()  # a clean stop leaves nothing to redo
             except OSError as exc:  # stopping all the same: the journal has the batches
@@ -176,6 +180,7 @@ class Service:
         failure: str | None = None
         idle, last_scan, last_sweep = True, 0.0, time.monotonic()
         idle_wait = IDLE_WAIT
+        last_said: str | None = None
         while not signals.stop:
             now = time.monotonic()
             self._ping(now)
@@ -190,6 +195,8 @@ class Service:
                 done = drainer.step()
             except Exception as exc:  # noqa: BLE001 - the loop outlives anything one input or one disk does
                 self.metrics.errors.labels(kind="write" if isinstance(exc, OSError) else "batch").inc()
+                full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                self.disk_full = full
                 if isinstance(exc, OSError):
                     failure = describe(exc) + (f" (errno {exc.errno})" if exc.errno else "")
                     what = "write failed, entries wait in the spool or the journal"
@@ -197,12 +204,17 @@ class Service:
                     failure = describe(exc)
                     what = "a batch failed; its items are retried one at a time and a culprit is set aside"
                     say("".join(traceback.format_exception(exc)).rstrip())
-                backoff = min(BACKOFF_MAX, max(0.5, backoff * 2))
-                say(f"{what}; retrying in {backoff:.1f}s: {failure}")
+                # A full disk is looked at every second (a statvfs): writing resumes soon after space returns.
+                backoff = min(DISK_FULL_RETRY if full else BACKOFF_MAX, max(0.5, backoff * 2))
+                if not full or failure != last_said:  # a full disk is said once, not every second
+                    say(f"{what}; retrying in {backoff:.1f}s: {failure}")
+                last_said = failure
                 self._report(now, 0, drainer)  # `apilogd status` tells why nothing moves
                 signals.sleep(backoff)
                 continue
             backoff = 0.0
+            self.disk_full = False
+            last_said = None
             written = done - drainer.quarantined  # set-aside items are items of the batch, not entries written
             if done:
                 self.metrics.batch(written, time.perf_counter() - began)
@@ -234,13 +246,17 @@ class Service:
                     signals.sleep(LINGER)  # let a trickle gather: a batch (and its fdatasync) per few entries costs
 
     @staticmethod
-    def _last_notes(drainer: BatchWriter | Forwarder) -> None:
-        """Write the INTERNAL notes still waiting (a recovery, a quarantine) before exiting."""
-        if drainer.notes:
+    def _last_notes(drainer: BatchWriter | Forwarder, archiver: Archiver | None) -> None:
+        """Write the INTERNAL notes still waiting (a recovery, a quarantine) before exiting, and seal and switch to
+        its .gz each archive the compressor finished (a .gz.tmp never handed over is removed at the next start)."""
+        if archiver is not None:
+            archiver.close()  # the compression in hand is finished and handed over; the queued ones wait
+        if drainer.notes or archiver is not None:
             try:
                 drainer.step(only_notes=True)
             except Exception as exc:  # noqa: BLE001 - stopping all the same; the cause is on stderr
-                say(f"could not write {len(drainer.notes)} INTERNAL notes before stopping: {describe(exc)}")
+                say(f"could not write {len(drainer.notes)} INTERNAL notes and the last archive changes before stopping: "
+                    f"{describe(exc)}")
 
     def _ping(self, now: float) -> None:
         if self.watchdog_every is not None and now - self.last_ping >= self.watchdog_every:
@@ -258,10 +274,12 @@ class Service:
         self.last_report = now
         last_minute = sum(n for _, n in self.written)
         waiting = drainer.source.waiting_bytes()
+        limits = self._limits(drainer, waiting)
         self._refresh_metrics(last_minute, waiting, drainer)
         backlog = "" if waiting is None else f"; {waiting} bytes waiting in the spool"
         notify(f"STATUS=wrote {last_minute} entries in the last minute{backlog}")
-        stats: dict[str, object] = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time()}
+        stats: dict[str, object] = {"pid": os.getpid(), "written_last_minute": last_minute, "updated": time.time(),
+                                    "limits": limits}
         if isinstance(drainer, Forwarder):
             stats["broker_error"] = drainer.last_error
         owned = getattr(drainer.source, "owned", None)
@@ -274,6 +292,20 @@ class Service:
             if not self.stats_failed:  # `apilogd status` only loses its rate; said once, not every 2 s
                 say(f"cannot update {STATS_NAME}: {describe(exc)}")
             self.stats_failed = True
+
+    def _limits(self, drainer: BatchWriter | Forwarder, waiting: int | None) -> dict[str, object]:
+        """Who is limited now, what was dropped, how full the disks are: for status, and the metrics."""
+        notes = drainer.drop_notes
+        if self.settings.drains_spool:
+            notes.recount(waiting)  # the producers' spool budget is checked against what really waits
+        report: dict[str, object] = {"log_disk_full": self.disk_full, **notes.report()}
+        if isinstance(drainer, BatchWriter):
+            report.update(drainer.budget.report(), log_disk_full=self.disk_full or drainer.budget.full)
+        for reason, total in notes.totals.items():
+            self.metrics.suppressed.labels(reason=reason).inc(total - self.suppressed_counted.get(reason, 0))
+            self.suppressed_counted[reason] = total
+        self.metrics.log_disk_full.set(1 if report["log_disk_full"] else 0)
+        return report
 
     def _refresh_metrics(self, last_minute: int, waiting: int | None, drainer: BatchWriter | Forwarder) -> None:
         """The textfile for node_exporter, every report; a failure is said once, like stats.json's."""

@@ -5,12 +5,21 @@ from __future__ import annotations
 import gzip
 import multiprocessing
 import os
+import re
+import signal
 import subprocess
+import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apilogd import control
+from apilogd._archive import Archiver
+from apilogd._batch import BatchWriter
+from apilogd._folders import open_folders, open_home
 from click.testing import CliRunner
 
 from apilog import logger, settings
@@ -18,7 +27,7 @@ from apilog._reading import archives, read_text
 from apilog.cli import main
 from apilog.spool.transport import writer_for
 
-from .conftest import log_file, wait_for, wait_written
+from .conftest import log_file, take_seal_key, wait_for, wait_written
 
 
 def lineage(home: Path, relpath: str) -> str:
@@ -275,3 +284,191 @@ def test_a_compression_that_fails_leaves_a_readable_archive_and_is_finished_late
         control.stop(settings.load())
     assert [p.name.endswith(".log.gz") for p in folder.iterdir()] == [True]
     assert lineage(home, "users/gz/INFO.log") == "INFO:  keep me\n"
+
+
+# ---------------------------------------------------------------- one name per entry through the switch to .gz
+
+ENTRY_ID = re.compile(r"id=p\d+\.\d+;")
+PRODUCER = """
+import sys, time
+from apilog import logger
+p, end, n = sys.argv[1], time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end:
+    logger.delay(("INFO", "WARN")[n % 2], f"sw{n % 4}", f"id=p{p}.{n}; " + "s" * 40, timestamp=False)
+    n += 1
+    time.sleep(0.002)
+print(n)
+"""
+
+
+def _scan(logs: Path, *tops: str) -> Counter[str]:
+    """What a naive shipper or backup reads of `tops`: every regular file not named `.tmp`, gunzipped when its bytes
+    are gzip's whatever its name, each entry counted by its id; a file gone since the folder was listed is skipped."""
+    seen: Counter[str] = Counter()
+    for top in tops:
+        for dirpath, _dirs, names in os.walk(logs / top):
+            for name in names:
+                if name.endswith(".tmp"):
+                    continue
+                try:
+                    data = (Path(dirpath) / name).read_bytes()
+                except FileNotFoundError:
+                    continue
+                seen.update(ENTRY_ID.findall((gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode()))
+    return seen
+
+
+def _once_each(seen: Counter[str]) -> None:
+    twice = sorted(i for i, n in seen.items() if n > 1)
+    assert not twice, f"{len(twice)} entries under two names in archive/ at once, e.g. {twice[:3]}"
+
+
+def _unfinished(logs: Path) -> list[Path]:
+    """Archives not compressed and switched yet: plain ones, halfway ones, and `.tmp`s."""
+    return [p for p in (logs / "archive").rglob("*") if p.is_file() and not p.name.endswith(".gz")]
+
+
+def _log(producer: int, count: int, pad: Callable[[], str] = lambda: "s" * 40) -> set[str]:
+    """`count` entries over the producers' files, written; their ids."""
+    for n in range(count):
+        logger.delay(("INFO", "WARN")[n % 2], f"sw{n % 4}", f"id=p{producer}.{n}; {pad()}", timestamp=False)
+    wait_written()
+    return {f"id=p{producer}.{n};" for n in range(count)}
+
+
+def _archive_now() -> int:
+    """`apilog archive`: how many live files it rotated."""
+    done = subprocess.run([sys.executable, "-m", "apilog", "archive"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[1])
+
+
+def _verify(home: Path, key: Path) -> None:
+    found = subprocess.run([sys.executable, "-m", "apilog", "verify", "--key", str(key)], capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout + found.stderr
+
+
+def test_each_entry_has_one_name_in_archive_at_every_moment(home: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found (issue 22): after each compression the plain archive stayed beside its complete .gz until a later batch
+    removed it (and for good when apilogd stopped then), so a shipper, zcat or a backup read its entries twice. Now
+    the .gz takes the plain copy's place in two renames, each leaving every entry under one name; a reader that reads
+    every file but the `.tmp`s, by their bytes, sees each entry once: (a) while producers log and `apilog archive` runs
+    again and again, (b) right after `apilog archive` returns, (c) after `apilogd stop` right after one, and after
+    the next start, with the tree verifying each time."""
+    monkeypatch.setenv("APILOG_ROTATE_BYTES", "3000")  # rotations by size all along, beside the asked ones
+    settings.reset()
+    logs = home / "logs"
+    control.start(settings.load())
+    try:
+        key = take_seal_key(tmp_path / "key")
+        producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(p), "4"], stdout=subprocess.PIPE, text=True)
+                     for p in range(3)]
+        scans, calls = 0, 0
+        while calls < 3 or any(p.poll() is None for p in producers):  # (a)
+            call = subprocess.Popen([sys.executable, "-m", "apilog", "archive"], stdout=subprocess.DEVNULL)
+            while call.poll() is None:
+                _once_each(_scan(logs, "archive"))
+                scans += 1
+            for _ in range(3):  # its compressions and switches follow
+                _once_each(_scan(logs, "archive"))
+                scans += 1
+            assert call.returncode == 0
+            calls += 1
+        written = {f"id=p{p}.{n};" for p, proc in enumerate(producers) for n in range(int(proc.communicate()[0]))}
+        wait_written()
+        written |= _log(8, 8)  # (b): live files for `apilog archive` to rotate (below the size limit)
+        assert _archive_now() > 0
+        deadline = time.monotonic() + 20
+        while _unfinished(logs):
+            assert time.monotonic() < deadline, "compression did not finish"
+            _once_each(_scan(logs, "archive"))
+        assert _scan(logs, "archive") == Counter(written)  # every entry rotated, each once
+    finally:
+        control.stop(settings.load())
+    # (c): live files that take a while to gzip, rotated by `apilog archive`, and the stop at once.
+    monkeypatch.setenv("APILOG_ROTATE_BYTES", str(64 << 20))
+    settings.reset()
+    control.start(settings.load())
+    try:
+        written |= _log(9, 160, lambda: os.urandom(30000).hex())
+        assert _archive_now() > 0
+    finally:
+        control.stop(settings.load())
+    left = len(_unfinished(logs))  # queued compressions wait for the next start, as plain archives
+    assert _scan(logs, "archive", "users", "system") == Counter(written)
+    _verify(home, key)
+    control.start(settings.load())  # what the stop left is finished
+    try:
+        wait_for(lambda: not _unfinished(logs), what="the compressions left at the stop")
+    finally:
+        control.stop(settings.load())
+    assert _scan(logs, "archive", "users", "system") == Counter(written)
+    _verify(home, key)
+    print(f"\n{scans} scans during {calls} `apilog archive` calls, {len(written)} entries; the stop left {left} archives")
+
+
+def _crash_while_switching(point: str) -> None:
+    """`apilog archive` with apilogd stopped, run by the real code, SIGKILLed at `point` of the switches to .gz."""
+    settings.reset()
+    conf = settings.load()
+    folders = open_folders(conf, open_home(conf))
+    writer = BatchWriter(conf, folders)
+    archiver = Archiver(conf, writer)
+    archiver.rotate_all()
+    archiver.close(wait=True)  # every .gz.tmp written and handed to the writer
+
+    def kill_around(obj: Any, name: str, *, before: bool) -> None:
+        original: Callable[..., Any] = getattr(obj, name)
+
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        setattr(obj, name, patched)
+
+    if point in ("before-record", "after-record"):
+        kill_around(writer.journal, "append", before=point == "before-record")
+    else:  # the first switch's first rename (the .gz.tmp over the plain name), or its second (that name to .gz)
+        kill_around(writer.tree, "replace" if point == "between-renames" else "rename", before=False)
+    writer.step(only_notes=True)
+    os._exit(0)  # the crash point was not reached
+
+
+@pytest.mark.parametrize("point", ["before-record", "after-record", "between-renames", "after-renames"])
+def test_a_crash_while_switching_to_gz_leaves_each_entry_once_and_a_tree_that_verifies(
+        home: Path, tmp_path: Path, point: str) -> None:
+    """SIGKILL at each step of the switch: before its record (a .gz.tmp beside the plain copy), after it (redone
+    at start), between its two renames (the gzip bytes under the plain name) and after them. The state the crash
+    leaves holds each entry under one name, apilog's readers read it, and it verifies; so does the tree once the
+    next start has finished the switch."""
+    logs = home / "logs"
+    control.start(settings.load())
+    try:
+        for n in range(60):
+            logger.delay(("INFO", "WARN")[n % 2], f"cr{n % 3}", f"id=p0.{n};", timestamp=False)
+        wait_written()
+        key = take_seal_key(tmp_path / "key")
+    finally:
+        control.stop(settings.load())
+    written = Counter(f"id=p0.{n};" for n in range(60))
+    child = multiprocessing.get_context("fork").Process(target=_crash_while_switching, args=(point,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    left = sorted(p.name for p in _unfinished(logs))
+    assert left, "the crash left every switch done"
+    assert _scan(logs, "archive", "users", "system") == written, left
+    read_back = "".join(lineage(home, f"users/cr{u}/{stream}.log") for u in range(3) for stream in ("INFO", "WARN"))
+    assert Counter(ENTRY_ID.findall(read_back)) == written  # apilog's own readers, gzip told by its bytes
+    _verify(home, key)
+    control.start(settings.load())
+    try:
+        wait_for(lambda: not _unfinished(logs), what="the switches finished")
+    finally:
+        control.stop(settings.load())
+    assert _scan(logs, "archive", "users", "system") == written
+    _verify(home, key)

@@ -69,6 +69,9 @@ def test_metrics_and_status_count_what_was_written(daemon: Path) -> None:
     state = json.loads(status.stdout)
     pid = control.running_pid(daemon)
     key_id = json.loads((daemon / "state" / "seal.key").read_text())["id"]
+    limits = state.pop("limits")  # nobody limited, nothing dropped, room on the disk
+    assert limits["suppressed"] == {} and limits["limited_now"] == [] and limits["log_disk_full"] is False
+    assert limits["user_rate"] == 200 and limits["tree_bytes"] > 0 and limits["free_bytes"] > 0
     assert pid is not None and state | {"oldest_age_s": None} == {
         "running": True, "pid": pid, "backlog": 0, "oldest_age_s": None, "written_last_minute": 25,
         "quarantined": 1, "role": "local", "broker": None, "home": str(daemon), "logs": str(daemon / "logs"),

@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
+GZIP_MAGIC = b"\x1f\x8b"  # how readers tell an archive's gzip bytes: under its plain name halfway through its switch to .gz
 
 
 class TreeError(OSError):
@@ -84,12 +85,34 @@ class LogTree:
         handle: BinaryIO = os.fdopen(self.open_existing(relpath, os.O_RDONLY), "rb")
         return gzip.GzipFile(fileobj=handle, mode="rb") if unpacked else handle  # type: ignore[return-value]
 
+    def is_gzip(self, relpath: str) -> bool:
+        """Whether a regular file of the tree holds gzip bytes, whatever its name (False when there is none)."""
+        try:
+            with self.reader(relpath) as handle:
+                return is_gzip(handle)
+        except FileNotFoundError:
+            return False
+
+    def size(self, relpath: str) -> int | None:
+        """A regular file's size, never through a link; None when there is none (or something else stands there)."""
+        try:
+            with self._folder_of(relpath) as (dir_fd, name):
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
     def rename(self, src: str, dst: str) -> None:
         """Move `src` to `dst` inside the tree (creating dst's folders); refuses to overwrite."""
         with self._folder_of(src) as (src_fd, src_name), self._folder_of(dst, create=True) as (dst_fd, dst_name):
             if _exists(dst_name, dst_fd):
                 raise FileExistsError(errno.EEXIST, f"{dst} exists; archives are never overwritten")
             os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+
+    def replace(self, src: str, dst: str) -> None:
+        """Move `src` over `dst` in one step: whoever opens `dst` finds its old bytes or the new ones, never neither."""
+        with self._folder_of(src) as (src_fd, src_name), self._folder_of(dst) as (dst_fd, dst_name):
+            os.replace(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
 
     def exists(self, relpath: str) -> bool:
         try:
@@ -146,6 +169,13 @@ class LogTree:
                 self._close_dir(fd)
             fd = nxt
         return fd
+
+
+def is_gzip(handle: BinaryIO) -> bool:
+    """Whether a file open for reading holds gzip bytes from where it stands (by their magic); its position is kept."""
+    head = handle.read(len(GZIP_MAGIC))
+    handle.seek(-len(head), os.SEEK_CUR)
+    return head == GZIP_MAGIC
 
 
 def _exists(name: str, dir_fd: int) -> bool:

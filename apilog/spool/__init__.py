@@ -1,8 +1,9 @@
 """The durable filesystem spool: producers append framed records to segment files, apilogd drains them.
 
 Who may do what (SPEC D8): the app's group may only add files to `segments/` and `tmp/`,
-which carry the sticky bit so nobody removes or renames a file they do not own; `spool/`
-itself and `quarantine/` are the daemon's alone.
+and update the limits table in `limits/` (README, "Limits"); these carry the sticky bit so
+nobody removes or renames a file they do not own; `spool/` itself and `quarantine/` are the
+daemon's alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ DROP_MODE = 0o3770  # segments/ and tmp/: the group adds files; sticky: only a f
 QUARANTINE_MODE = 0o2750
 SEGMENT_MODE = 0o640
 
-MODES = {"segments": DROP_MODE, "tmp": DROP_MODE, "quarantine": QUARANTINE_MODE}
+# limits/: the producers' shared table (limits.py), created by whoever comes first and updated by every producer.
+MODES = {"segments": DROP_MODE, "tmp": DROP_MODE, "limits": DROP_MODE, "quarantine": QUARANTINE_MODE}
 
 
 def layout(spool_dir: Path) -> dict[str, Path]:

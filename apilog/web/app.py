@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,28 @@ ENTRIES_PER_PAGE = 200
 MAX_LIMIT = 1000
 MAX_STREAMS = 256  # in a live tail's position
 CHART_HOURS = 48
+STATS_NAME = "stats.json"  # apilogd's report in its state folder, refreshed every few seconds
+STATS_FRESH = 30.0  # seconds after which a report is taken for a stopped daemon's
+
+
+def _limits_now(settings: Settings) -> dict[str, Any]:
+    """Who apilogd limits right now and whether the log disk is full, from its last report (README, "Limits").
+
+    Empty when the daemon's report is stale or not readable by this process (it runs as apilogd's
+    user or in its group to see it).
+    """
+    try:
+        stats = json.loads((settings.state_dir / STATS_NAME).read_bytes())
+        limits = stats["limits"]
+        fresh = time.time() - float(stats["updated"]) < STATS_FRESH
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"limited_now": [], "log_disk_full": False}
+    if not fresh or not isinstance(limits, dict):
+        return {"limited_now": [], "log_disk_full": False}
+    limited = [{"user": str(item.get("user")), "stream": str(item.get("stream")), "reason": str(item.get("reason")),
+                "suppressed": int(item.get("suppressed", 0))}
+               for item in limits.get("limited_now", []) if isinstance(item, dict)]
+    return {"limited_now": limited, "log_disk_full": bool(limits.get("log_disk_full"))}
 
 
 def create_app(settings: Settings, token: str) -> Starlette:
@@ -82,7 +105,7 @@ def create_app(settings: Settings, token: str) -> Starlette:
     def users_page(request: Request) -> Response:
         summaries, total, page = users_listed(request)
         return render("users.html", users=summaries, total=total, page=page, per_page=USERS_PER_PAGE,
-                      q=request.query_params.get("q", ""))
+                      q=request.query_params.get("q", ""), limits=_limits_now(settings))
 
     def user_page(request: Request) -> Response:
         name, files = user_of(request)
@@ -100,7 +123,7 @@ def create_app(settings: Settings, token: str) -> Starlette:
 
     def api_users(request: Request) -> Response:
         summaries, total, page = users_listed(request)
-        return JSONResponse({"total": total, "page": page, "users": [
+        return JSONResponse({"total": total, "page": page, "limits": _limits_now(settings), "users": [
             {"name": s.name, "last_activity": _iso(s.last_activity), "counts": s.counts} for s in summaries]})
 
     def api_entries(request: Request) -> Response:

@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from apilog._reading import archives
-from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, BadLocation, decode_user, encode_user, parse, user_dir
-from apilog.core.tree import LogTree
+from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, BadLocation, decode_user, encode_user, parse, parse_archive_name, user_dir
+from apilog.core.tree import GZIP_MAGIC, LogTree
 from apilog.settings import Settings
 
 _TEXT_START = re.compile(rb"^[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:(?: |  )", re.MULTILINE)
@@ -183,7 +183,7 @@ class Trail:
 
     def _content(self, path: Path) -> bytes | _File:
         """A plain file read where asked; an archive unpacked whole (a few kept)."""
-        if path.name.endswith(".gz"):
+        if self._packed(path):
             key = str(path)
             with self._lock:
                 if key in self._unpacked:
@@ -197,6 +197,12 @@ class Trail:
             return data
         return _File(self.tree, path)
 
+    def _packed(self, path: Path) -> bool:
+        """An archive's gzip: a .gz, or a plain name holding gzip bytes (halfway through the archive's switch to .gz)."""
+        if path.name.endswith(".gz"):
+            return True
+        return parse_archive_name(path.name) is not None and _File(self.tree, path)[0:len(GZIP_MAGIC)] == GZIP_MAGIC
+
     def _count(self, path: Path) -> int:
         try:
             st = path.stat()
@@ -206,8 +212,7 @@ class Trail:
         with self._lock:
             if key in self._counts:
                 return self._counts[key]
-        gz = path.name.endswith(".gz")
-        data = _read_gz(self.tree, path, self.unpack_limit) if gz else _read(self.tree, path)
+        data = _read_gz(self.tree, path, self.unpack_limit) if self._packed(path) else _read(self.tree, path)
         count = data.count(b"\n")
         if self.settings.format == "text":  # only an entry's first line starts at column 0 with a letter (SPEC 6)
             count -= data.count(b"\n ") + data.count(b"\n{") + data.count(b"\n}")
@@ -219,8 +224,9 @@ class Trail:
 
     def live_sizes(self, every: dict[str, list[Path]]) -> dict[str, int]:
         """Where each live file of a user ends now: the start of a live tail."""
+        # An archive never grows (and one halfway through its switch to .gz holds gzip bytes): not tailed.
         return {str(paths[-1].relative_to(self.root)): _size(paths[-1])
-                for paths in every.values() if not paths[-1].name.endswith(".gz")}
+                for paths in every.values() if parse_archive_name(paths[-1].name) is None}
 
     def after(self, every: dict[str, list[Path]], sizes: dict[str, int] | None) -> tuple[list[Item], dict[str, int]]:
         """Entries appended to a user's live files past `sizes`, oldest first, and where the files end now.
@@ -327,7 +333,12 @@ class _File:
     def __init__(self, tree: LogTree, path: Path) -> None:
         self.tree = tree
         self.relpath = str(path.relative_to(tree.root))
-        self.size = _size(path)
+        try:
+            st = path.lstat()
+        except OSError:
+            st = None
+        self.size = st.st_size if st else 0
+        self.inode = st.st_ino if st else None
 
     def __len__(self) -> int:
         return self.size
@@ -341,6 +352,9 @@ class _File:
         except OSError:
             return b""
         try:
+            # Replaced since it was measured (a plain archive by its gzip bytes, a live file by its successor): gone.
+            if os.fstat(fd).st_ino != self.inode:
+                return b""
             return os.pread(fd, hi - lo, lo)
         finally:
             os.close(fd)
