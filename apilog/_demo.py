@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -11,6 +13,7 @@ import click
 from .core.logfile import USERS, decode_user
 from .core.seal import SEALS
 from .settings import Settings
+from .spool.backlog import committed_offsets, waiting
 
 WAIT_SECONDS = 30.0
 
@@ -33,13 +36,13 @@ def log_samples() -> int:
 
 
 def run(settings: Settings) -> None:
-    from apilogd import control  # the daemon is only needed by the demo
-
-    pid, started = control.start(settings)
-    click.echo(f"apilogd started (pid {pid})" if started else f"apilogd is already running (pid {pid})")
+    started = subprocess.run([sys.executable, "-m", "apilogd", "start"], capture_output=True, text=True, check=False)
+    if started.returncode != 0:
+        raise click.ClickException(f"apilogd did not start: {(started.stderr or started.stdout).strip()}")
+    click.echo(started.stdout.strip())
     calls = log_samples()
     begun = time.monotonic()
-    while control.status(settings).backlog:
+    while waiting(settings.spool_dir, committed_offsets(settings.state_dir))[0]:
         if time.monotonic() - begun > WAIT_SECONDS:
             raise click.ClickException(f"apilogd has not written the entries after {WAIT_SECONDS:.0f}s")
         time.sleep(0.05)

@@ -110,7 +110,7 @@ class LogTask(Task):  # type: ignore[misc]
             captures[-1].append(entry)
             return Receipt(entry.id, spooled=False)
         try:
-            if self is logger:  # never the network: a forwarder takes the spool to the broker (SPEC 12)
+            if self is logger:  # never the network: a forwarder takes the spool to the broker (docs/many-hosts.md)
                 return _spool(entry, conf)
             # The task registered on an app's own Celery (`register()`) travels on that app's broker.
             options.setdefault("queue", queue_name(shard_of(entry.location, conf.shards)))

@@ -1,4 +1,4 @@
-"""`apilog verify`: check the seal log's chain and tags, then every live file and archive against it (SPEC 13).
+"""`apilog verify`: check the seal log's chain and tags, then every live file and archive against it (docs/sealing.md).
 
 The seal log says what each file must hold: the byte ranges each batch appended, with their
 digests, the files rotated into archive/, the digest of each archive's .gz and the archives

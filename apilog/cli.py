@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import time
 from io import BufferedReader
@@ -262,14 +263,9 @@ def web(host: str, port: int) -> None:
 @main.command()
 def archive() -> None:
     """Rotate every live log file into archive/ now (gzipped off the write path)."""
-    from apilogd import control  # rotation has one owner: the daemon's code
-
-    rotated, failed = control.archive_now(load_settings())
-    click.echo(f"rotated {rotated} live file{'s' if rotated != 1 else ''} into archive/")
-    for problem in failed:
-        click.echo(f"apilog: could not rotate {problem} (left live; apilogd retries it)", err=True)
-    if failed:
-        raise SystemExit(1)
+    # Rotation has one owner, the daemon's code: `apilogd archive` asks the running daemon, or rotates offline.
+    done = subprocess.run([sys.executable, "-m", "apilogd", "archive"], check=False)
+    raise SystemExit(done.returncode)
 
 
 @main.command()

@@ -51,7 +51,7 @@ class Share:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of SPEC section 2, validated."""
+    """Every knob of docs/reference.md, "Configuration", validated."""
 
     home: Path
     log_dir: Path
@@ -70,7 +70,7 @@ class Settings:
     shards: int = 1
     writer_shards: frozenset[int] = frozenset({0})  # the shards a writer owns
     standby: bool = False  # APILOG_WRITER_SHARDS=all among several shards: the writer stands by for every shard
-    seal: bool = True  # seal every file as it is written (SPEC 13)
+    seal: bool = True  # seal every file as it is written (docs/sealing.md)
     seal_epoch: int = 900  # seconds a seal key lives before it evolves (fixed when the first key is made)
     web_token: str | None = None  # `apilog web`'s token; None: one kept in the home
     user_rate: float = 200.0  # entries a second one user may write, sustained; 0: no limit

@@ -13,8 +13,9 @@ import click
 from apilog.core.clitools import Group, load_settings
 from apilog.settings import Settings, redacted
 
-from . import _metrics, _units, control
-from .service import Service
+from .process import control, units
+from .process import metrics as daemon_metrics
+from .process.service import Service
 
 EXIT_STOPPED = 3  # LSB: program is not running
 
@@ -60,7 +61,7 @@ def stop() -> None:
 @main.command()
 def repair() -> None:
     """Rebuild a damaged state file (apilogd must be stopped); nothing is written twice or dropped."""
-    from ._repair import repair as run_repair  # only for this command
+    from .process.repair import repair as run_repair  # only for this command
 
     for line in run_repair(load_settings()):
         click.echo(line)
@@ -71,7 +72,7 @@ def seal_key() -> None:
     """Print the verification key of the seals, once; keep it off this machine (`apilog verify --key`)."""
     from apilog.core.folder import Folder
 
-    from ._sealer import KEY_NAME, take_verification_key
+    from .commit.sealer import KEY_NAME, take_verification_key
 
     conf = load_settings()
     try:
@@ -93,15 +94,26 @@ def seal_key() -> None:
 
 
 @main.command()
+def archive() -> None:
+    """Rotate every live log file into archive/ now: the running daemon does it, else this process (`apilog archive`)."""
+    rotated, failed = control.archive_now(load_settings())
+    click.echo(f"rotated {rotated} live file{'s' if rotated != 1 else ''} into archive/")
+    for problem in failed:
+        click.echo(f"apilog: could not rotate {problem} (left live; apilogd retries it)", err=True)
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
 def metrics() -> None:
     """Print apilogd's metrics in Prometheus text format: the running daemon's textfile, or what the disk says."""
     conf = load_settings()
     info = control.status(conf)
-    path = _metrics.textfile_path(conf.home)
+    path = daemon_metrics.textfile_path(conf.home)
     if info.pid is not None and path.is_file():
         click.echo(path.read_text(encoding="utf-8"), nl=False)
         return
-    click.echo(_metrics.stopped(info.backlog, info.quarantined), nl=False)
+    click.echo(daemon_metrics.stopped(info.backlog, info.quarantined), nl=False)
 
 
 @main.command("install-service")
@@ -114,20 +126,20 @@ def install_service(scope: str | None, dry_run: bool, root: Path | None) -> None
     """Install apilogd's systemd units with this installation's paths and settings."""
     load_settings()  # refuse to install settings that would not start
     user = scope == "user" if scope else os.geteuid() != 0
-    files, commands = _units.plan(user=user, env=dict(os.environ), root=root)
+    files, commands = units.plan(user=user, env=dict(os.environ), root=root)
     if dry_run:
         for unit in files:
             click.echo(f"# {unit.path} (mode {unit.mode:o})\n{unit.shown or unit.text}")
         for command in commands:
             click.echo(f"would run: {' '.join(command)}")
         return
-    _units.install(files)
+    units.install(files)
     for unit in files:
         click.echo(f"wrote {unit.path}")
     if root is not None:
         return
     for command in commands:
-        result = _units.run(command)
+        result = units.run(command)
         if result.returncode != 0:
             raise click.ClickException(f"{' '.join(command)} failed: {(result.stderr or result.stdout).strip()}")
         click.echo(f"ran {' '.join(command)}")
@@ -167,7 +179,7 @@ def _limits_text(conf: Settings, limits: dict[str, Any] | None) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts and monitoring.")
 def status(as_json: bool) -> None:
     """Say whether apilogd runs, and how much waits in the spool (exit 0 running, 3 stopped)."""
-    from ._sealer import seal_status
+    from .commit.sealer import seal_status
 
     conf = load_settings()
     info = control.status(conf)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apilogd import control
+from apilogd.process import control
 
 from apilog import settings, spool
 from apilog.core import wire

@@ -1,4 +1,4 @@
-"""SPEC 11: the stdlib bridge, the middlewares with each framework's own test client, and apilog.testing."""
+"""docs/reference.md: the stdlib bridge, the middlewares with each framework's own test client, and apilog.testing."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_testing_capture(home: Path) -> None:
 def test_importing_apilog_or_its_commands_leaves_celery_unloaded() -> None:
     """`import apilog`, its settings and both commands' modules load neither Celery nor kombu (half a second);
     the first use of `logger` does."""
-    probe = ("import sys, apilog, apilog.settings, apilog.cli, apilogd.cli, apilogd.service; "
+    probe = ("import sys, apilog, apilog.settings, apilog.cli, apilogd.cli, apilogd.process.service; "
              "print('celery' in sys.modules, 'kombu' in sys.modules); "
              "from apilog import logger; print('celery' in sys.modules, type(logger).__name__)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)

@@ -1,4 +1,4 @@
-"""SPEC 9: rotation by size and age through a real daemon, gzip off the write path, retention, `apilog archive`."""
+"""docs/reference.md: rotation by size and age through a real daemon, gzip off the write path, retention, `apilog archive`."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apilogd import control
-from apilogd._archive import Archiver
-from apilogd._batch import BatchWriter
-from apilogd._folders import open_folders, open_home
+from apilogd.archive.archiver import Archiver
+from apilogd.commit.batch import BatchWriter
+from apilogd.process import control
+from apilogd.state.folders import open_folders, open_home
 from click.testing import CliRunner
 
 from apilog import logger, settings

@@ -1,4 +1,4 @@
-"""Fault injection on the disks and limits under a real apilogd (SPEC D5, D7).
+"""Fault injection on the disks and limits under a real apilogd (docs/reference.md, D5, D7).
 
 D5: disk full or a permission error keeps messages in the spool, the daemon reports and retries.
 D7: one target file that cannot be written is set aside; it never stalls the daemon for anything

@@ -1,4 +1,4 @@
-"""Fault injection from the spool side (SPEC D2, D7, D8), through a real apilogd.
+"""Fault injection from the spool side (docs/reference.md, D2, D7, D8), through a real apilogd.
 
 Each test plays a producer (the app's group may add records and owns the segments it writes) or
 a forger of CRC-valid records, and checks that the daemon still writes every entry once and keeps

@@ -1,4 +1,4 @@
-"""Fault injection on apilogd's state files (SPEC D7, D2): hand-damaged ledger.json and probe through a real apilogd.
+"""Fault injection on apilogd's state files (docs/reference.md, D2): hand-damaged ledger.json and probe through a real apilogd.
 
 D7: "A damaged state file gives a one-line error naming it and the recovery command, never a
 traceback or a restart loop." D2: each entry exactly once. Each case below damages one state file
@@ -203,8 +203,8 @@ def test_a_deleted_ledger_writes_nothing_twice(home: Path, tmp_path: Path) -> No
 
 def _journal_two_batches(home: Path, files: list[tuple[str, int, int]], data: bytes) -> None:
     """Append two records to the journal as a daemon killed before its checkpoint leaves them."""
-    from apilogd._journal import Journal
-    from apilogd._ledger import parse
+    from apilogd.state.journal import Journal
+    from apilogd.state.ledger import parse
 
     from apilog.core.folder import Folder
 

@@ -1,4 +1,4 @@
-"""A hostile member of the spool group: a little input that costs apilogd a lot (SPEC D7), with real users."""
+"""A hostile member of the spool group: a little input that costs apilogd a lot (docs/reference.md, D7), with real users."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A hostile member of the spool group against apilogd's CPU while nothing is logged (SPEC D7), with real users."""
+"""A hostile member of the spool group against apilogd's CPU while nothing is logged (docs/reference.md, D7), with real users."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A hostile member of the spool group against another producer's next segments (SPEC D8), with real users."""
+"""A hostile member of the spool group against another producer's next segments (docs/reference.md, D8), with real users."""
 
 from __future__ import annotations
 

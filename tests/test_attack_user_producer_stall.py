@@ -1,4 +1,4 @@
-"""A hostile member of the spool group against another producer's draining (SPEC D7, D8), with real users."""
+"""A hostile member of the spool group against another producer's draining (docs/reference.md, D7, D8), with real users."""
 
 from __future__ import annotations
 

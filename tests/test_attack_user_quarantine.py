@@ -1,4 +1,4 @@
-"""A hostile member of the spool group against what apilogd quarantined for another producer (SPEC D8), with real users."""
+"""A hostile member of the spool group against what apilogd quarantined for another producer, with real users."""
 
 from __future__ import annotations
 

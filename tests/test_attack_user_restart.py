@@ -1,4 +1,4 @@
-"""A hostile member of the spool group against the next start of apilogd (SPEC D7, D8), with real users."""
+"""A hostile member of the spool group against the next start of apilogd (docs/reference.md, D7, D8), with real users."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def test_attacks_stay_inside_and_lose_nothing(daemon: Path, tmp_path: Path) -> N
 
 def test_a_burst_of_new_users_is_reported_not_refused(daemon: Path) -> None:
     """More new user folders in a minute than the limit: INTERNAL says so, and every entry is still written."""
-    from apilogd._batch import NEW_FOLDERS_PER_MINUTE
+    from apilogd.commit.batch import NEW_FOLDERS_PER_MINUTE
 
     count = NEW_FOLDERS_PER_MINUTE + 100
     for n in range(count):

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from apilogd import control
-from apilogd._broker import KombuPublisher
+from apilogd.process import control
+from apilogd.sources.broker import KombuPublisher
 
 from apilog import settings
 from apilog.core import wire

@@ -1,4 +1,4 @@
-"""SPEC 5, the call: forms, SCREEN, several streams, bad input to INTERNAL, strict mode, Celery."""
+"""docs/reference.md, "The call", the call: forms, SCREEN, several streams, bad input to INTERNAL, strict mode, Celery."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from apilogd._reader import SpoolReader
+from apilogd.sources.spool_reader import SpoolReader
 
 from apilog import logger, settings
 from apilog.core import wire

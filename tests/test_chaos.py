@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apilogd import control
-from apilogd._instance import running_pid
+from apilogd.process import control
+from apilogd.process.instance import running_pid
 
 from apilog import logger, settings
 from apilog._reading import archives, read_text
@@ -165,7 +165,7 @@ def _chaos_test(home: Path, monkeypatch: pytest.MonkeyPatch, rotate_bytes: str |
     counts = run_chaos(home, producers=producers, per_producer=per_producer, kills=kills, seed=seed)
     _assert_clean(counts)
     assert (counts["archives"] > 0) == bool(rotate_bytes)
-    # The seals went through every kill too (SPEC 13): the untouched tree verifies against the key.
+    # The seals went through every kill too (docs/sealing.md): the untouched tree verifies against the key.
     key = take_seal_key(home / "verification.key")
     found = subprocess.run([sys.executable, "-m", "apilog", "verify", "--key", str(key)], capture_output=True, text=True)
     print("verify:", found.stdout.strip())

@@ -1,4 +1,4 @@
-"""SPEC 7: `apilogd run/start/stop/status`, their exit codes, and one daemon per home."""
+"""docs/reference.md, "The daemon": `apilogd run/start/stop/status`, their exit codes, and one daemon per home."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_bad_setting_is_a_clear_error(home: Path, monkeypatch) -> None:  # type:
 
 
 def test_both_commands_say_their_version() -> None:
-    """SPEC 15: `apilog --version` and `apilogd --version` print the installed version and exit 0."""
+    """docs/operations.md, "Monitoring": `apilog --version` and `apilogd --version` print the installed version and exit 0."""
     from importlib.metadata import version
 
     for command in ([sys.executable, "-m", "apilog"], APILOGD):

@@ -1,4 +1,4 @@
-"""SPEC 8 D1-D6 at fixed points: crashes between journal steps, torn and garbage spool files, a full disk."""
+"""docs/reference.md D1-D6 at fixed points: crashes between journal steps, torn and garbage spool files, a full disk."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apilogd import control
-from apilogd._batch import BatchWriter
-from apilogd._drain import SpoolSource
-from apilogd._folders import open_folders, open_home
-from apilogd.service import open_source
+from apilogd.commit.batch import BatchWriter
+from apilogd.process import control
+from apilogd.process.service import open_source
+from apilogd.sources.spool import SpoolSource
+from apilogd.state.folders import open_folders, open_home
 
 from apilog import logger, settings
 from apilog.spool.frame import frame

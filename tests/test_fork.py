@@ -1,4 +1,4 @@
-"""The producer's spool writer under fork, a strict umask and a full disk (SPEC 5, 8 D1-D5), via a real apilogd."""
+"""The producer's spool writer under fork, a strict umask and a full disk (docs/reference.md, 8 D1-D5), via a real apilogd."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from apilogd import control
+from apilogd.process import control
 
 from apilog import logger, settings
 from apilog.spool import writer

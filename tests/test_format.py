@@ -1,4 +1,4 @@
-"""SPEC 6: escaping, headings, JSON bodies, and that no entry can forge another."""
+"""docs/reference.md, "Entry format": escaping, headings, JSON bodies, and that no entry can forge another."""
 
 from __future__ import annotations
 

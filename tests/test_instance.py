@@ -1,4 +1,4 @@
-"""SPEC D8: `apilogd stop` signals only the apilogd holding the instance lock; the home's own files stay private."""
+"""docs/reference.md, D8: `apilogd stop` signals only the apilogd holding the instance lock; the home's own files stay private."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC D7 through a real apilogd: one bad record, spool entry, target file, state file or disk never stops the rest."""
+"""docs/reference.md through a real apilogd: one bad record, spool entry, target file, state file or disk never stops the rest."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from apilogd import control
+from apilogd.process import control
 
 from apilog import settings
 

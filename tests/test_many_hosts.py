@@ -1,4 +1,4 @@
-"""SPEC 12 over a real broker: app hosts forward their spools, sharded writers write, standbys take over.
+"""docs/many-hosts.md over a real broker: app hosts forward their spools, sharded writers write, standbys take over.
 
 Each host is its own APILOG_HOME (its own spool, state and log folder) and its own apilogd;
 the brokers are real servers on loopback ports (tests/brokers.py).
@@ -235,7 +235,7 @@ def test_the_readmes_stock_worker_command_consumes_a_shard(broker: RedisServer |
 
 def test_a_site_through_writer_and_forwarder_kills_and_a_broker_pause(
         broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
-    """SPEC 12's whole promise: 2 app hosts x 2 producers x 3,000 entries; 2 writers owning 2 of 4 shards each and a
+    """docs/many-hosts.md's whole promise: 2 app hosts x 2 producers x 3,000 entries; 2 writers owning 2 of 4 shards each and a
     standby; 3 SIGKILLs of writers, 1 of a forwarder, the broker paused 3 s. Every entry once, per-producer order
     in every file, each user's files on its shard's writer, and delay() p99 under 20 ms (it never waits on the network)."""
     writers = {"log-a": Host(tmp_path, "log-a", broker.url, "write", "0-1").start(),
@@ -380,7 +380,7 @@ def test_a_writer_killed_while_it_holds_messages_loses_none(broker: RedisServer 
 def test_an_entry_published_twice_is_written_once(broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
     """A forwarder that dies after the broker confirmed a batch, before its ledger moved, publishes the batch
     again; a writer that dies after its commit, before its ack, gets it again. Either way: written once."""
-    from apilogd._forward import open_publisher
+    from apilogd.commit.forward import open_publisher
 
     from apilog import settings
     from apilog.core.entry import build

@@ -1,4 +1,4 @@
-"""SPEC 15: `apilogd status --json`, `apilogd metrics` and the node_exporter textfile, compared with what was written."""
+"""`apilogd status --json`, `apilogd metrics` and the node_exporter textfile, compared with what was written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from apilogd import control
+from apilogd.process import control
 from prometheus_client.parser import text_string_to_metric_families
 
 from apilog import logger, settings

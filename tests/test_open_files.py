@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from apilogd._files import MAX_OPEN
+from apilogd.commit.open_files import MAX_OPEN
 
 from apilog import logger
 

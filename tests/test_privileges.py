@@ -1,4 +1,4 @@
-"""SPEC D8 with real users: the app's group may add records to the spool and nothing more."""
+"""docs/reference.md, D8 with real users: the app's group may add records to the spool and nothing more."""
 
 from __future__ import annotations
 

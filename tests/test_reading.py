@@ -1,4 +1,4 @@
-"""SPEC 10: users, tail (-n, -f across a rotation), show merged by time, search in live files and archives; jsonl."""
+"""docs/reference.md: users, tail (-n, -f across a rotation), show merged by time, search in live files and archives; jsonl."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from apilogd import control
+from apilogd.process import control
 from click.testing import CliRunner
 
 from apilog import logger, settings
@@ -93,7 +93,7 @@ def test_search_finds_live_and_archived(daemon: Path) -> None:
 
 
 def test_jsonl_format_and_reading(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """APILOG_FORMAT=jsonl writes one object per line with the SPEC 6 fields; show reads it."""
+    """APILOG_FORMAT=jsonl writes one object per line with the docs/reference.md, "Entry format" fields; show reads it."""
     monkeypatch.setenv("APILOG_FORMAT", "jsonl")
     settings.reset()
     control.start(settings.load())

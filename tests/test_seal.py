@@ -1,4 +1,4 @@
-"""SPEC 13: sealed logs. A real apilogd seals a tree; each way of tampering with it is caught by `apilog verify`."""
+"""docs/sealing.md: sealed logs. A real apilogd seals a tree; each way of tampering with it is caught by `apilog verify`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from apilogd import control
+from apilogd.process import control
 
 from apilog import logger, settings
 from apilog.core import seal
@@ -414,7 +414,7 @@ def _internal(home: Path) -> str:
                                     "a planted last line naming a far epoch"])
 def test_a_damaged_key_or_seal_log_never_stops_writing(home: Path, tmp_path: Path, damage: str) -> None:
     """Sealing's own state damaged while apilogd was stopped: it starts, every entry is written, INTERNAL says
-    what was found, and verify reports the break instead of passing over it (SPEC D7)."""
+    what was found, and verify reports the break instead of passing over it (docs/reference.md, D7)."""
     daemon = Daemon(tmp_path)
     assert daemon.ready()
     _one_batch_each([("INFO", USER_A, f"before {i}") for i in range(3)])

@@ -1,4 +1,4 @@
-"""The original author's examples, through a real apilogd, compared with the exact text of SPEC 6."""
+"""The original author's examples, through a real apilogd, compared with the exact text of docs/reference.md, "Entry format"."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .conftest import log_file, unstamp, wait_written
 
 
 def test_seed_examples_write_the_exact_text(daemon: Path) -> None:
-    """m= system INFO, a timestamped user INFO, a system ERROR and the LOGIN dict land as SPEC 6 says."""
+    """m= system INFO, a timestamped user INFO, a system ERROR and the LOGIN dict land as docs/reference.md says."""
     since = time.time()
     logger.delay(m="Log entry here.")
     logger.delay("INFO", "usera1@gizzleMail.com", "User a1 opened the dashboard.", timestamp=True)
@@ -47,7 +47,7 @@ def test_timestamp_off_and_compact_dict(daemon: Path) -> None:
 
 def test_event_time_is_taken_in_the_caller(home: Path) -> None:
     """An entry logged while the daemon is stopped carries the call's time, not the write's."""
-    from apilogd import control
+    from apilogd.process import control
 
     from apilog import settings
 

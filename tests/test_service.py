@@ -85,14 +85,14 @@ def test_a_broker_password_never_sits_in_a_unit_and_reads_back_whole(home: Path,
 @needs_analyze
 def test_a_python_path_with_a_space_and_a_percent_sign_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ExecStart= names this installation's Python: a `%` in its path is doubled and a space quoted, or systemd misreads it."""
-    from apilogd import _units
+    from apilogd.process import units
 
     python = tmp_path / "venv 100%" / "python"
     python.parent.mkdir()
     python.symlink_to(sys.executable)
     monkeypatch.setattr(sys, "executable", str(python))
-    files, _ = _units.plan(user=False, env={}, root=tmp_path / "root")
-    _units.install(files)
+    files, _ = units.plan(user=False, env={}, root=tmp_path / "root")
+    units.install(files)
     unit = tmp_path / "root/etc/systemd/system/apilogd.service"
     assert f'ExecStart="{tmp_path}/venv 100%%/python" -m apilogd run' in unit.read_text()
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""SPEC 2: defaults, the environment, apilog.toml, and clear errors naming the variable."""
+"""docs/reference.md, "Configuration": defaults, the environment, apilog.toml, and clear errors naming the variable."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from apilog.exceptions import ConfigError
 
 
 def test_defaults(home: Path) -> None:
-    """With only APILOG_HOME set, every default of SPEC 2 holds."""
+    """With only APILOG_HOME set, every default of docs/reference.md, "Configuration" holds."""
     conf = settings.load()
     assert conf.home == home and conf.log_dir == home / "logs" and conf.spool_dir == home / "spool"
     assert conf.broker_url is None and conf.drains_spool
@@ -110,7 +110,7 @@ def test_human_values_in_the_toml_file(home: Path) -> None:
 
 
 def test_roles_and_shards(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SPEC 12's variables: a role other than local needs a broker; writer shards are ranges within APILOG_SHARDS."""
+    """docs/many-hosts.md's variables: a role other than local needs a broker; writer shards are ranges within APILOG_SHARDS."""
     monkeypatch.setenv("APILOG_ROLE", "write")
     with pytest.raises(ConfigError, match="APILOG_ROLE=write needs APILOG_BROKER_URL"):
         settings.load()

@@ -1,4 +1,4 @@
-"""SPEC 4: the default streams, `apilog streams [add|remove]`, and changes seen without a restart."""
+"""docs/reference.md, "Streams": the default streams, `apilog streams [add|remove]`, and changes seen without a restart."""
 
 from __future__ import annotations
 

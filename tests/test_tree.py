@@ -1,4 +1,4 @@
-"""SPEC 3: user directory names, paths inside the tree, and permissions."""
+"""docs/reference.md, "The log tree": user directory names, paths inside the tree, and permissions."""
 
 from __future__ import annotations
 

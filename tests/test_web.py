@@ -1,4 +1,4 @@
-"""SPEC 14: `apilog web` over a tree a real apilogd wrote: the token, escaping, traversal, paging, tail, and a real Chromium."""
+"""`apilog web` over a tree a real apilogd wrote: the token, escaping, traversal, paging, tail, and a real Chromium."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from apilogd import control
+from apilogd.process import control
 
 from apilog import logger, settings
 

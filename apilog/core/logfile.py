@@ -1,8 +1,8 @@
 """The on-disk format of the log tree, written by apilogd and parsed by readers: names, entries, archives.
 
-- Names (SPEC 3): `system/` and `users/<encoded user>/`, one file per stream, spaces in its
+- Names (docs/reference.md, "The log tree"): `system/` and `users/<encoded user>/`, one file per stream, spaces in its
   name turned to `_`; archives under `archive/` as `<stem>.<UTC stamp>[-N].<suffix>[.gz]`.
-- Entries (SPEC 6): `text` (`STREAM:  body § [stamp]`, or a heading line and an indented body)
+- Entries (docs/reference.md, "Entry format"): `text` (`STREAM:  body § [stamp]`, or a heading line and an indented body)
   or `jsonl` (one JSON object per line).
 """
 
@@ -36,7 +36,7 @@ class BadLocation(ValueError):
 
 @functools.lru_cache(maxsize=65536)  # a drain over tens of thousands of users looks each up per entry
 def encode_user(location: str) -> str:
-    """Encode a location reversibly as one safe path component (SPEC 3)."""
+    """Encode a location reversibly as one safe path component (docs/reference.md, "The log tree")."""
     if not location:
         raise BadLocation("empty location")
     try:

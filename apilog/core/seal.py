@@ -1,4 +1,4 @@
-"""The seal format (SPEC 13): forward-secure epoch keys, and the seal lines apilogd writes and `apilog verify` checks.
+"""The seal format (docs/sealing.md): forward-secure epoch keys, and the seal lines apilogd writes and `apilog verify` checks.
 
 The seal log (`seals/<first record>.seal` beside the log tree) holds one line per batch: a JSON
 body, a space, and the body's HMAC-SHA256 under the key of the body's epoch. A body names, for

@@ -1,4 +1,4 @@
-"""`apilog web` (SPEC 14): read-only pages and a JSON API over the log tree, for holders of the token."""
+"""`apilog web`: read-only pages and a JSON API over the log tree, for holders of the token."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who may look (SPEC 14): the token (APILOG_WEB_TOKEN, or one kept 0600 in the home), a cookie once shown, strict headers."""
+"""Who may look: the token (APILOG_WEB_TOKEN, or one kept 0600 in the home), a cookie once shown, strict headers."""
 
 from __future__ import annotations
 

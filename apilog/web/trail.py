@@ -214,7 +214,7 @@ class Trail:
                 return self._counts[key]
         data = _read_gz(self.tree, path, self.unpack_limit) if self._packed(path) else _read(self.tree, path)
         count = data.count(b"\n")
-        if self.settings.format == "text":  # only an entry's first line starts at column 0 with a letter (SPEC 6)
+        if self.settings.format == "text":  # only an entry's first line starts at column 0 with a letter
             count -= data.count(b"\n ") + data.count(b"\n{") + data.count(b"\n}")
         with self._lock:
             self._counts[key] = count

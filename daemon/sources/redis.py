@@ -30,10 +30,10 @@ from apilog.core.entry import Entry
 from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
-from ._batch import say
-from ._broker import ShardWriter, quarantine_message
-from ._folders import Folders
-from ._ledger import Ledger
+from ..commit.batch import say
+from ..state.folders import Folders
+from ..state.ledger import Ledger
+from .broker import ShardWriter, quarantine_message
 
 LEASE_MS = 10_000  # a SIGKILLed owner that comes back within this keeps its shards
 TAKEOVER_AFTER = 10.0  # seconds a standby sees a shard's lease free before it takes it (lease + this < 30 s)

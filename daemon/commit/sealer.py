@@ -1,4 +1,4 @@
-"""Sealing as apilogd writes (SPEC 13): the current epoch's key in the state folder, and one seal line per batch.
+"""Sealing as apilogd writes (docs/sealing.md): the current epoch's key in the state folder, and one seal line per batch.
 
 The seal line of a batch is one more share of the batch's journal record (the last), so a
 batch a crash undoes is redone with the very line it was committed with, and sealing stays
@@ -23,8 +23,8 @@ from apilog.core.folder import Folder
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, parse_archive_name
 from apilog.core.tree import LogTree, is_gzip
 
-from ._files import DISK_ERRORS, OpenFiles
-from ._ledger import DAMAGED
+from ..state.ledger import DAMAGED
+from .open_files import DISK_ERRORS, OpenFiles
 
 KEY_NAME = "seal.key"
 VERIFY_NAME = "seal.verify"
@@ -198,7 +198,7 @@ class Sealer:
 
         A new file past SEGMENT_BYTES. One swapped for a link or a folder outside apilogd: the chain
         goes on in a new file; the folder itself swapped: it is set aside and made anew. Either way
-        the next line says so, verify finds the break, and writing never stops for it (SPEC D7).
+        the next line says so, verify finds the break, and writing never stops for it (docs/reference.md, D7).
         """
         try:
             if self.segment and (size := self.files.size(self.segment)) < SEGMENT_BYTES:

@@ -27,10 +27,10 @@ from apilog.core.folder import Folder
 from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
-from ._batch import describe, say
-from ._folders import Folders
-from ._ledger import DAMAGED, REPAIR_HINT, Ledger, refuse_unrepaired
-from .exceptions import BrokerUnavailable, StateDamaged
+from ..commit.batch import describe, say
+from ..exceptions import BrokerUnavailable, StateDamaged
+from ..state.folders import Folders
+from ..state.ledger import DAMAGED, REPAIR_HINT, Ledger, refuse_unrepaired
 
 MAX_MESSAGES = 2048
 GATHER_SECONDS = 0.05  # how long a batch waits to fill up

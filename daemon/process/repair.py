@@ -24,19 +24,19 @@ from apilog.spool.backlog import LEDGER_NAME, rejection
 from apilog.spool.frame import boundaries
 from apilog.spool.writer import SpoolWriter
 
-from ._broker import DELIVERED_NAME, parse_ids
-from ._drain import set_aside_range
-from ._folders import Folders, open_folders, open_home
-from ._instance import InstanceLock
-from ._journal import JOURNAL_NAME, scan
-from ._ledger import (
+from ..sources.broker import DELIVERED_NAME, parse_ids
+from ..sources.spool import set_aside_range
+from ..sources.spool_reader import offset_problem
+from ..state.folders import Folders, open_folders, open_home
+from ..state.journal import JOURNAL_NAME, scan
+from ..state.ledger import (
     DAMAGED,
     LIVED_NAME,
     REPAIRED,
     parse,
     unrepaired,
 )
-from ._reader import offset_problem
+from .instance import InstanceLock
 
 
 @dataclass

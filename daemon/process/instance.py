@@ -1,6 +1,6 @@
 """One apilogd per APILOG_HOME: an exclusive lock held for the process's life, and a pidfile beside it.
 
-Whom `apilogd stop` signals is decided by the kernel, never by the pidfile (SPEC D8): the
+Whom `apilogd stop` signals is decided by the kernel, never by the pidfile (docs/reference.md, D8): the
 process that /proc/locks names as the lock's holder, that has the lock file open through a
 descriptor carrying the lock, and whose command line is `apilogd run`. It is pinned by a
 pidfd before those checks, so a pid reused in between is never signalled. The pidfile is
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from apilog.core.folder import Folder
 
-from .exceptions import AlreadyRunning, DaemonError
+from ..exceptions import AlreadyRunning, DaemonError
 
 LOCK_NAME = "apilogd.lock"
 PID_NAME = "apilogd.pid"

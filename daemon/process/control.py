@@ -24,8 +24,9 @@ from apilog.settings import Settings
 from apilog.spool import layout
 from apilog.spool.backlog import committed_offsets, waiting
 
-from ._folders import open_folders, open_home
-from ._instance import (
+from ..exceptions import DaemonError, StartFailed, StopFailed, UnsafeSetup
+from ..state.folders import open_folders, open_home
+from .instance import (
     FILE_MODE,
     ForeignHolder,
     InstanceLock,
@@ -33,7 +34,6 @@ from ._instance import (
     output_tail,
     running_pid,
 )
-from .exceptions import DaemonError, StartFailed, StopFailed, UnsafeSetup
 
 STATS_NAME = "stats.json"
 ARCHIVE_REQUEST = "archive.request"
@@ -84,7 +84,7 @@ def stop(settings: Settings, timeout: float = STOP_TIMEOUT) -> int | None:
     """Ask the running daemon to stop and wait for its exit; return its pid, or None if none ran.
 
     Only the apilogd that the kernel names as the instance lock's holder is signalled, through a
-    pidfd (SPEC D8); the pidfile never decides it.
+    pidfd (docs/reference.md, D8); the pidfile never decides it.
     """
     try:
         holder = lock_holder(settings.home)
@@ -129,8 +129,8 @@ def durability_warning(settings: Settings) -> str | None:
     """Why the site's broker could lose entries it acknowledged (Redis without appendfsync always), or None."""
     if settings.role == "local" or not (settings.broker_url or "").lower().startswith(("redis://", "rediss://")):
         return None
-    from ._redis import client
-    from ._redis import durability_warning as redis_warning
+    from ..sources.redis import client
+    from ..sources.redis import durability_warning as redis_warning
 
     conn = client(settings.broker_url or "")
     try:
@@ -175,8 +175,8 @@ def archive_now(settings: Settings, timeout: float = START_TIMEOUT) -> tuple[int
 
     Returns how many files were rotated and, for each one that could not be, its path and why.
     """
-    from ._archive import Archiver  # watchdog is only needed here
-    from ._batch import BatchWriter
+    from ..archive.archiver import Archiver  # watchdog is only needed here
+    from ..commit.batch import BatchWriter
 
     holder = lock_holder(settings.home)
     if holder is None:

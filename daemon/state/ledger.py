@@ -21,7 +21,7 @@ from apilog.core.logfile import ARCHIVE, SYSTEM, USERS
 from apilog.core.seal import SEALS
 from apilog.spool.backlog import LEDGER_NAME
 
-from .exceptions import StateDamaged
+from ..exceptions import StateDamaged
 
 DAMAGED = "damaged"  # suffix of a ledger set aside, until `apilogd repair` handles it
 REPAIRED = "repaired"

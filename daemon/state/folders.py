@@ -1,6 +1,6 @@
 """The daemon's own folders, opened once by descriptor and checked: home, state and the spool's parts.
 
-Every later open, write, rename or removal goes through these descriptors (SPEC D8), so a
+Every later open, write, rename or removal goes through these descriptors (docs/reference.md, D8), so a
 folder swapped for a link after start-up is never followed, and a folder the app's group
 could change is refused or closed before anything is read from it.
 """

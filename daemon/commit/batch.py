@@ -1,6 +1,6 @@
 """The exactly-once core shared by every source: route a batch, commit it in the journal, append it, checkpoint.
 
-Every unit fails alone (SPEC D7): an item that cannot be read or rendered is set aside by
+Every unit fails alone (docs/reference.md, D7): an item that cannot be read or rendered is set aside by
 its source and reported; a target file that cannot be opened sends its entries to
 INTERNAL while the rest of the batch commits; an item that crashes the daemon is found by
 the probe and set aside after its second crash. Only faults of the whole disk (full,
@@ -26,14 +26,14 @@ from apilog.core.streams import INTERNAL, Registry
 from apilog.core.tree import LogTree
 from apilog.settings import Settings
 
-from ._files import DISK_ERRORS, MAX_OPEN, OpenFiles
-from ._folders import Folders
-from ._journal import Batch, Journal
-from ._ledger import Ledger
-from ._limits import Budget, DropNotes, consumer_of, location_of
-from ._probe import Probe
-from ._sealer import Sealer
-from ._source import NoSource, Source
+from ..sources.base import NoSource, Source
+from ..state.folders import Folders
+from ..state.journal import Batch, Journal
+from ..state.ledger import Ledger
+from ..state.probe import Probe
+from .budget import Budget, DropNotes, consumer_of, location_of
+from .open_files import DISK_ERRORS, MAX_OPEN, OpenFiles
+from .sealer import Sealer
 
 MAX_ITEMS = 32768  # items per batch: one journal record, one write per file
 CHECKPOINT_EVERY = 1.0  # age of the journal's oldest record when the log files are synced

@@ -15,12 +15,12 @@ from apilog.core.entry import Entry
 from apilog.core.shards import shard_of
 from apilog.settings import Settings
 
-from ._batch import MAX_ITEMS, BatchWriter, describe
-from ._drain import SpoolSource
-from ._folders import Folders
-from ._ledger import Ledger
-from ._limits import DropNotes
-from ._probe import Probe
+from ..sources.spool import SpoolSource
+from ..state.folders import Folders
+from ..state.ledger import Ledger
+from ..state.probe import Probe
+from .batch import MAX_ITEMS, BatchWriter, describe
+from .budget import DropNotes
 
 
 class Publisher(Protocol):
@@ -42,14 +42,14 @@ def open_publisher(settings: Settings) -> Publisher:
     url = settings.broker_url or ""
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("redis", "rediss"):
-        from ._redis import RedisPublisher
+        from ..sources.redis import RedisPublisher
 
         return RedisPublisher(settings)
     if scheme in ("amqp", "amqps", "pyamqp"):
-        from ._amqp import AmqpPublisher
+        from ..sources.rabbitmq import AmqpPublisher
 
         return AmqpPublisher(settings)
-    from ._broker import KombuPublisher
+    from ..sources.broker import KombuPublisher
 
     return KombuPublisher(settings)
 

@@ -12,11 +12,11 @@ from apilog.core.folder import Folder
 from apilog.settings import Settings
 from apilog.spool.frame import boundaries
 
-from ._appends import Appends
-from ._batch import SEGMENTS_SHARE, descriptor_share
-from ._folders import Folders
-from ._ledger import Ledger
-from ._reader import Record, SpoolReader, offset_problem
+from ..commit.batch import SEGMENTS_SHARE, descriptor_share
+from ..state.folders import Folders
+from ..state.ledger import Ledger
+from .appends import Appends
+from .spool_reader import Record, SpoolReader, offset_problem
 
 MAX_BYTES = 32 * 1024 * 1024  # of records per batch (with MAX_ITEMS): fewer batches, fewer writes per file
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")

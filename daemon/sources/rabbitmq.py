@@ -27,10 +27,10 @@ from apilog.core.entry import Entry
 from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
-from ._batch import say
-from ._broker import ShardWriter, body_bytes, quarantine_message
-from ._folders import Folders
-from ._ledger import Ledger
+from ..commit.batch import say
+from ..state.folders import Folders
+from ..state.ledger import Ledger
+from .broker import ShardWriter, body_bytes, quarantine_message
 
 QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}  # replicated and fsynced by RabbitMQ before it confirms
 TAKEOVER_AFTER = 15.0  # seconds a shard has had no consumer before a standby takes it

@@ -31,7 +31,7 @@ def stopped(backlog: int | None, quarantine_files: int) -> str:
 
 
 class Metrics:
-    """What one apilogd process did since it started, and how much waits (SPEC 15)."""
+    """What one apilogd process did since it started, and how much waits (docs/operations.md, "Monitoring")."""
 
     def __init__(self, home: Path) -> None:
         self.path = textfile_path(home)

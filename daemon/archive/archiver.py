@@ -29,10 +29,10 @@ from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, archive_name, first_time
 from apilog.core.tree import LogTree, is_gzip
 from apilog.settings import Settings
 
-from ._watch import ChangeWatcher
+from .watch import ChangeWatcher
 
 if TYPE_CHECKING:
-    from ._batch import BatchWriter
+    from ..commit.batch import BatchWriter
 
 AGE_CHECK_EVERY = 1.0  # seconds between looks at live files' ages
 ROTATIONS_PER_TICK = 16

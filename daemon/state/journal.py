@@ -26,7 +26,8 @@ import msgspec
 
 from apilog.core.folder import Folder, UnsafePath
 
-from ._ledger import (
+from ..exceptions import StateDamaged
+from .ledger import (
     DAMAGED,
     LIVED_NAME,
     REPAIR_HINT,
@@ -35,7 +36,6 @@ from ._ledger import (
     is_segment_name,
     refuse_unrepaired,
 )
-from .exceptions import StateDamaged
 
 JOURNAL_NAME = "journal"
 MAGIC = b"APJ1"

@@ -20,18 +20,18 @@ from apilog.core.folder import UnsafePath
 from apilog.settings import Settings
 from apilog.spool.backlog import waiting as waiting_entries
 
-from ._archive import Archiver
-from ._batch import BatchWriter, describe, say
-from ._drain import SpoolSource
-from ._folders import Folders, open_folders, open_home
-from ._forward import Forwarder
-from ._instance import InstanceLock
-from ._ledger import Ledger
-from ._metrics import Metrics
-from ._notify import notify
-from ._source import Source
+from ..archive.archiver import Archiver
+from ..commit.batch import BatchWriter, describe, say
+from ..commit.forward import Forwarder
+from ..exceptions import DaemonError, UnsafeSetup
+from ..sources.base import Source
+from ..sources.spool import SpoolSource
+from ..state.folders import Folders, open_folders, open_home
+from ..state.ledger import Ledger
 from .control import STATS_NAME, answer_archive_request
-from .exceptions import DaemonError, UnsafeSetup
+from .instance import InstanceLock
+from .metrics import Metrics
+from .notify import notify
 
 IDLE_WAIT = 0.05  # seconds between looks at an empty spool, at first
 IDLE_WAIT_MAX = 0.25  # after a while of nothing to do: an idle look at thousands of segments is not free
@@ -57,15 +57,15 @@ def open_source(settings: Settings, folders: Folders) -> Callable[[Ledger], Sour
     if settings.drains_spool:
         return lambda ledger: SpoolSource(settings, folders, ledger)
     # Broker clients are loaded only by a daemon that drains a broker.
-    from ._broker import BrokerSource, writer_id
+    from ..sources.broker import BrokerSource, writer_id
 
     scheme = (settings.broker_url or "").split("://", 1)[0].lower()
     if scheme in ("redis", "rediss"):
-        from ._redis import RedisSource
+        from ..sources.redis import RedisSource
 
         return lambda ledger: RedisSource(settings, folders, ledger, writer_id(folders.state))
     if scheme in ("amqp", "amqps", "pyamqp"):
-        from ._amqp import AmqpSource
+        from ..sources.rabbitmq import AmqpSource
 
         return lambda ledger: AmqpSource(settings, folders, ledger)
     return lambda ledger: BrokerSource(settings, folders, ledger)

@@ -15,7 +15,7 @@ import os
 
 from apilog.core.folder import Folder, UnsafePath
 
-from ._ledger import LIVED_NAME
+from .ledger import LIVED_NAME
 
 PROBE_NAME = LIVED_NAME  # also tells the ledger that a daemon ran here before
 RUNNING_NAME = "running"  # present while a daemon runs; found at start-up, it means the last one crashed
