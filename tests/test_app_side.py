@@ -14,7 +14,7 @@ import apilog
 from apilog import logger
 from apilog.testing import capture
 
-from .conftest import log_file, wait_written
+from .utils import log_file, wait_written
 
 
 def test_logging_bridge(daemon: Path) -> None:

@@ -27,7 +27,7 @@ from apilog._reading import archives, read_text
 from apilog.cli import main
 from apilog.spool.transport import writer_for
 
-from .conftest import log_file, take_seal_key, wait_for, wait_written
+from .utils import log_file, take_seal_key, wait_for, wait_written
 
 
 def lineage(home: Path, relpath: str) -> str:

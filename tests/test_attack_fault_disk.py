@@ -19,7 +19,7 @@ import pytest
 from apilog import logger, settings
 from apilog.spool.transport import writer_for
 
-from .conftest import Daemon, record, segment, wait_for, wait_written
+from .utils import Daemon, record, segment, wait_for, wait_written
 
 
 def test_one_file_past_the_size_limit_does_not_stall_every_other_user(home: Path, tmp_path: Path) -> None:

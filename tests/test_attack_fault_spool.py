@@ -22,7 +22,7 @@ from apilog import logger, settings
 from apilog.core import wire as wire_format
 from apilog.spool.frame import frame
 
-from .conftest import Daemon, record, segment, wait_for, wait_written
+from .utils import Daemon, record, segment, wait_for, wait_written
 
 
 def _forged(**fields: object) -> bytes:

@@ -23,7 +23,7 @@ import pytest
 from apilog import logger, settings
 from apilog.spool.transport import writer_for
 
-from .conftest import Daemon, wait_written
+from .utils import Daemon, wait_written
 
 APILOGD = [sys.executable, "-m", "apilogd"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Daemon, Site, wait_for
+from .utils import Daemon, Site, wait_for
 
 # 16,384 four-byte stretches that each start like a record: each is "a damaged record" of its own.
 MAGIC_GARBAGE = ("import os; open('spool/tmp/666-garbage.00000001.seg', 'wb').write(b'APL1' * 16384); "

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .conftest import Site, wait_for
+from .utils import Site, wait_for
 
 HELD = 12000
 
@@ -15,7 +15,7 @@ HELD = 12000
 HOLD_MANY = f"""
 import fcntl, os, sys, time
 sys.path.insert(0, sys.argv[1])
-from tests.conftest import record
+from tests.utils import record
 one = record('INFO', 'eve', 'x')
 held = []
 for n in range({HELD}):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from .conftest import Site, wait_for
+from .utils import Site, wait_for
 
 # The attacker: reads another producer's id from segments/ and takes the names of its next segments in tmp/.
 TAKE_NAMES = """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Site, wait_for
+from .utils import Site, wait_for
 
 # The attacker: takes an exclusive flock on a file it opened read-only (the group may read every segment).
 LOCK_THEIRS = """

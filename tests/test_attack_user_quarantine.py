@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .conftest import Site, wait_for
+from .utils import Site, wait_for
 
 SEGMENT = "4242-0badc0de.00000001.seg"
 
@@ -14,7 +14,7 @@ SEGMENT = "4242-0badc0de.00000001.seg"
 TORN = f"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
-from tests.conftest import record
+from tests.utils import record
 whole = record('INFO', 'vic', 'before the crash')
 open('spool/tmp/{SEGMENT}', 'wb').write(whole + whole[:40] + b'VICTIM-TORN-TAIL')
 os.rename('spool/tmp/{SEGMENT}', 'spool/segments/{SEGMENT}')  # published whole, as a producer that died

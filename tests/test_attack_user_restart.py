@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Daemon, Site, as_user, wait_for
+from .utils import Daemon, Site, as_user, wait_for
 
 # The attacker's own long-lived producer: logs once, then on a line from stdin truncates its (still held) segment.
 TRUNCATE_OWN = """
@@ -29,7 +29,7 @@ time.sleep(120)
 NON_UTF8_NAME = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
-from tests.conftest import record
+from tests.utils import record
 fd = os.open(b'spool/tmp/\\xffeve.00000001.seg', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 os.write(fd, b''.join(record('INFO', 'eve', f'e{n}') for n in range(3)))
 os.close(fd)

@@ -13,7 +13,7 @@ from pathlib import Path
 from apilog import logger
 from apilog.core.entry import CUT_MARKER
 
-from .conftest import wait_for, wait_written
+from .utils import wait_for, wait_written
 
 
 class Unprintable:

@@ -20,7 +20,7 @@ from apilog.core.entry import build
 from apilog.core.shards import queue_name
 from apilog.core.streams import Registry
 
-from .conftest import Daemon, log_file, wait_for
+from .utils import Daemon, log_file, wait_for
 
 pytest.importorskip("sqlalchemy")
 

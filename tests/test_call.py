@@ -13,7 +13,7 @@ import apilog
 from apilog import logger, settings
 from apilog.exceptions import BadInput
 
-from .conftest import log_file, unstamp, wait_written
+from .utils import log_file, unstamp, wait_written
 
 
 def _internal(home: Path) -> str:

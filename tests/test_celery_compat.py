@@ -17,7 +17,7 @@ from apilog.core import wire
 from apilog.core.folder import Folder
 from apilog.spool.transport import writer_for
 
-from .conftest import log_file, wait_for
+from .utils import log_file, wait_for
 
 HERE = Path(__file__).resolve().parent
 

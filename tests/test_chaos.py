@@ -22,7 +22,7 @@ from apilog._reading import archives, read_text
 from apilog.core.logfile import decode_user
 from apilog.spool.transport import writer_for
 
-from .conftest import take_seal_key, wait_written
+from .utils import take_seal_key, wait_written
 
 STREAMS = ("INFO", "LOGIN", "SECURITY ALERT")
 USERS = 64  # many files per batch: a long append window for the kills to land in

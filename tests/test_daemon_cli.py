@@ -12,7 +12,7 @@ from pathlib import Path
 
 from apilog import logger
 
-from .conftest import log_file
+from .utils import log_file
 
 APILOGD = [sys.executable, "-m", "apilogd"]
 

@@ -30,7 +30,7 @@ from apilog import logger, settings
 from apilog.spool.frame import frame
 from apilog.spool.transport import writer_for
 
-from .conftest import Daemon, log_file, record, segment, wait_for, wait_written
+from .utils import Daemon, log_file, record, segment, wait_for, wait_written
 
 USERS = [f"crash{n}" for n in range(5)]
 

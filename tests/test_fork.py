@@ -22,7 +22,7 @@ from apilog import logger, settings
 from apilog.spool import writer
 from apilog.spool.transport import writer_for
 
-from .conftest import log_file, wait_for, wait_written
+from .utils import log_file, wait_for, wait_written
 
 THREADS = 4
 CHILDREN = 200

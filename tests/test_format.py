@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from apilog import logger
 from apilog.core.logfile import escape_line, render_jsonl, render_text
 
-from .conftest import log_file, wait_written
+from .utils import log_file, wait_written
 
 ENTRY_START = re.compile(r"^[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:", re.MULTILINE)
 

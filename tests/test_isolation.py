@@ -20,7 +20,7 @@ from apilog import logger, settings
 from apilog.core import wire
 from apilog.spool.frame import HEADER, frame
 
-from .conftest import Daemon, log_file, record, segment, wait_for, wait_written
+from .utils import Daemon, log_file, record, segment, wait_for, wait_written
 
 APILOGD = [sys.executable, "-m", "apilogd"]
 DEEP = b"[" * 100_000 + b"]" * 100_000

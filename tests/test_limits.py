@@ -20,7 +20,7 @@ from apilogd.process import control
 
 from apilog import settings
 
-from .conftest import Daemon, take_seal_key, wait_for, wait_written
+from .utils import Daemon, take_seal_key, wait_for, wait_written
 
 SUPPRESSED = re.compile(r"apilog suppressed ([\d,]+) entries of (?:this user|the system|other users): "
                         r"(rate limit|spool full|log space|quota)")

@@ -20,7 +20,7 @@ from apilog.core.logfile import decode_user
 from apilog.core.shards import queue_name, shard_of
 
 from .brokers import Namespace, RabbitServer, RedisServer
-from .conftest import Daemon, wait_for
+from .utils import Daemon, wait_for
 
 SHARDS = 4
 PRODUCE = """

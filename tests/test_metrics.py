@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from apilog import logger, settings
 from apilog.spool.frame import frame
 
-from .conftest import segment, wait_for, wait_written
+from .utils import segment, wait_for, wait_written
 
 APILOGD = [sys.executable, "-m", "apilogd"]
 

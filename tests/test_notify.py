@@ -12,7 +12,7 @@ from pathlib import Path
 
 from apilog import logger
 
-from .conftest import log_file, wait_written
+from .utils import log_file, wait_written
 
 
 def test_ready_status_watchdog_stopping(home: Path, tmp_path: Path) -> None:

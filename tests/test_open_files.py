@@ -9,7 +9,7 @@ from apilogd.commit.open_files import MAX_OPEN
 
 from apilog import logger
 
-from .conftest import log_file, wait_written
+from .utils import log_file, wait_written
 
 
 def test_handles_stay_bounded(daemon: Path) -> None:

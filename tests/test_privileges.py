@@ -8,7 +8,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from .conftest import Site, as_user, log_file, record, wait_for
+from .utils import Site, as_user, log_file, record, wait_for
 
 
 def test_the_group_cannot_rename_replace_or_plant(site: Site) -> None:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from apilog import logger, settings
 from apilog.cli import main
 
-from .conftest import wait_for, wait_written
+from .utils import wait_for, wait_written
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

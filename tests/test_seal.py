@@ -18,7 +18,7 @@ from apilogd.process import control
 from apilog import logger, settings
 from apilog.core import seal
 
-from .conftest import Daemon, take_seal_key, wait_for, wait_written
+from .utils import Daemon, take_seal_key, wait_for, wait_written
 
 USER_A, USER_B = "usera1@gizzleMail.com", "userb2@gizzleMail.com"
 EPOCH = 1  # seconds: several epochs pass while the tree is made

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from apilog import logger
 
-from .conftest import log_file, unstamp, wait_written
+from .utils import log_file, unstamp, wait_written
 
 
 def test_seed_examples_write_the_exact_text(daemon: Path) -> None:

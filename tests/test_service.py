@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Site, wait_for
+from .utils import Site, wait_for
 
 APILOGD = [sys.executable, "-m", "apilogd"]
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

@@ -10,7 +10,7 @@ from apilog import logger
 from apilog.cli import main
 from apilog.core.streams import DEFAULT_STREAMS, MAX_STREAMS, Registry
 
-from .conftest import log_file, wait_written
+from .utils import log_file, wait_written
 
 
 def test_lists_the_defaults(home: Path) -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from apilog import logger
 from apilog.core.logfile import BadLocation, decode_user, encode_user, relative_path
 
-from .conftest import wait_written
+from .utils import wait_written
 
 
 @pytest.mark.parametrize(

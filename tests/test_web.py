@@ -18,7 +18,7 @@ from apilogd.process import control
 
 from apilog import logger, settings
 
-from .conftest import wait_for, wait_written
+from .utils import wait_for, wait_written
 
 starlette_testclient = pytest.importorskip("starlette.testclient")
 
