@@ -13,9 +13,9 @@ from typing import IO
 
 import click
 
-from . import _demo, _reading
+from . import _demo, reading
 from . import settings as settings_module
-from .core.clitools import Group, load_settings
+from .clitools import Group, load_settings
 from .core.logfile import SYSTEM, BadLocation, Written, file_stem, parse, user_dir
 from .core.streams import Registry, normalize
 from .settings import Settings
@@ -69,7 +69,7 @@ def _since(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return _reading.since(value)
+        return reading.since(value)
     except ValueError:
         raise click.BadParameter(f"{value!r}: give an ISO date/time or an age like 30m, 2h, 7d") from None
 
@@ -85,7 +85,7 @@ def _location(location: str) -> str:
 @main.command()
 def users() -> None:
     """List the users that have logs (live or archived), by name."""
-    for name in _reading.users(load_settings()):
+    for name in reading.users(load_settings()):
         click.echo(name)
 
 
@@ -103,7 +103,7 @@ def tail(location: str, stream: str | None, lines: int, follow: bool) -> None:
     # Live files are opened before they are read, so following goes on exactly where the last lines ended.
     followed = {path: _Followed(path) for path in _live(conf, folder, stream) if path.exists()} if follow else {}
     texts = {path: f.complete_lines() for path, f in followed.items()}
-    items = _reading.merged(conf, _reading.files_of(conf, location, stream), texts)
+    items = reading.merged(conf, reading.files_of(conf, location, stream), texts)
     for item in items[-lines:] if lines > 0 else []:
         _show(item)
     if follow:
@@ -174,7 +174,7 @@ def show(location: str, since_: str | None) -> None:
     """Every stream of a user merged by time, archives included."""
     conf = load_settings()
     after = _since(since_)
-    for item in _reading.merged(conf, _reading.files_of(conf, _location(location))):
+    for item in reading.merged(conf, reading.files_of(conf, _location(location))):
         if after is None or (item.ts is not None and item.ts >= after):
             _show(item)
 
@@ -193,10 +193,10 @@ def search(pattern: str, user_: str | None, stream: str | None, since_: str | No
         raise click.BadParameter(f"{pattern!r}: {exc}") from None
     after = _since(since_)
     stream = _stream(stream)
-    locations = [_location(user_)] if user_ else [SYSTEM, *_reading.users(conf)]
+    locations = [_location(user_)] if user_ else [SYSTEM, *reading.users(conf)]
     found = 0
     for location in locations:
-        for item in _reading.entries(conf, _reading.files_of(conf, location, stream)):
+        for item in reading.entries(conf, reading.files_of(conf, location, stream)):
             if regex.search(item.text) and (after is None or (item.ts is not None and item.ts >= after)):
                 _show(item, label=True)
                 found += 1

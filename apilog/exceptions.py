@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class ApilogError(Exception):
-    """Root of every error apilog raises."""
+    """Root of every error apilog raises; a command ends with its message and its `exit_code` (as click's errors do)."""
+
+    exit_code = 1
 
 
 class ConfigError(ApilogError):

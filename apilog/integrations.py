@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .core.context import _current_user
+from .core.context import reset_user, set_user
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
@@ -34,11 +34,11 @@ class ApilogASGIMiddleware:
         name = self.get_user(scope)
         if inspect.isawaitable(name):
             name = await name
-        token = _current_user.set(name or None)
+        token = set_user(name or None)
         try:
             await self.app(scope, receive, send)
         finally:
-            _current_user.reset(token)
+            reset_user(token)
 
 
 def init_flask(app: Any, get_user: Callable[[], str | None]) -> None:
@@ -47,13 +47,13 @@ def init_flask(app: Any, get_user: Callable[[], str | None]) -> None:
 
     @app.before_request  # type: ignore[untyped-decorator]  # `app` is any Flask app: not imported here
     def _apilog_set_user() -> None:
-        g._apilog_token = _current_user.set(get_user() or None)
+        g._apilog_token = set_user(get_user() or None)
 
     @app.teardown_request  # type: ignore[untyped-decorator]
     def _apilog_reset_user(_exc: BaseException | None) -> None:
         token = g.pop("_apilog_token", None)
         if token is not None:
-            _current_user.reset(token)
+            reset_user(token)
 
 
 def django_middleware(get_user: Callable[[Any], str | None] | None = None) -> type:
@@ -75,10 +75,10 @@ def django_middleware(get_user: Callable[[Any], str | None] | None = None) -> ty
             self.get_response = get_response
 
         def __call__(self, request: Any) -> Any:
-            token = _current_user.set(pick(request) or None)
+            token = set_user(pick(request) or None)
             try:
                 return self.get_response(request)
             finally:
-                _current_user.reset(token)
+                reset_user(token)
 
     return ApilogDjangoMiddleware

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from apilog.core.clitools import Group, load_settings
+from apilog.clitools import Group, load_settings
 from apilog.settings import Settings, redacted
 
 from .process import control, units

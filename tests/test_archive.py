@@ -23,8 +23,9 @@ from apilogd.state.folders import open_folders, open_home
 from click.testing import CliRunner
 
 from apilog import logger, settings
-from apilog._reading import archives, read_text
 from apilog.cli import main
+from apilog.core.tree import LogTree
+from apilog.reading import archives, read_text
 from apilog.spool.transport import writer_for
 
 from .utils import log_file, take_seal_key, wait_for, wait_written
@@ -35,7 +36,9 @@ def lineage(home: Path, relpath: str) -> str:
     folder, _, name = relpath.rpartition("/")
     stem = name.rsplit(".", 1)[0]
     parts = [p for p in archives(home / "logs" / "archive" / folder) if p.name.split(".", 1)[0] == stem]
-    text = "".join(read_text(p) for p in parts)
+    tree = LogTree(home / "logs")
+    text = "".join(read_text(tree, p, 1 << 30) for p in parts)
+    tree.close()
     live = home / "logs" / relpath
     return text + (live.read_text() if live.exists() else "")
 

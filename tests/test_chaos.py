@@ -18,8 +18,9 @@ from apilogd.process import control
 from apilogd.process.instance import running_pid
 
 from apilog import logger, settings
-from apilog._reading import archives, read_text
 from apilog.core.logfile import decode_user
+from apilog.core.tree import LogTree
+from apilog.reading import archives, read_text
 from apilog.spool.transport import writer_for
 
 from .utils import take_seal_key, wait_written
@@ -139,11 +140,13 @@ def _lineages(home: Path) -> dict[tuple[str, str], str]:
     logs = home / "logs"
     parts: dict[tuple[str, str], list[str]] = {}
     folders = {p.name for base in (logs / "users", logs / "archive" / "users") if base.is_dir() for p in base.iterdir()}
+    tree = LogTree(logs)
     for folder in sorted(folders):
         for path in archives(logs / "archive" / "users" / folder):
-            parts.setdefault((folder, path.name.split(".", 1)[0]), []).append(read_text(path))
+            parts.setdefault((folder, path.name.split(".", 1)[0]), []).append(read_text(tree, path, 1 << 30))
         for path in sorted((logs / "users" / folder).glob("*.log")) if (logs / "users" / folder).is_dir() else []:
-            parts.setdefault((folder, path.stem), []).append(read_text(path))
+            parts.setdefault((folder, path.stem), []).append(read_text(tree, path, 1 << 30))
+    tree.close()
     return {key: "".join(texts) for key, texts in parts.items()}
 
 

@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from apilog._reading import since as parse_since
+from apilog.reading import since as parse_since
 from apilog.settings import Settings
 
 from .auth import TokenGate

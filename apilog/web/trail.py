@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import itertools
 import json
 import os
@@ -23,9 +22,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from apilog._reading import archives
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, BadLocation, decode_user, encode_user, parse, parse_archive_name, user_dir
 from apilog.core.tree import GZIP_MAGIC, LogTree
+from apilog.reading import archives, unpack, unpack_limit
 from apilog.settings import Settings
 
 _TEXT_START = re.compile(rb"^[A-Z0-9_-]+(?: [A-Z0-9_-]+)*:(?: |  )", re.MULTILINE)
@@ -69,7 +68,7 @@ class Trail:
         self.root = settings.log_dir
         self.tree = LogTree(settings.log_dir)
         # An archive is at most a rotation's worth; anything much larger was not written by apilogd.
-        self.unpack_limit = max(64 << 20, 4 * settings.rotate_bytes)
+        self.unpack_limit = unpack_limit(settings)
         self.starts = _TEXT_START if settings.format == "text" else re.compile(rb"^", re.MULTILINE)
         self.stamps = _TEXT_HOUR if settings.format == "text" else _JSONL_HOUR
         self._unpacked: OrderedDict[str, bytes] = OrderedDict()
@@ -189,7 +188,7 @@ class Trail:
                 if key in self._unpacked:
                     self._unpacked.move_to_end(key)
                     return self._unpacked[key]
-            data = _read_gz(self.tree, path, self.unpack_limit)
+            data = unpack(self.tree, str(path.relative_to(self.tree.root)), self.unpack_limit)
             with self._lock:
                 self._unpacked[key] = data
                 while len(self._unpacked) > UNPACKED_KEPT:
@@ -212,7 +211,8 @@ class Trail:
         with self._lock:
             if key in self._counts:
                 return self._counts[key]
-        data = _read_gz(self.tree, path, self.unpack_limit) if self._packed(path) else _read(self.tree, path)
+        relpath = str(path.relative_to(self.tree.root))
+        data = unpack(self.tree, relpath, self.unpack_limit) if self._packed(path) else _read(self.tree, path)
         count = data.count(b"\n")
         if self.settings.format == "text":  # only an entry's first line starts at column 0 with a letter
             count -= data.count(b"\n ") + data.count(b"\n{") + data.count(b"\n}")
@@ -363,15 +363,6 @@ class _File:
 def _read(tree: LogTree, path: Path) -> bytes:
     file = _File(tree, path)
     return file[0:file.size]
-
-
-def _read_gz(tree: LogTree, path: Path, limit: int) -> bytes:
-    """An archive's content, at most `limit` bytes of it (a gzip bomb planted in the tree stops there)."""
-    try:
-        with tree.reader(str(path.relative_to(tree.root)), unpacked=True) as unpacked:
-            return unpacked.read(limit)
-    except (OSError, EOFError, gzip.BadGzipFile):
-        return b""
 
 
 def _size(path: Path) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from apilog.exceptions import ConfigError
@@ -29,8 +29,14 @@ class UnitFile:
     shown: str | None = None  # the text with secrets masked; None: the text itself
 
 
+def units_folder() -> Path:
+    """Where this installation keeps the units of systemd/: installed as data (`pip install .`), else the checkout's."""
+    installed = Path(sysconfig.get_path("data")) / "share" / "apilog" / "systemd"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "systemd"
+
+
 def _template(name: str) -> str:
-    return resources.files("apilogd.systemd").joinpath(name).read_text(encoding="utf-8")
+    return (units_folder() / name).read_text(encoding="utf-8")
 
 
 def _unit_word(value: str) -> str:

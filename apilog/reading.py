@@ -1,4 +1,5 @@
-"""Reading the log tree back: entries parsed from live files and gzip archives, in order."""
+"""Reading the log tree back, for the `apilog` commands and the web view: files found, opened without following a
+link, gzip archives unpacked within a bound, entries parsed in order."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .core.logfile import ARCHIVE, USERS, Written, archive_order, decode_user, file_stem, parse, parse_archive_name, user_dir
-from .core.tree import GZIP_MAGIC
+from .core.tree import GZIP_MAGIC, LogTree
 from .settings import Settings
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
@@ -53,25 +54,46 @@ def archives(folder: Path) -> list[Path]:
     return [folder / n for n in sorted(chosen, key=archive_order)]
 
 
-def read_text(path: Path) -> str:
+def unpack_limit(settings: Settings) -> int:
+    """How many bytes an archive may unpack to when read back: a real one holds about APILOG_ROTATE_BYTES."""
+    return max(64 << 20, 4 * settings.rotate_bytes)
+
+
+def read_text(tree: LogTree, path: Path, limit: int) -> str:
     """A file's text; an archive's gzip is told by its bytes (halfway through its switch to .gz it has the plain name)."""
+    relpath = str(path.relative_to(tree.root))
     try:
-        data = path.read_bytes()
+        with tree.reader(relpath) as handle:
+            packed = handle.read(len(GZIP_MAGIC)) == GZIP_MAGIC
     except FileNotFoundError:
         match = parse_archive_name(path.name)
         if match is None or match["gz"]:
             raise
-        data = path.with_name(path.name + ".gz").read_bytes()  # switched to its .gz since it was listed
-    if path.suffix == ".gz" or data.startswith(GZIP_MAGIC):
-        data = gzip.decompress(data)
-    return data.decode("utf-8", errors="replace")
+        relpath, packed = relpath + ".gz", True  # switched to its .gz since it was listed
+    if packed:
+        return unpack(tree, relpath, limit).decode("utf-8", errors="replace")
+    with tree.reader(relpath) as handle:
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def unpack(tree: LogTree, relpath: str, limit: int) -> bytes:
+    """An archive's content, at most `limit` bytes of it (a gzip bomb planted in the tree stops there)."""
+    try:
+        with tree.reader(relpath, unpacked=True) as unpacked:
+            return unpacked.read(limit)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return b""
 
 
 def entries(settings: Settings, paths: list[Path], texts: Mapping[Path, str] | None = None) -> Iterator[Written]:
     """Entries of `paths` in order; `texts` gives some files' content already read."""
-    for path in paths:
-        text = texts[path] if texts and path in texts else read_text(path)
-        yield from parse(text, str(path.relative_to(settings.log_dir)), settings.format, settings.tz)
+    tree = LogTree(settings.log_dir)
+    try:
+        for path in paths:
+            text = texts[path] if texts and path in texts else read_text(tree, path, unpack_limit(settings))
+            yield from parse(text, str(path.relative_to(settings.log_dir)), settings.format, settings.tz)
+    finally:
+        tree.close()
 
 
 def merged(settings: Settings, paths: list[Path], texts: Mapping[Path, str] | None = None) -> list[Written]:
