@@ -2,7 +2,8 @@
 
     python bench/run.py            # the full table (several minutes)
     python bench/run.py --quick    # fewer calls and no 1M backlog, to try it out
-    python bench/run.py --only web,users   # some groups of rows: callers, backlog, users, fsync, web, celery, brokers, seal
+    python bench/run.py --only web,users   # some groups of rows: callers, backlog, users, fsync, web, celery, brokers, seal,
+                                           # limits (needs root: it mounts a tmpfs)
 
 Every case runs in a fresh process and a fresh folder. Figures are medians over --rounds
 rounds (the 1M backlog runs once). Caller latency is per `delay()`/`log()` call; "e2e" is
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,16 +32,25 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 MESSAGE = "User 4711 changed the shipping address of order 98-1123; old and new kept in the audit trail"
 USERS = 100
 HERE = Path(__file__).resolve().parent
+QUIET = ("alice@x.com", "bob@x.com")  # the well-behaved users of the limits rows
+QUIET_CALLS, QUIET_SPACING = 200, 0.05  # entries each of them logs, and the pause between two of a user's
+LIMITS_FLOOD = f"limits: {len(QUIET)} users {QUIET_SPACING} s apart, 1 flooding"
+LIMITS_CALM = f"limits: {len(QUIET)} users {QUIET_SPACING} s apart, no flood"
+SPOOL_MAX, SPOOL_OFFERED, SPOOL_PROCS = "4 MB", 10_000, 4  # 2 KB entries: 20 MB offered to a spool of 4 MB
+LIMITS_SPOOL = f"limits: SPOOL_MAX={SPOOL_MAX}, {SPOOL_PROCS} x {SPOOL_OFFERED // SPOOL_PROCS:,} x 2 KB, all calls"
+LIMITS_ON = "limits: delay(), defaults (limits on), 200 users"
+LIMITS_OFF = "limits: delay(), USER_RATE=0 SPOOL_MAX=0, 200 users"
 
 
 # ---------------------------------------------------------------- cases, each in its own process
 
 
-def _latencies(call: Callable[[int], None], n: int) -> tuple[list[int], float]:
+def _latencies(call: Callable[[int], None], n: int, spacing: float = 0.0) -> tuple[list[int], float]:
     lat = []
     _READY[0]()  # every process of a case starts calling at once
     _BEGUN[0] = time.time()
@@ -48,6 +59,8 @@ def _latencies(call: Callable[[int], None], n: int) -> tuple[list[int], float]:
         t = time.perf_counter_ns()
         call(i)
         lat.append(time.perf_counter_ns() - t)
+        if spacing:
+            time.sleep(spacing)
     return lat, time.perf_counter() - begun
 
 
@@ -91,6 +104,37 @@ def case_apilog(home: str, n: int, threads: int = 1, users: int = USERS) -> dict
         lat = [x for r in results for x in r]
     writer_for(settings.current().spool_dir, settings.current().fsync == "always").close()
     return _summary(lat, seconds, False)
+
+
+def case_apilog_paced(home: str, n: int, spacing: float = 0.05) -> dict[str, float]:
+    """Well-behaved users: each of QUIET `delay()`s n numbered entries, `spacing` apart, from this one process."""
+    os.environ["APILOG_HOME"] = home
+    from apilog import logger
+
+    logger.delay("INFO", "warmup", "warm up the registry and the segment")
+    calls = [(user, f"{user} #{i} {MESSAGE}") for i in range(n) for user in QUIET]
+    lat, seconds = _latencies(lambda i: logger.delay("INFO", *calls[i]), len(calls), spacing / len(QUIET))
+    return _summary(lat, seconds, False)
+
+
+def case_apilog_offered(home: str, n: int, size: int = 2000) -> dict[str, float]:
+    """n numbered entries of `size` random characters (as tests/test_limits.py's PRODUCER writes them) for a user of
+    this process's own, as fast as it can; the calls are also timed apart by their receipt: spooled or dropped."""
+    os.environ["APILOG_HOME"] = home
+    from apilog import logger
+
+    logger.delay("INFO", "warmup", "warm up the registry and the segment")
+    user = f"p{os.getpid()}@x.com"
+    texts = [f"{user} #{i} {random.randbytes(size // 2).hex()}" for i in range(n)]
+    spooled: list[bool] = []
+    lat, seconds = _latencies(lambda i: spooled.append(logger.delay("INFO", user, texts[i]).spooled), n)
+    out = {"dropped": float(spooled.count(False))}
+    for tag, kept in (("ok_", True), ("drop_", False)):
+        theirs = [t for t, s in zip(lat, spooled, strict=True) if s is kept]
+        if theirs:
+            summary = _summary(theirs, seconds, False)
+            out.update({tag + k: summary[k] for k in ("p50", "p99")})
+    return {**_summary(lat, seconds, False), **out}
 
 
 def case_stdlib(folder: str, n: int) -> dict[str, float]:
@@ -151,6 +195,8 @@ def case_celery(folder: str, n: int) -> dict[str, float]:
 
 CASES: dict[str, Callable[..., dict[str, float]]] = {
     "apilog": case_apilog,
+    "apilog_paced": case_apilog_paced,
+    "apilog_offered": case_apilog_offered,
     "stdlib": case_stdlib,
     "loguru": case_loguru,
     "fsync": case_fsync_per_line,
@@ -170,7 +216,7 @@ def run_case(name: str, folder: str, n: int, procs: int = 1, **extra: Any) -> di
     start = ctx.Barrier(procs)
     pipes, workers = [], []
     for p in range(procs):
-        sub = folder if name == "apilog" or procs == 1 else f"{folder}/p{p}"  # apilog's producers share a spool
+        sub = folder if name.startswith("apilog") or procs == 1 else f"{folder}/p{p}"  # apilog's producers share a spool
         os.makedirs(sub, exist_ok=True)
         mine, theirs = ctx.Pipe()
         workers.append(ctx.Process(target=_child, args=(name, sub, n // procs, dict(extra), theirs, start)))
@@ -180,8 +226,9 @@ def run_case(name: str, folder: str, n: int, procs: int = 1, **extra: Any) -> di
     results = [pipe.recv() for pipe in pipes]
     for w in workers:
         w.join()
-    merged = {k: statistics.median(r[k] for r in results) for k in ("p50", "p99")}
-    merged["calls"] = sum(r["calls"] for r in results)
+    keys = list(dict.fromkeys(k for r in results for k in r))  # a process may have no dropped calls to time
+    merged = {k: statistics.median(r[k] for r in results if k in r) for k in keys if k.endswith(("p50", "p99"))}
+    merged.update({k: sum(r[k] for r in results) for k in ("calls", "dropped") if k in keys})
     if all("end" in r for r in results):
         span = max(r["end"] for r in results) - min(r["begin"] for r in results)
         merged["e2e"] = sum(r["n"] for r in results) / span
@@ -287,6 +334,104 @@ def broker_round(kind: str, base: Path, n: int) -> tuple[dict[str, float], dict[
         server.kill()
 
 
+# ---------------------------------------------------------------- the limits (README, "Limits")
+
+
+def flood_round(base: Path, flooded: bool) -> dict[str, float]:
+    """QUIET's timed delay()s with apilogd running and spool, state and logs on a 48 MB tmpfs; with `flooded`, one user
+    floods 2 KB entries meanwhile (tests/test_limits.py's scenario). Then what reached the files: QUIET's entries once the
+    spool is empty, and the flooder's entries and suppression notes (it is accounted when they add up to its calls)."""
+    sys.path.insert(0, str(HERE.parent))
+    from apilogd._limits import ENDED_AFTER, LOOK_EVERY
+
+    from tests.conftest import wait_for
+    from tests.test_limits import mounted, numbers, produce, suppressed_in
+
+    with mounted(Path(fresh(base, "fs")), 48) as fs, mock.patch.dict(os.environ, {"APILOG_HOME": str(fs / "home")}):
+        home = fs / "home"
+        users, archived = home / "logs" / "users", home / "logs" / "archive" / "users"
+        with _daemon(dict(os.environ)):
+            flood = produce("flood@x.com", QUIET_CALLS * QUIET_SPACING + 1, size=2000) if flooded else None
+            result = run_case("apilog_paced", str(home), QUIET_CALLS, spacing=QUIET_SPACING)
+            del result["calls"]  # paced: calls/s says nothing
+            calls = int(flood.communicate(timeout=120)[0]) if flood else 0
+            with contextlib.suppress(AssertionError):  # what is missing then is reported, not waited for
+                wait_for(lambda: not any((home / "spool" / "segments").iterdir()), timeout=60, what="the drain")
+            whose = {"quiet": ([users / user for user in QUIET], QUIET_CALLS * len(QUIET))}
+            if flood:
+                whose["flood"] = ([users / "flood@x.com", archived / "flood@x.com"], calls)
+
+            def found(who: str) -> tuple[list[tuple[str, int]], dict[str, int]]:
+                """Each entry found (its user and number; a user's live and archived files are one folder's name)."""
+                folders = whose[who][0]
+                return [(f.name, n) for f in folders for n in numbers(f.name, f)], suppressed_in(*folders)
+
+            def accounted(who: str) -> bool:
+                written, notes = found(who)
+                return len(set(written)) + sum(notes.values()) >= whose[who][1]
+
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: all(accounted(who) for who in whose), timeout=30, what="the last suppression notes")
+            time.sleep(ENDED_AFTER + LOOK_EVERY)  # a note made twice would be in by now
+            for who, (_, offered) in whose.items():
+                written, notes = found(who)
+                result.update({f"{who}_offered": offered, f"{who}_written": len(set(written)),
+                               f"{who}_twice": len(written) - len(set(written)),
+                               **{f"{who}: {k}": v for k, v in notes.items()}})
+    return result
+
+
+def spool_budget_round(base: Path, offered: int, procs: int) -> dict[str, float]:
+    """`offered` 2 KB entries from `procs` processes at once into a spool of SPOOL_MAX (apilogd stopped, no
+    rate limit): the calls, and the spool's bytes at the end; then apilogd drains it and each entry must be in its
+    file or counted in a "spool full" note (tests/test_limits.py)."""
+    sys.path.insert(0, str(HERE.parent))
+    from apilogd._limits import ENDED_AFTER, LOOK_EVERY
+
+    from apilog import settings
+    from tests.conftest import wait_for
+    from tests.test_limits import numbers, suppressed_in
+
+    home = fresh(base, "spool-budget")
+    env = {"APILOG_SPOOL_MAX": SPOOL_MAX, "APILOG_USER_RATE": "0"}
+    result = run_case("apilog_offered", home, offered, procs=procs, env=env)
+    result["spool_bytes"] = sum(path.stat().st_size for path in (Path(home) / "spool" / "segments").iterdir())
+    result["budget"] = settings.load({**env, "APILOG_HOME": home}).spool_max.of(0)
+    users = Path(home) / "logs" / "users"
+
+    def found() -> tuple[list[list[int]], dict[str, int]]:
+        mine = [folder for folder in users.iterdir() if folder.name != "warmup"] if users.is_dir() else []
+        return [numbers(folder.name, folder) for folder in mine], suppressed_in(*mine)
+
+    def accounted() -> int:
+        written, notes = found()
+        return sum(len(set(w)) for w in written) + sum(notes.values())
+
+    with _daemon({**os.environ, **env, "APILOG_HOME": home}), contextlib.suppress(AssertionError):
+        wait_for(lambda: accounted() >= offered, timeout=60, what="the spool-full notes")
+        time.sleep(ENDED_AFTER + LOOK_EVERY)  # a note made twice would be in by now
+    written, notes = found()
+    result.update({"offered": offered, "written": sum(len(set(w)) for w in written),
+                   "twice": sum(len(w) - len(set(w)) for w in written), **{f"notes: {k}": v for k, v in notes.items()}})
+    return result
+
+
+def medians(results: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over rounds: a latency over the rounds that timed one, a count missing in a round is 0 there."""
+    keys = dict.fromkeys(k for r in results for k in r)
+    return {k: statistics.median(r[k] for r in results if k in r) if k.endswith(("p50", "p99"))
+            else statistics.median(r.get(k, 0.0) for r in results) for k in keys}
+
+
+def accounting(calls: float, written: float, twice: float, notes: dict[str, float]) -> str:
+    """`calls = written + suppressed (by reason): OK`, or by how much they differ; entries written twice named."""
+    suppressed = sum(notes.values())
+    reasons = ", ".join(f"{reason} {n:,.0f}" for reason, n in sorted(notes.items())) or "no notes"
+    verdict = "OK" if calls == written + suppressed else f"DIFFERS by {written + suppressed - calls:+,.0f}"
+    return (f"{calls:,.0f} calls, {written:,.0f} written + {suppressed:,.0f} suppressed ({reasons}): {verdict}"
+            + (f"; {twice:,.0f} written twice" if twice else ""))
+
+
 # ---------------------------------------------------------------- the web case
 
 
@@ -377,7 +522,7 @@ def fresh(base: Path, name: str) -> str:
     return str(path)
 
 
-GROUPS = ("callers", "users", "backlog", "fsync", "web", "celery", "brokers", "seal")
+GROUPS = ("callers", "users", "backlog", "fsync", "web", "celery", "brokers", "seal", "limits")
 
 
 def main() -> None:
@@ -392,6 +537,7 @@ def main() -> None:
     n = args.calls // 10 if args.quick else args.calls
     base = Path(tempfile.mkdtemp(prefix="apilog-bench-"))
     rows: list[tuple[str, dict[str, float]]] = []
+    checks: list[str] = []  # counts that must add up, printed under the table
 
     def row(label: str, result: dict[str, float]) -> dict[str, float]:
         rows.append((label, result))
@@ -497,15 +643,63 @@ def main() -> None:
                 {k: statistics.median(r[0][k] for r in results) for k in results[0][0]})
             row(f"{kind}: writer, broker -> files, {broker_n:,} waiting",
                 {k: statistics.median(r[1][k] for r in results) for k in results[0][1]})
+    if "limits" in only:
+        import pytest  # mounted() skips with pytest's exception when it cannot mount
+
+        # Flooded and calm rounds alternate, so both meet the same moments of a noisy machine; so do limits on and off.
+        flooding: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+        try:
+            for _ in range(args.rounds):
+                for flooded in (True, False):
+                    flooding[flooded].append(flood_round(base, flooded))
+        except pytest.skip.Exception as exc:
+            print(f"limits: group skipped: a 48 MB tmpfs for the flood row cannot be mounted ({exc.msg})", flush=True)
+        else:
+            for flooded, label in ((True, LIMITS_FLOOD), (False, LIMITS_CALM)):
+                row(label, medians(flooding[flooded]))
+                for i, r in enumerate(flooding[flooded], 1):
+                    for who, name in (("quiet", "the well-behaved users"), ("flood", "the flooder")):
+                        if f"{who}_offered" in r:
+                            notes = {k.split(": ", 1)[1]: v for k, v in r.items() if k.startswith(f"{who}: ")}
+                            counted = accounting(r[f"{who}_offered"], r[f"{who}_written"], r[f"{who}_twice"], notes)
+                            checks.append(f"- {label}, round {i}, {name}: {counted}")
+
+            budgets = [spool_budget_round(base, SPOOL_OFFERED, SPOOL_PROCS) for _ in range(args.rounds)]
+            budget = medians(budgets)
+            row(LIMITS_SPOOL, budget)
+            row(f"  dropped (Receipt.spooled False), {budget['dropped']:,.0f} calls",
+                {k: budget[f"drop_{k}"] for k in ("p50", "p99") if f"drop_{k}" in budget})
+            row(f"  accepted, {SPOOL_OFFERED - budget['dropped']:,.0f} calls",
+                {k: budget[f"ok_{k}"] for k in ("p50", "p99") if f"ok_{k}" in budget})
+            for i, r in enumerate(budgets, 1):
+                notes = {k.split(": ", 1)[1]: v for k, v in r.items() if k.startswith("notes: ")}
+                slack = r["spool_bytes"] - r["budget"]
+                checks.append(f"- limits, spool budget, round {i}: the spool held {r['spool_bytes']:,.0f} bytes at the end "
+                              f"against {r['budget']:,.0f}: slack {slack:+,.0f} ({slack / r['budget']:+.1%}); "
+                              f"{accounting(r['offered'], r['written'], r['twice'], notes)}; the receipts said "
+                              f"{r['dropped']:,.0f} dropped")
+            from apilog.spool.backlog import waiting
+
+            costs: dict[str, list[dict[str, float]]] = {LIMITS_ON: [], LIMITS_OFF: []}
+            for _ in range(args.rounds):
+                for label, env in ((LIMITS_ON, {}), (LIMITS_OFF, {"APILOG_USER_RATE": "0", "APILOG_SPOOL_MAX": "0"})):
+                    home = fresh(base, "limits-cost")
+                    cost = run_case("apilog", home, n, users=200, env=env)
+                    cost["spooled"] = waiting(Path(home) / "spool", {})[0] - 1  # but the warm-up call's
+                    costs[label].append(cost)
+            for label, each in costs.items():
+                row(label, medians(each))
+                spooled = ", ".join(f"{r['spooled']:,.0f}" for r in each)
+                checks.append(f"- {label}: entries in the spool / calls, by round: {spooled} / {n:,}")
     shutil.rmtree(base, ignore_errors=True)
-    print_table(rows, args)
+    print_table(rows, args, checks)
 
 
 WEB_LABELS = {"none": "no logging", "apilog": "apilog (apilogd alongside)", "loguru": "loguru enqueue=True",
               "stdlib": "stdlib FileHandler"}
 
 
-def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> None:
+def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace, checks: list[str]) -> None:
     by = dict(rows)
     print(f"\nmedians of {args.rounds} rounds (1M backlog: 1 round); {os.cpu_count()} cores; Python {sys.version.split()[0]}\n")
     print(f"| {'case':<52} | {'p50 us':>7} | {'p99 us':>7} | {'calls/s':>9} | {'e2e entries/s':>13} | {'peak MB':>7} |")
@@ -566,6 +760,18 @@ def print_table(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespa
     for label in labels:
         if label.startswith(("redis:", "rabbitmq:")):
             print(f"- {label} / {local}: {ratio(label, 'e2e', local, 'e2e')}")
+    print(f"- limits, the well-behaved users' delay() with a user flooding / without: "
+          f"p50 {ratio(LIMITS_FLOOD, 'p50', LIMITS_CALM, 'p50')}, p99 {ratio(LIMITS_FLOOD, 'p99', LIMITS_CALM, 'p99')}")
+    dropped = next((label for label in labels if label.startswith("  dropped (Receipt.spooled False)")), "")
+    accepted = next((label for label in labels if label.startswith("  accepted, ")), "")
+    print(f"- limits, spool full: a dropped delay() / an accepted one: p50 {ratio(dropped, 'p50', accepted, 'p50')}, "
+          f"p99 {ratio(dropped, 'p99', accepted, 'p99')}")
+    print(f"- limits, delay() with limits on / off: p50 {ratio(LIMITS_ON, 'p50', LIMITS_OFF, 'p50')}, "
+          f"p99 {ratio(LIMITS_ON, 'p99', LIMITS_OFF, 'p99')}")
+    if checks:
+        print("\ncounts that must add up")
+        for line in checks:
+            print(line)
 
 
 if __name__ == "__main__":

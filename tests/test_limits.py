@@ -412,3 +412,22 @@ def test_many_hosts_a_forwarder_limits_its_producers_and_a_writer_keeps_its_disk
             assert not (tmp_path / "app-host" / "logs" / "users").exists()  # nothing written on the app host
         finally:
             assert forwarder.stop() == 0 and writer.stop() == 0
+
+
+def test_a_spool_that_drains_as_fast_as_it_fills_never_counts_as_full(home: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 MB through a 1 MB spool budget while apilogd keeps up: what waits stays small, so nothing is dropped.
+
+    (The producers' count of what waits must follow each batch, not only apilogd's recount every few seconds.)
+    """
+    monkeypatch.setenv("APILOG_SPOOL_MAX", "1 MB")
+    monkeypatch.setenv("APILOG_USER_RATE", "0")
+    settings.reset()
+    conf = settings.load()
+    daemon = Daemon(tmp_path)
+    assert daemon.ready()
+    producer = produce("mo@x.com", 60, size=2000, spacing=0.002, count=1500)  # about 5 MB in 4 s
+    assert int(producer.communicate(timeout=120)[0]) == 1500
+    wait_written()
+    assert sorted(numbers("mo@x.com", conf.log_dir)) == list(range(1500))
+    assert daemon.stop() == 0

@@ -220,6 +220,7 @@ class BatchWriter:
         del self.notes[:rendered]  # a note added while the batch was made (a removal's seal report) goes next time
         self.drop_notes.mark(self._marks)
         self.drop_notes.dropped(self._dropping)
+        self.drop_notes.drained(source.consumed(batch))
         self._marks, self._dropping = {}, {}
         self._take_seal_reports()
         now = time.time()  # the daemon's clock judges a file's age, never a producer's

@@ -141,6 +141,13 @@ class DropNotes:
                 self.table.count(location, stream, reason, now, n)
         self._last_look = 0.0  # a first note at once
 
+    def drained(self, consumed: int) -> None:
+        """A batch took `consumed` bytes of records out of the spool: what waits shrinks now, not at the next recount."""
+        if self.table is None or not consumed:
+            return
+        with self.table.locked(wait=True):
+            self.table.set_drained(self.table.counters()[1] + consumed)
+
     def recount(self, waiting: int | None) -> None:
         """What waits in the spool, measured: the producers' byte counter follows it (their budget is checked against it)."""
         if self.table is None or waiting is None:

@@ -112,6 +112,7 @@ class Forwarder:
         self.notes.clear()
         # A crash before this publishes the notes again under the same ids: the writer keeps each once.
         self.drop_notes.mark(self._marks)
+        self.drop_notes.drained(source.consumed(batch))
         self._marks = {}
         source.committed(batch)
         self.ledger.advance(source.positions(batch))

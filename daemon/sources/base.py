@@ -32,6 +32,9 @@ class Source(Protocol):
     def ids(self, batch: list[Any]) -> list[str]:
         """Ids the journal keeps with the batch, for a source that may deliver an item twice."""
 
+    def consumed(self, batch: list[Any]) -> int:
+        """The bytes of local spool a batch took (0 for a broker): producers' spool budget grows by them at once."""
+
     def committed(self, batch: list[Any]) -> None:
         """The batch is in the journal: acknowledge it at the source."""
 
@@ -84,6 +87,9 @@ class NoSource:
 
     def ids(self, batch: list[Any]) -> list[str]:
         return []
+
+    def consumed(self, batch: list[Any]) -> int:
+        return 0
 
     def committed(self, batch: list[Any]) -> None: ...
     def rewind(self, batch: list[Any]) -> None: ...

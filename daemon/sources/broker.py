@@ -164,6 +164,9 @@ class BrokerSource:
     def sweep(self) -> None:
         """The broker keeps its own queue tidy."""
 
+    def consumed(self, batch: list[Any]) -> int:
+        return 0  # the broker's messages take no room in this host's spool
+
     def waiting_bytes(self) -> int | None:
         return None  # the broker's own tools tell its backlog
 
@@ -323,6 +326,9 @@ class ShardWriter(Generic[ShardT]):
 
     def sync(self) -> None:
         self.delivered.sync()
+
+    def consumed(self, batch: list[Any]) -> int:
+        return 0  # the broker's messages take no room in this host's spool
 
     def waiting_bytes(self) -> int | None:
         return None  # `apilogd status` asks the broker for its backlog

@@ -133,6 +133,10 @@ class SpoolSource:
     def ids(self, batch: list[Record]) -> list[str]:
         return []  # a record is read once: its offset says whether it was written
 
+    def consumed(self, batch: list[Record]) -> int:
+        """The spool bytes the batch's records took."""
+        return sum(record.end - record.start for record in batch)
+
     def committed(self, batch: list[Record]) -> None:
         self.reader.commit(self.positions(batch))
 
