@@ -342,9 +342,9 @@ def flood_round(base: Path, flooded: bool) -> dict[str, float]:
     floods 2 KB entries meanwhile (tests/test_limits.py's scenario). Then what reached the files: QUIET's entries once the
     spool is empty, and the flooder's entries and suppression notes (it is accounted when they add up to its calls)."""
     sys.path.insert(0, str(HERE.parent))
-    from apilogd._limits import ENDED_AFTER, LOOK_EVERY
+    from apilogd.commit.budget import ENDED_AFTER, LOOK_EVERY
 
-    from tests.conftest import wait_for
+    from tests.utils import wait_for
     from tests.test_limits import mounted, numbers, produce, suppressed_in
 
     with mounted(Path(fresh(base, "fs")), 48) as fs, mock.patch.dict(os.environ, {"APILOG_HOME": str(fs / "home")}):
@@ -386,10 +386,10 @@ def spool_budget_round(base: Path, offered: int, procs: int) -> dict[str, float]
     rate limit): the calls, and the spool's bytes at the end; then apilogd drains it and each entry must be in its
     file or counted in a "spool full" note (tests/test_limits.py)."""
     sys.path.insert(0, str(HERE.parent))
-    from apilogd._limits import ENDED_AFTER, LOOK_EVERY
+    from apilogd.commit.budget import ENDED_AFTER, LOOK_EVERY
 
     from apilog import settings
-    from tests.conftest import wait_for
+    from tests.utils import wait_for
     from tests.test_limits import numbers, suppressed_in
 
     home = fresh(base, "spool-budget")
@@ -485,7 +485,7 @@ def web_round(kind: str, base: Path, seconds: int, connections: int) -> dict[str
 
 
 def _as_the_unit_schedules() -> None:
-    """Nice=10 and CPUSchedulingPolicy=batch, as systemd/apilogd.service runs the daemon."""
+    """Nice=10 and CPUSchedulingPolicy=batch, as systemd/apilogd.process.service runs the daemon."""
     os.nice(10)
     os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
