@@ -344,8 +344,8 @@ def flood_round(base: Path, flooded: bool) -> dict[str, float]:
     sys.path.insert(0, str(HERE.parent))
     from apilogd.commit.budget import ENDED_AFTER, LOOK_EVERY
 
-    from tests.utils import wait_for
     from tests.test_limits import mounted, numbers, produce, suppressed_in
+    from tests.utils import wait_for
 
     with mounted(Path(fresh(base, "fs")), 48) as fs, mock.patch.dict(os.environ, {"APILOG_HOME": str(fs / "home")}):
         home = fs / "home"
@@ -389,8 +389,8 @@ def spool_budget_round(base: Path, offered: int, procs: int) -> dict[str, float]
     from apilogd.commit.budget import ENDED_AFTER, LOOK_EVERY
 
     from apilog import settings
-    from tests.utils import wait_for
     from tests.test_limits import numbers, suppressed_in
+    from tests.utils import wait_for
 
     home = fresh(base, "spool-budget")
     env = {"APILOG_SPOOL_MAX": SPOOL_MAX, "APILOG_USER_RATE": "0"}
