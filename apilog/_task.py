@@ -19,7 +19,7 @@ from .core.entry import Entry, build
 from .core.jsonsafe import jsonable
 from .core.logfile import SYSTEM
 from .core.route import render, route
-from .core.shards import queue_name, shard_of
+from .core.shards import broker_kind, queue_name, shard_of
 from .core.streams import INTERNAL, Registry
 from .core.tree import LogTree
 from .exceptions import BadInput, ConfigError, SpoolError
@@ -192,7 +192,7 @@ def _for_stock_workers(celery_app: Celery) -> None:
         return  # delay() reports a bad setting on its first call
     if conf.broker_url is None:
         return
-    quorum = conf.broker_url.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp")
+    quorum = broker_kind(conf.broker_url) == "rabbitmq"
     celery_app.conf.broker_url = conf.broker_url
     celery_app.conf.task_queues = [
         Queue(queue_name(k), Exchange(queue_name(k), type="direct"), routing_key=queue_name(k), durable=True,

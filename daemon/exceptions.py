@@ -1,6 +1,8 @@
-"""Errors of apilogd; every one derives from `DaemonError`."""
+"""Errors of apilogd (every one derives from `DaemonError`), and how the daemon says what went wrong on stderr."""
 
 from __future__ import annotations
+
+import sys
 
 from apilog.exceptions import ApilogError
 
@@ -35,3 +37,16 @@ class UnsafeSetup(DaemonError):
     """A folder apilogd works in is owned by another user or is not a plain folder: refused, not followed."""
 
     exit_code = 78  # EX_CONFIG: no restart can fix it; the unit's RestartPreventExitStatus= stops the loop
+
+
+def say(text: str) -> None:
+    print(f"apilogd: {text}", file=sys.stderr, flush=True)
+
+
+def describe(exc: BaseException) -> str:
+    """An error in a few words, for a report."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+        return str(exc)[:300]  # the reader's own words about bad input
+    return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from apilogd.process import control
-from apilogd.sources.broker import KombuPublisher
+from apilogd.sources.kombu import KombuPublisher
 
 from apilog import settings
 from apilog.core import wire

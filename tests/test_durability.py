@@ -22,11 +22,12 @@ from typing import Any
 import pytest
 from apilogd.commit.batch import BatchWriter
 from apilogd.process import control
-from apilogd.process.service import open_source
+from apilogd.sources import open_source
 from apilogd.sources.spool import SpoolSource
 from apilogd.state.folders import open_folders, open_home
 
 from apilog import logger, settings
+from apilog.core import fs
 from apilog.spool.frame import frame
 from apilog.spool.transport import writer_for
 
@@ -76,6 +77,7 @@ def _crash_child(point: str) -> None:
         setattr(obj, name, patched)
 
     calls = {"append": 0}
+    held = contextlib.ExitStack()  # never closed: the child dies with the observer in place
 
     def half_then_die(relpath: str, data: bytes) -> None:
         calls["append"] += 1
@@ -85,15 +87,12 @@ def _crash_child(point: str) -> None:
             _kill_self()
 
     def torn_record(*args: Any) -> None:
-        real_write = os.write
-
-        def half(fd: int, data: Any) -> int:
-            if fd == writer.journal.fd:
-                real_write(fd, bytes(data)[: len(data) // 2])
+        def half(operation: str, call: tuple[Any, ...]) -> None:
+            if operation == "write" and call[0] == writer.journal.fd:
+                os.write(call[0], call[1][: len(call[1]) // 2])
                 _kill_self()
-            return real_write(fd, data)
 
-        os.write = half  # type: ignore[assignment]  # only in this child, which dies in it
+        held.enter_context(fs.observe(half))  # every write goes through core.fs; only in this child, which dies in it
 
     if point == "mid-record":
         wrap(writer.journal, "append", before=torn_record)
@@ -107,7 +106,7 @@ def _crash_child(point: str) -> None:
         wrap(writer.ledger, "save", after=True)
     elif point == "after-ack":
         wrap(source.reader, "remove", before=lambda *a: _kill_self())
-    source.scan()
+    source.look_for_input()
     writer.step()
     writer.checkpoint()
     os._exit(0)  # the crash point was not reached

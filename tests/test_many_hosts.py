@@ -380,7 +380,7 @@ def test_a_writer_killed_while_it_holds_messages_loses_none(broker: RedisServer 
 def test_an_entry_published_twice_is_written_once(broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
     """A forwarder that dies after the broker confirmed a batch, before its ledger moved, publishes the batch
     again; a writer that dies after its commit, before its ack, gets it again. Either way: written once."""
-    from apilogd.commit.forward import open_publisher
+    from apilogd.sources import open_publisher
 
     from apilog import settings
     from apilog.core.entry import build

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import fs
 from .folder import Folder
 
 
@@ -16,8 +17,8 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o640, durable: bool = 
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or unlink inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = fs.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        fs.fsync(fd)
     finally:
         os.close(fd)

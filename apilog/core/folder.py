@@ -13,6 +13,8 @@ import os
 import stat
 from pathlib import Path
 
+from . import fs
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -36,18 +38,18 @@ class Folder:
         if create_mode is not None:
             _make(path, create_mode)
         # The configured path itself is the admin's choice and may be a link; what is inside never is.
-        return cls(os.open(path, _DIR_FLAGS), path)
+        return cls(fs.open(path, _DIR_FLAGS), path)
 
     def sub(self, name: str, *, create_mode: int | None = None) -> Folder:
         """A folder inside this one, never reached through a link; created with `create_mode` when missing."""
         if create_mode is not None:
             try:
-                os.mkdir(name, create_mode, dir_fd=self.fd)
-                os.chmod(name, create_mode, dir_fd=self.fd, follow_symlinks=False)
+                fs.mkdir(name, create_mode, dir_fd=self.fd)
+                fs.chmod(name, create_mode, dir_fd=self.fd, follow_symlinks=False)
             except FileExistsError:
                 pass
         try:
-            fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
+            fd = fs.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafePath(exc.errno, f"{self.path / name} is not a plain folder (a link?); not followed") from None
@@ -83,10 +85,10 @@ class Folder:
 
     def open(self, name: str, flags: int, mode: int = 0o640) -> int:
         """Open `name` inside; a link is refused (ELOOP); a created file gets `mode` whatever the umask."""
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
+        fd = fs.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
         if flags & os.O_CREAT:
             try:
-                os.fchmod(fd, mode)
+                fs.fchmod(fd, mode)
             except BaseException:
                 os.close(fd)
                 raise
@@ -94,7 +96,7 @@ class Folder:
 
     def open_regular(self, name: str, flags: int = os.O_RDONLY) -> int:
         """Open an existing regular file inside (no link, FIFO, socket or folder), without blocking."""
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
+        fd = fs.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise OSError(errno.EINVAL, f"{self.path / name} is not a regular file")
@@ -104,7 +106,7 @@ class Folder:
         """Open, creating it with `mode` if missing, a plain file of our own; a link, FIFO, folder or hard link is refused."""
         try:
             # O_NONBLOCK: a FIFO planted here must not hang us (it is refused below).
-            fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=self.fd)
+            fd = fs.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=self.fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 raise UnsafePath(exc.errno, f"{self.path / name} is not a plain file (a symbolic link?); "
@@ -116,7 +118,7 @@ class Folder:
                 raise UnsafePath(errno.EINVAL, f"{self.path / name} is not a plain file of its own "
                                                "(a FIFO, device or hard link); not used. Remove it and retry")
             if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
-                os.fchmod(fd, mode)  # just created through the umask, or left loose by an older version
+                fs.fchmod(fd, mode)  # just created through the umask, or left loose by an older version
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -140,28 +142,28 @@ class Folder:
         """Replace `name` with `data` so that readers see the old or the new file whole."""
         tmp = f".{name}.tmp"  # callers serialize writers of one name
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=self.fd)  # a leftover (or a planted link): never written through
+            fs.unlink(tmp, dir_fd=self.fd)  # a leftover (or a planted link): never written through
         fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[fs.write(fd, view):]
             if durable:
-                os.fsync(fd)
+                fs.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self.fd)
+                fs.unlink(tmp, dir_fd=self.fd)
             raise
         os.close(fd)
-        os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        fs.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         if durable:
-            os.fsync(self.fd)
+            fs.fsync(self.fd)
 
     def unlink(self, name: str) -> None:
         """Remove `name`; a missing one is fine."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=self.fd)
+            fs.unlink(name, dir_fd=self.fd)
 
     def rename(self, name: str, new: str, into: Folder | None = None) -> None:
         """Move `name` to `new` (in `into`, else here), replacing nothing: an existing target raises."""
@@ -169,7 +171,7 @@ class Folder:
         try:
             target.stat(new)
         except FileNotFoundError:
-            os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=target.fd)
+            fs.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=target.fd)
             return
         raise FileExistsError(errno.EEXIST, f"{target.path / new} exists; not replaced")
 
@@ -185,7 +187,7 @@ class Folder:
         raise FileExistsError(errno.EEXIST, f"too many {name}.{suffix} files in {self.path}")
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
+        fs.fsync(self.fd)
 
 
 
@@ -195,7 +197,7 @@ def _make(path: Path, mode: int) -> None:
         return
     _make(path.parent, PARENT_MODE)
     try:
-        os.mkdir(path, mode)
+        fs.mkdir(path, mode)
     except FileExistsError:
         return  # made meanwhile; opening it says whether it is a folder
-    os.chmod(path, mode)  # mkdir's mode passes through the umask
+    fs.chmod(path, mode)  # mkdir's mode passes through the umask

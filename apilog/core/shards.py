@@ -10,6 +10,13 @@ from __future__ import annotations
 import hashlib
 
 QUEUE_PREFIX = "apilog."
+_KINDS = {"redis": "redis", "rediss": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq", "pyamqp": "rabbitmq"}
+
+
+def broker_kind(url: str | None) -> str:
+    """`redis`, `rabbitmq`, or `kombu` (any other Celery broker) for a broker URL: the one place its scheme is read."""
+    return _KINDS.get((url or "").split("://", 1)[0].lower(), "kombu")
+
 MAX_SHARDS = 1024
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from . import fs
+
 DIR_MODE = 0o750
 FILE_MODE = 0o640
 GZIP_MAGIC = b"\x1f\x8b"  # how readers tell an archive's gzip bytes: under its plain name halfway through its switch to .gz
@@ -30,9 +32,9 @@ class LogTree:
         if root.exists() and not root.is_dir():
             raise TreeError(errno.ENOTDIR, "the log folder is not a folder", str(root))
         if not root.is_dir():
-            os.makedirs(root, mode=DIR_MODE, exist_ok=True)
-            os.chmod(root, DIR_MODE)
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fs.makedirs(root, DIR_MODE)
+            fs.chmod(root, DIR_MODE)
+        self._root_fd = fs.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.folders_created = 0  # counted so a flood of new user names can be reported
 
     @property
@@ -61,10 +63,10 @@ class LogTree:
         with self._folder_of(relpath, create=True) as (dir_fd, name):
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                fd = os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
+                fd = fs.open(name, flags, FILE_MODE, dir_fd=dir_fd)
             except FileExistsError:
                 return self._open_existing(name, os.O_WRONLY | os.O_APPEND, dir_fd, relpath)
-            os.fchmod(fd, FILE_MODE)  # the umask must not decide who may read logs
+            fs.fchmod(fd, FILE_MODE)  # the umask must not decide who may read logs
             return fd
 
     def open_existing(self, relpath: str, flags: int) -> int:
@@ -107,12 +109,12 @@ class LogTree:
         with self._folder_of(src) as (src_fd, src_name), self._folder_of(dst, create=True) as (dst_fd, dst_name):
             if _exists(dst_name, dst_fd):
                 raise FileExistsError(errno.EEXIST, f"{dst} exists; archives are never overwritten")
-            os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            fs.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
 
     def replace(self, src: str, dst: str) -> None:
         """Move `src` over `dst` in one step: whoever opens `dst` finds its old bytes or the new ones, never neither."""
         with self._folder_of(src) as (src_fd, src_name), self._folder_of(dst) as (dst_fd, dst_name):
-            os.replace(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            fs.replace(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
 
     def exists(self, relpath: str) -> bool:
         try:
@@ -124,13 +126,13 @@ class LogTree:
     def unlink(self, relpath: str) -> None:
         """Remove a file inside the tree; a missing one (or folder) is fine."""
         with contextlib.suppress(FileNotFoundError), self._folder_of(relpath) as (dir_fd, name):
-            os.unlink(name, dir_fd=dir_fd)
+            fs.unlink(name, dir_fd=dir_fd)
 
     def fsync_dir(self, relpath: str) -> None:
         """Make renames and removals inside the folder `relpath` durable."""
         dir_fd = self._walk([p for p in relpath.split("/") if p], create=False)
         try:
-            os.fsync(dir_fd)
+            fs.fsync(dir_fd)
         finally:
             self._close_dir(dir_fd)
 
@@ -140,7 +142,7 @@ class LogTree:
 
     def _open_existing(self, name: str, flags: int, dir_fd: int, relpath: str) -> int:
         try:
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = fs.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise TreeError(errno.ELOOP, f"{relpath} is a symbolic link; not followed") from None
@@ -154,13 +156,13 @@ class LogTree:
                 raise TreeError(errno.EINVAL, f"bad path component {part!r}")
             if create:
                 try:
-                    os.mkdir(part, DIR_MODE, dir_fd=fd)
-                    os.chmod(part, DIR_MODE, dir_fd=fd, follow_symlinks=False)
+                    fs.mkdir(part, DIR_MODE, dir_fd=fd)
+                    fs.chmod(part, DIR_MODE, dir_fd=fd, follow_symlinks=False)
                     self.folders_created += 1
                 except FileExistsError:
                     pass
             try:
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                nxt = fs.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise TreeError(exc.errno, f"{part!r} in the log tree is not a plain directory; not followed") from None
@@ -217,7 +219,7 @@ def _find_openat2() -> Callable[[int, str, int], int] | None:
             raise OSError(code, os.strerror(code), relpath)
         return int(fd)
 
-    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root = fs.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:  # refused by an old kernel (ENOSYS) or a seccomp filter (EPERM): walk folder by folder instead
         os.close(openat2(root, ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     except OSError:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..core import fs
 from . import ensure
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class Limits:
         appended, drained = _COUNTERS.unpack(os.pread(self._fd, 16, _APPENDED_AT))
         if self._unshared:
             appended += self._unshared
-            os.pwrite(self._fd, _U64.pack(appended), _APPENDED_AT)
+            fs.pwrite(self._fd, _U64.pack(appended), _APPENDED_AT)
             self._unshared = 0
         self._seen_waiting = appended - min(drained, appended)
 
@@ -232,7 +233,7 @@ class Limits:
             return RATE_LIMIT
         if crowded and tat - now > tau / 2:
             return SPOOL_FULL
-        os.pwrite(self._fd, _RATE.pack(key, new), at + index * _RATE.size)
+        fs.pwrite(self._fd, _RATE.pack(key, new), at + index * _RATE.size)
         return 0
 
     @staticmethod
@@ -271,7 +272,7 @@ class Limits:
     def _write_note(self, index: int, key: int, count: int, noted: int, last: float, noted_at: float,
                     reason: int, stream: str, location: str) -> None:
         raw = _NOTE.pack(key, count, noted, last, noted_at, reason, _fixed(stream, 33), _fixed(location, 256))
-        os.pwrite(self._fd, raw, _NOTES_AT + index * _NOTE_SIZE)
+        fs.pwrite(self._fd, raw, _NOTES_AT + index * _NOTE_SIZE)
 
     # apilogd's side (it holds the lock with `wait=True` around these).
 
@@ -281,7 +282,7 @@ class Limits:
         return appended, drained
 
     def set_drained(self, drained: int) -> None:
-        os.pwrite(self._fd, _U64.pack(drained), _DRAINED_AT)
+        fs.pwrite(self._fd, _U64.pack(drained), _DRAINED_AT)
 
     def dropped(self) -> list[Dropped]:
         """Every counter in use."""
@@ -302,14 +303,14 @@ class Limits:
         """`noted` of the counter's entries are in a committed note now (never lowered: a redo marks again)."""
         current = _NOTE.unpack(os.pread(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
         if current[0] == key:
-            os.pwrite(self._fd, _NOTE.pack(key, current[1], max(noted, current[2]), current[3], when, *current[5:]),
+            fs.pwrite(self._fd, _NOTE.pack(key, current[1], max(noted, current[2]), current[3], when, *current[5:]),
                       _NOTES_AT + slot * _NOTE_SIZE)
 
     def free(self, slot: int, key: int) -> None:
         """Forget a counter whose every drop is noted (its episode ended)."""
         current = _NOTE.unpack(os.pread(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
         if current[0] == key and current[1] == current[2]:
-            os.pwrite(self._fd, bytes(_NOTE_SIZE), _NOTES_AT + slot * _NOTE_SIZE)
+            fs.pwrite(self._fd, bytes(_NOTE_SIZE), _NOTES_AT + slot * _NOTE_SIZE)
 
 
 _opened: dict[tuple[Path, float, int, Share], Limits | None] = {}
@@ -335,7 +336,7 @@ def _open_table(path: Path) -> int:
     """Open the table, creating it (full size, allocated: a full disk never fails a later write) if missing."""
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        fd = fs.open(path, flags)
     except FileNotFoundError:
         fd = _create(path, flags)
     try:
@@ -367,21 +368,21 @@ def _open_table(path: Path) -> int:
 
 def _create(path: Path, flags: int) -> int:
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        fd = fs.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
-        return os.open(path, flags)
+        return fs.open(path, flags)
     try:
-        os.fchmod(fd, FILE_MODE)  # not the umask's choice: every producer of the group writes it
+        fs.fchmod(fd, FILE_MODE)  # not the umask's choice: every producer of the group writes it
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.posix_fallocate(fd, 0, TABLE_SIZE)
+        fs.fallocate(fd, 0, TABLE_SIZE)
         # What already waits in the spool counts against its budget from the first call on (apilogd recounts it).
         waiting = sum(entry.stat(follow_symlinks=False).st_size for entry in os.scandir(path.parent.parent / "segments")
                       if entry.is_file(follow_symlinks=False))
-        os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, RATE_SLOTS, NOTE_SLOTS, secrets.token_bytes(16), waiting, 0), 0)
+        fs.pwrite(fd, _HEADER.pack(MAGIC, VERSION, RATE_SLOTS, NOTE_SLOTS, secrets.token_bytes(16), waiting, 0), 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            fs.unlink(path)
         raise
     return fd

@@ -22,17 +22,33 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, BinaryIO
+from typing import Protocol
 
-from apilog.core import seal
+from apilog.core import fs, seal
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, archive_name, first_time, parse_archive_name
 from apilog.core.tree import LogTree, is_gzip
 from apilog.settings import Settings
 
 from .watch import ChangeWatcher
 
-if TYPE_CHECKING:
-    from ..commit.batch import BatchWriter
+
+class ArchiveWriter(Protocol):
+    """What the archiver asks of the writer (commit.batch.BatchWriter): it journals and seals every change to archive/."""
+
+    tree: LogTree
+    created: dict[str, float]  # files the last batch created -> when
+    sizes: dict[str, int]  # files the last batch appended to -> their size after it
+    oversized: set[str]  # files that cannot grow any more (EFBIG): to be rotated, whatever their size
+    switched: list[str]  # archives switched to their .gz since the archiver last looked
+
+    def rotate(self, relpath: str, archive: str) -> None:
+        """Move a live file into archive/ (one journaled, sealed rename); OSError when it cannot be moved."""
+
+    def compressed(self, archive: str, gz_size: int, gz_digest: str) -> None:
+        """(Any thread) `archive` has its .gz.tmp, durable: the next batch seals it and switches the archive to it."""
+
+    def retire(self, archive: str) -> None:
+        """(Any thread) `archive` is past APILOG_RETAIN_DAYS: the next batch seals its removal and removes it."""
 
 AGE_CHECK_EVERY = 1.0  # seconds between looks at live files' ages
 ROTATIONS_PER_TICK = 16
@@ -43,7 +59,7 @@ FIRST_SWEEP_AFTER = 5.0  # seconds after start
 class Archiver:
     """Decides which live files are due, rotates them, and compresses archives off the write path."""
 
-    def __init__(self, settings: Settings, writer: BatchWriter) -> None:
+    def __init__(self, settings: Settings, writer: ArchiveWriter) -> None:
         self.settings = settings
         self.tree: LogTree = writer.tree
         self.writer = writer  # journals (and seals) each rotation, compression and removal
@@ -86,19 +102,16 @@ class Archiver:
         self._compressor.join(timeout=None if wait else 5)
         self._sweeper.join(timeout=5)
 
-    def written(self, first_entries: dict[str, float]) -> None:
-        """A batch created these files: remember when their first entries happened."""
-        for relpath, ts in first_entries.items():
+    def after_batch(self) -> None:
+        """Learn from the writer's last batch: when the files it created had their first entry, which passed
+        APILOG_ROTATE_BYTES, and which cannot grow any more (EFBIG: rotated whatever their size)."""
+        writer = self.writer
+        for relpath, ts in writer.created.items():
             self.first_entry.setdefault(relpath, ts)
-
-    def grew(self, sizes: dict[str, int]) -> None:
-        """The last batch left these files at these sizes: those past APILOG_ROTATE_BYTES are due."""
         limit = self.settings.rotate_bytes
-        self._due.update(relpath for relpath, size in sizes.items() if size > limit)
-
-    def rotate_soon(self, relpaths: set[str]) -> None:
-        """Files that cannot grow any more (EFBIG): rotate them at the next tick, whatever their size."""
-        self._due.update(relpaths)
+        self._due.update(relpath for relpath, size in writer.sizes.items() if size > limit)
+        self._due.update(writer.oversized)
+        writer.oversized.clear()
 
     def tick(self, *, now: float | None = None) -> int:
         """Rotate what is due, a few files per call; return how many were rotated. Call only between batches."""
@@ -287,10 +300,10 @@ class Archiver:
             dst = self.tree.open_append(tmp)
             try:
                 # The .gz is digested as it is written: what gets sealed is what we wrote, not what the path holds later.
-                with (os.fdopen(dst, "wb", closefd=False) as raw, _Digesting(raw) as out,
+                with (_Digesting(dst) as out,
                       gzip.GzipFile(filename=os.path.basename(relpath), mode="wb", fileobj=out, mtime=0) as packed):
                     shutil.copyfileobj(plain, packed, 1 << 20)
-                os.fsync(dst)
+                fs.fsync(dst)
             finally:
                 os.close(dst)
         self.tree.fsync_dir(relpath.rpartition("/")[0])  # the .gz.tmp is found by a redo of the record that names it
@@ -299,10 +312,10 @@ class Archiver:
 
 
 class _Digesting(io.RawIOBase):
-    """A write-only file that passes its bytes on and keeps their size and BLAKE2b (the seal's digest)."""
+    """A write-only file over a descriptor (written through core.fs) that keeps the size and BLAKE2b of its bytes."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.hashed = seal.new_digest()
         self.size = 0
 
@@ -310,11 +323,10 @@ class _Digesting(io.RawIOBase):
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         self.hashed.update(view)
         self.size += view.nbytes
-        self.raw.write(view)
-        return view.nbytes
-
-    def flush(self) -> None:
-        self.raw.flush()
+        written = view.nbytes
+        while view:
+            view = view[fs.write(self.fd, view):]
+        return written

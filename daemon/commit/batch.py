@@ -14,7 +14,6 @@ import errno
 import os
 import queue
 import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,43 +25,20 @@ from apilog.core.streams import INTERNAL, Registry
 from apilog.core.tree import LogTree
 from apilog.settings import Settings
 
+from ..exceptions import describe, say
 from ..sources.base import NoSource, Source
-from ..state.folders import Folders
+from ..state.folders import LOG_FILES_SHARE, Folders, descriptor_share
 from ..state.journal import Batch, Journal
 from ..state.ledger import Ledger
 from ..state.probe import Probe
 from .budget import Budget, DropNotes, consumer_of, location_of
-from .open_files import DISK_ERRORS, MAX_OPEN, OpenFiles
+from .open_files import DISK_ERRORS, OpenFiles
 from .sealer import Sealer
 
 MAX_ITEMS = 32768  # items per batch: one journal record, one write per file
 CHECKPOINT_EVERY = 1.0  # age of the journal's oldest record when the log files are synced
 CHECKPOINT_BYTES = 64 * 1024 * 1024  # or bytes: a restart redoes at most this much
-LOG_FILES_SHARE, SEGMENTS_SHARE = 0.6, 0.2  # of the descriptor limit: thousands of users' files stay open
 NEW_FOLDERS_PER_MINUTE = 1000  # more new user folders than this in a minute is reported as a burst
-
-
-def descriptor_share(share: float) -> int:
-    """How many descriptors log files (LOG_FILES_SHARE) or spool segments (SEGMENTS_SHARE) may hold.
-
-    The rest is for folders, the state files, watchdog's inotify and the broker: a low
-    `ulimit -n` then costs reopening files, never a stall on EMFILE.
-    """
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(8, min(MAX_OPEN, int((soft if soft != resource.RLIM_INFINITY else 2 * MAX_OPEN) * share)))
-
-
-def say(text: str) -> None:
-    print(f"apilogd: {text}", file=sys.stderr, flush=True)
-
-
-def describe(exc: BaseException) -> str:
-    """An error in a few words, for a report."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
-        return str(exc)[:300]  # the reader's own words about bad input
-    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 class BatchWriter:
@@ -76,7 +52,7 @@ class BatchWriter:
     """
 
     def __init__(self, settings: Settings, folders: Folders,
-                 open_source: Callable[[Ledger], Source] | None = None, *, seal: bool = True) -> None:
+                 open_source: Callable[[Ledger], Source[Any]] | None = None, *, seal: bool = True) -> None:
         self.settings = settings
         self.folders = folders
         self.durable = settings.fsync != "off"
@@ -101,7 +77,7 @@ class BatchWriter:
         self._rename_error: OSError | None = None  # why the last record's rotation did not happen
         self.journal_since = 0.0  # when the journal's oldest record was committed (it is empty after a checkpoint)
         self._burst_window = (time.monotonic(), 0)  # (minute began, folders created before it)
-        self.source: Source = NoSource()
+        self.source: Source[Any] = NoSource()
         self.sealer: Sealer | None = None
         # Compressions and removals the archiver's threads finished, sealed and journaled by the next batch.
         self.archive_ops: queue.SimpleQueue[tuple[str, int, str]] = queue.SimpleQueue()
@@ -176,7 +152,7 @@ class BatchWriter:
             return
         if self.durable:
             self.files.sync()
-            self.source.sync()
+            self.source.persist_acks()
         self.ledger.checkpoint = self.journal.seq
         if self.sealer is not None:
             self.ledger.seal = self.sealer.position
@@ -201,7 +177,7 @@ class BatchWriter:
         self._take_archive_ops()
         if not batch and not self.notes and not self._ops:
             self.checkpoint()  # idle: make the last batches durable now
-            source.tidy()
+            source.drop_consumed()
             return 0
         rendered = len(self.notes)
         try:
@@ -230,14 +206,14 @@ class BatchWriter:
             self.probe.committed({source.key(item) for item in batch})
         self.one_at_a_time = max(0, self.one_at_a_time - len(batch))
         try:
-            source.committed(batch)
+            source.acknowledge(batch)
         except Exception as exc:  # noqa: BLE001 - the batch is journaled: it reaches its files whatever the source says
             say(f"could not acknowledge a committed batch at {source.name} ({describe(exc)}); "
                 "it comes back and is recognised by its ids")
         self._watch_for_bursts()
         self._apply(record, data, redo=False)
         self.budget.grew({relpath: len(chunk) for relpath, _, chunk in targets})
-        source.tidy()  # in the files, and the journal can bring it back: consumed input may go
+        source.drop_consumed()  # in the files, and the journal can bring it back: consumed input may go
         if time.monotonic() - self.journal_since >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:
             self.checkpoint()
         return len(batch)

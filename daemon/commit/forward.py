@@ -9,49 +9,18 @@ the spool grow; the service loop retries with backoff and `apilogd status` says 
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from apilog.core.entry import Entry
 from apilog.core.shards import shard_of
 from apilog.settings import Settings
 
+from ..exceptions import describe
+from ..sources import open_publisher
 from ..sources.spool import SpoolSource
 from ..state.folders import Folders
 from ..state.ledger import Ledger
 from ..state.probe import Probe
-from .batch import MAX_ITEMS, BatchWriter, describe
+from .batch import MAX_ITEMS, BatchWriter
 from .budget import DropNotes
-
-
-class Publisher(Protocol):
-    """Puts entries into the broker's shard queues."""
-
-    name: str
-
-    def publish(self, by_shard: dict[int, list[Entry]]) -> None:
-        """Return once the broker holds every entry (confirmed); raise OSError otherwise."""
-
-    def durability_warning(self) -> str | None:
-        """Why the broker could lose what it confirmed, or None."""
-
-    def close(self) -> None: ...
-
-
-def open_publisher(settings: Settings) -> Publisher:
-    """The publisher for APILOG_BROKER_URL's kind of broker."""
-    url = settings.broker_url or ""
-    scheme = url.split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss"):
-        from ..sources.redis import RedisPublisher
-
-        return RedisPublisher(settings)
-    if scheme in ("amqp", "amqps", "pyamqp"):
-        from ..sources.rabbitmq import AmqpPublisher
-
-        return AmqpPublisher(settings)
-    from ..sources.broker import KombuPublisher
-
-    return KombuPublisher(settings)
 
 
 class Forwarder:
@@ -68,10 +37,6 @@ class Forwarder:
         self.drop_notes = DropNotes(settings)  # this host's producers' drops, noted through the broker
         self._marks: dict[str, int] = {}
         self.quarantined = 0
-        # What the archiver reads of a BatchWriter: a forwarder writes no log files.
-        self.created: dict[str, float] = {}
-        self.sizes: dict[str, int] = {}
-        self.oversized: set[str] = set()
         try:
             self.publisher = open_publisher(settings)
         except BaseException:
@@ -89,7 +54,7 @@ class Forwarder:
             self.notes.extend(drop_notes)
         batch = [] if only_notes else source.take(MAX_ITEMS)
         if not batch and not self.notes:
-            source.tidy()
+            source.drop_consumed()
             return 0
         by_shard: dict[int, list[Entry]] = {}
         set_aside = 0
@@ -114,10 +79,10 @@ class Forwarder:
         self.drop_notes.mark(self._marks)
         self.drop_notes.drained(source.consumed(batch))
         self._marks = {}
-        source.committed(batch)
+        source.acknowledge(batch)
         self.ledger.advance(source.positions(batch))
         self.ledger.save()
-        source.tidy()
+        source.drop_consumed()
         self.quarantined += set_aside
         return len(batch)
 

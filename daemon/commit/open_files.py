@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 from collections import OrderedDict
 
+from apilog.core import fs
 from apilog.core.tree import LogTree
+
+from ..state.folders import MAX_OPEN
 
 # Errors that say the log disk as a whole cannot take a batch: undo it and retry, never divert entries.
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
-MAX_OPEN = 16384  # handles kept; past them the least recently used is closed (no sync: the journal has its bytes)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def syncfs(fd: int) -> None:
-    """Flush every file of the file system holding `fd` to disk (one call, whatever the number of files)."""
-    if _libc.syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
 
 class OpenFiles:
     """Append handles kept open across batches, least recently used closed first, each with its size.
@@ -69,9 +59,9 @@ class OpenFiles:
     def append(self, relpath: str, data: bytes) -> None:
         handle = self._handle(relpath)
         try:
-            written = os.write(handle[0], data)
+            written = fs.write(handle[0], data)
             while written < len(data):  # a short write (a signal, a nearly full disk): the rest follows
-                written += os.write(handle[0], memoryview(data)[written:])
+                written += fs.write(handle[0], memoryview(data)[written:])
         except BaseException:
             self.forget(relpath)  # how much went in is unknown: measured again when next opened
             raise
@@ -86,14 +76,14 @@ class OpenFiles:
         handle = self._handle(relpath)
         handle[1] = size = os.fstat(handle[0]).st_size  # measured, not counted: this follows a failure
         if size > before:
-            os.ftruncate(handle[0], before)
+            fs.ftruncate(handle[0], before)
             handle[1] = before
         self.append(relpath, data)
         return size if size < before else None
 
     def sync(self) -> None:
         """Every append so far on disk: one syncfs of the log tree's file system."""
-        syncfs(self.tree.root_fd)
+        fs.syncfs(self.tree.root_fd)
 
     def truncate(self, relpath: str, size: int) -> None:
         """Cut `relpath` back to `size` bytes (undoing what a ledger of the version before left); a missing file stays missing."""
@@ -104,7 +94,7 @@ class OpenFiles:
             return
         try:
             if os.fstat(fd).st_size > size:
-                os.ftruncate(fd, size)
+                fs.ftruncate(fd, size)
         finally:
             os.close(fd)
 

@@ -19,7 +19,7 @@ from typing import Any
 from apilog.core import wire
 from apilog.core.atomic import write_atomic
 from apilog.core.folder import Folder, UnsafePath
-from apilog.core.shards import queue_name
+from apilog.core.shards import broker_kind, queue_name
 from apilog.settings import Settings
 from apilog.spool import layout
 from apilog.spool.backlog import committed_offsets, waiting
@@ -127,7 +127,7 @@ def _broker_backlog(url: str, shards: frozenset[int]) -> int | None:
 
 def durability_warning(settings: Settings) -> str | None:
     """Why the site's broker could lose entries it acknowledged (Redis without appendfsync always), or None."""
-    if settings.role == "local" or not (settings.broker_url or "").lower().startswith(("redis://", "rediss://")):
+    if settings.role == "local" or broker_kind(settings.broker_url) != "redis":
         return None
     from ..sources.redis import client
     from ..sources.redis import durability_warning as redis_warning

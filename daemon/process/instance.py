@@ -22,6 +22,7 @@ import stat
 import time
 from pathlib import Path
 
+from apilog.core import fs
 from apilog.core.folder import Folder
 
 from ..exceptions import AlreadyRunning, DaemonError
@@ -245,11 +246,11 @@ def _probe_free(fd: int) -> bool:
 def _lock_file(home: Path) -> tuple[os.stat_result | None, int | None]:
     """The lock file's status and a read descriptor (None when we may not read it); (None, None) if there is none."""
     try:
-        home_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        home_fd = fs.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None, None
     try:
-        fd = os.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=home_fd)
+        fd = fs.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=home_fd)
     except FileNotFoundError:
         return None, None
     except PermissionError:  # another user's daemon: its holder can still be named from /proc

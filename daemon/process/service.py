@@ -12,7 +12,6 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
 from types import FrameType
 
 from apilog.core.entry import internal
@@ -21,13 +20,12 @@ from apilog.settings import Settings
 from apilog.spool.backlog import waiting as waiting_entries
 
 from ..archive.archiver import Archiver
-from ..commit.batch import BatchWriter, describe, say
+from ..commit.batch import BatchWriter
+from ..commit.drainer import Drainer
 from ..commit.forward import Forwarder
-from ..exceptions import DaemonError, UnsafeSetup
-from ..sources.base import Source
-from ..sources.spool import SpoolSource
-from ..state.folders import Folders, open_folders, open_home
-from ..state.ledger import Ledger
+from ..exceptions import DaemonError, UnsafeSetup, describe, say
+from ..sources import open_source
+from ..state.folders import open_folders, open_home
 from .control import STATS_NAME, answer_archive_request
 from .instance import InstanceLock
 from .metrics import Metrics
@@ -50,25 +48,6 @@ def _raise_descriptor_limit() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def open_source(settings: Settings, folders: Folders) -> Callable[[Ledger], Source]:
-    """The source a writer of files drains: the embedded spool (role local), or its shards of the broker (role write)."""
-    if settings.drains_spool:
-        return lambda ledger: SpoolSource(settings, folders, ledger)
-    # Broker clients are loaded only by a daemon that drains a broker.
-    from ..sources.broker import BrokerSource, writer_id
-
-    scheme = (settings.broker_url or "").split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss"):
-        from ..sources.redis import RedisSource
-
-        return lambda ledger: RedisSource(settings, folders, ledger, writer_id(folders.state))
-    if scheme in ("amqp", "amqps", "pyamqp"):
-        from ..sources.rabbitmq import AmqpSource
-
-        return lambda ledger: AmqpSource(settings, folders, ledger)
-    return lambda ledger: BrokerSource(settings, folders, ledger)
 
 
 class _Signals:
@@ -133,7 +112,7 @@ class Service:
                 folders = open_folders(conf, home)
                 stack.callback(folders.close)
                 if conf.role == "forward":
-                    drainer: BatchWriter | Forwarder = Forwarder(conf, folders)
+                    drainer: Drainer = Forwarder(conf, folders)
                     stack.callback(drainer.close)
                     archiver = None  # a forwarder writes no log files
                 else:
@@ -149,8 +128,8 @@ class Service:
                 raise DaemonError(f"cannot start: {describe(exc)}{where}") from None
             if crashed:
                 say("the last run did not stop cleanly: inputs are probed one at a time until a batch commits")
-            drainer.source.sweep()
-            drainer.source.scan()
+            drainer.source.clean_up()
+            drainer.source.look_for_input()
             notify(f"READY=1\nMAINPID={os.getpid()}")
             if isinstance(drainer, Forwarder):
                 say(f"forwarding {drainer.source.name} to {drainer.publisher.name} in {conf.shards} shards")
@@ -174,7 +153,7 @@ class Service:
         say("stopped")
         return 0
 
-    def _loop(self, drainer: BatchWriter | Forwarder, archiver: Archiver | None) -> None:
+    def _loop(self, drainer: Drainer, archiver: Archiver | None) -> None:
         signals = self.signals
         backoff = 0.0
         failure: str | None = None
@@ -187,10 +166,10 @@ class Service:
             try:
                 if idle or now - last_scan >= SCAN_EVERY:
                     last_scan = now
-                    drainer.source.scan()
+                    drainer.source.look_for_input()
                 if now - last_sweep >= SWEEP_EVERY:
                     last_sweep = now
-                    drainer.source.sweep()
+                    drainer.source.clean_up()
                 began = time.perf_counter()
                 done = drainer.step()
             except Exception as exc:  # noqa: BLE001 - the loop outlives anything one input or one disk does
@@ -226,10 +205,7 @@ class Service:
                 say(f"recovered from: {failure}")
                 failure = None
             if archiver is not None:
-                archiver.written(drainer.created)
-                archiver.grew(drainer.sizes)
-                archiver.rotate_soon(drainer.oversized)
-                drainer.oversized.clear()
+                archiver.after_batch()
                 self._archive(drainer, archiver)
             elif self.signals.archive:  # `apilog archive` asked a host that writes no files
                 self.signals.archive = False
@@ -246,7 +222,7 @@ class Service:
                     signals.sleep(LINGER)  # let a trickle gather: a batch (and its fdatasync) per few entries costs
 
     @staticmethod
-    def _last_notes(drainer: BatchWriter | Forwarder, archiver: Archiver | None) -> None:
+    def _last_notes(drainer: Drainer, archiver: Archiver | None) -> None:
         """Write the INTERNAL notes still waiting (a recovery, a quarantine) before exiting, and seal and switch to
         its .gz each archive the compressor finished (a .gz.tmp never handed over is removed at the next start)."""
         if archiver is not None:
@@ -263,7 +239,7 @@ class Service:
             notify("WATCHDOG=1")
             self.last_ping = now
 
-    def _report(self, now: float, written: int, drainer: BatchWriter | Forwarder) -> None:
+    def _report(self, now: float, written: int, drainer: Drainer) -> None:
         """Every few seconds: a STATUS= line for systemctl, state/stats.json for `apilogd status`, the metrics file."""
         if written:
             self.written.append((now, written))
@@ -293,7 +269,7 @@ class Service:
                 say(f"cannot update {STATS_NAME}: {describe(exc)}")
             self.stats_failed = True
 
-    def _limits(self, drainer: BatchWriter | Forwarder, waiting: int | None) -> dict[str, object]:
+    def _limits(self, drainer: Drainer, waiting: int | None) -> dict[str, object]:
         """Who is limited now, what was dropped, how full the disks are: for status, and the metrics."""
         notes = drainer.drop_notes
         if self.settings.drains_spool:
@@ -307,7 +283,7 @@ class Service:
         self.metrics.log_disk_full.set(1 if report["log_disk_full"] else 0)
         return report
 
-    def _refresh_metrics(self, last_minute: int, waiting: int | None, drainer: BatchWriter | Forwarder) -> None:
+    def _refresh_metrics(self, last_minute: int, waiting: int | None, drainer: Drainer) -> None:
         """The textfile for node_exporter, every report; a failure is said once, like stats.json's."""
         metrics = self.metrics
         metrics.written_last_minute.set(last_minute)
@@ -323,7 +299,7 @@ class Service:
         else:
             self.metrics_failed = False
 
-    def _archive(self, drainer: BatchWriter | Forwarder, archiver: Archiver) -> None:
+    def _archive(self, drainer: Drainer, archiver: Archiver) -> None:
         """Rotate what is due (between batches, so no batch is split), and pass on the archiver's reports."""
         try:
             if self.signals.archive:

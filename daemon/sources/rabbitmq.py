@@ -27,7 +27,7 @@ from apilog.core.entry import Entry
 from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
-from ..commit.batch import say
+from ..exceptions import say
 from ..state.folders import Folders
 from ..state.ledger import Ledger
 from .broker import ShardWriter, body_bytes, quarantine_message
@@ -273,7 +273,7 @@ class AmqpSource(ShardWriter[_Shard]):
     def ids(self, batch: list[Item]) -> list[str]:
         return [item.entry.id for item in batch if item.entry is not None]
 
-    def committed(self, batch: list[Item]) -> None:
+    def acknowledge(self, batch: list[Item]) -> None:
         self.delivered.add(self.ids(batch))
         for item in batch:
             if item.last and self.channel is not None:
@@ -282,10 +282,10 @@ class AmqpSource(ShardWriter[_Shard]):
     def rewind(self, batch: list[Item]) -> None:
         self.retry = batch + self.retry
 
-    def scan(self) -> None:
+    def look_for_input(self) -> None:
         """Messages are pushed to the consumer: nothing to look for."""
 
-    def sweep(self) -> None:
+    def clean_up(self) -> None:
         """RabbitMQ keeps its own queues."""
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from apilog.core.entry import Entry
 from apilog.core.shards import queue_name
 from apilog.settings import Settings, redacted
 
-from ..commit.batch import say
+from ..exceptions import say
 from ..state.folders import Folders
 from ..state.ledger import Ledger
 from .broker import ShardWriter, quarantine_message
@@ -270,7 +270,7 @@ class RedisSource(ShardWriter[_Shard]):
     def ids(self, batch: list[Item]) -> list[str]:
         return [item.entry.id for item in batch if item.entry is not None]
 
-    def committed(self, batch: list[Item]) -> None:
+    def acknowledge(self, batch: list[Item]) -> None:
         self.delivered.add(self.ids(batch))
         last: dict[_Shard, int] = {}
         for item in batch:
@@ -285,10 +285,10 @@ class RedisSource(ShardWriter[_Shard]):
             shard.base += len(shard.window)
             shard.window = []
 
-    def scan(self) -> None:
+    def look_for_input(self) -> None:
         self._leases()
 
-    def sweep(self) -> None:
+    def clean_up(self) -> None:
         warning = durability_warning(self.conn)
         if warning and warning != self.warned:
             say(f"warning: {warning}")

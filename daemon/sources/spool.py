@@ -12,8 +12,7 @@ from apilog.core.folder import Folder
 from apilog.settings import Settings
 from apilog.spool.frame import boundaries
 
-from ..commit.batch import SEGMENTS_SHARE, descriptor_share
-from ..state.folders import Folders
+from ..state.folders import SEGMENTS_SHARE, Folders, descriptor_share
 from ..state.ledger import Ledger
 from .appends import Appends
 from .spool_reader import Record, SpoolReader, offset_problem
@@ -101,10 +100,10 @@ class SpoolSource:
         self.appends.close()
         self.reader.close()
 
-    def sync(self) -> None:
+    def persist_acks(self) -> None:
         """Nothing of its own to sync: the ledger is the spool's record of what was written."""
 
-    def sweep(self) -> None:
+    def clean_up(self) -> None:
         """Tidy the spool's `tmp/`, quarantining anything with bytes in it."""
         for name, raw, size in self.reader.sweep_tmp(self.folders.tmp):
             target = keep_aside(self.folders.quarantine, f"tmp.{quarantine_name(name)}", raw, self.durable)
@@ -112,7 +111,7 @@ class SpoolSource:
                                        {"name": name, "moved_to": str(self.folders.quarantine.path / target),
                                         "bytes": size, "bytes_kept": len(raw)}))
 
-    def scan(self) -> None:
+    def look_for_input(self) -> None:
         self.reader.scan()
         self.reader.touched(self.appends.take())  # None: inotify lost events, every segment is looked at
         for name, why in self.reader.fresh_rejections:
@@ -137,13 +136,13 @@ class SpoolSource:
         """The spool bytes the batch's records took."""
         return sum(record.end - record.start for record in batch)
 
-    def committed(self, batch: list[Record]) -> None:
+    def acknowledge(self, batch: list[Record]) -> None:
         self.reader.commit(self.positions(batch))
 
     def rewind(self, batch: list[Record]) -> None:
         self.reader.rewind(self.ledger.offsets)
 
-    def tidy(self) -> None:
+    def drop_consumed(self) -> None:
         """Remove segments that are sealed and written to their end."""
         for name in self.reader.drained():
             self.reader.remove(name)

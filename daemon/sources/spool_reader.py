@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from apilog.core import fs
 from apilog.core.folder import Folder
 from apilog.spool.backlog import rejection
 from apilog.spool.frame import CHUNK, HEADER, MAGIC, MAX_PAYLOAD, boundaries
@@ -383,7 +384,7 @@ class SpoolReader:
                     finally:
                         os.close(fd)
                 if stat.S_ISDIR(st.st_mode):
-                    os.rmdir(name, dir_fd=tmp.fd)
+                    fs.rmdir(name, dir_fd=tmp.fd)
                 else:
                     tmp.unlink(name)
             except OSError:

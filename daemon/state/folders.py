@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 from dataclasses import dataclass
 
 from apilog import spool
+from apilog.core import fs
 from apilog.core.folder import Folder, UnsafePath
 from apilog.settings import Settings
 
+MAX_OPEN = 16384  # log files held open at most; past them the least recently used is closed
+LOG_FILES_SHARE, SEGMENTS_SHARE = 0.6, 0.2  # of the descriptor limit: thousands of users' files stay open
 HOME_MODE = 0o750  # the app's group passes through to the spool; nobody else
 STATE_MODE = 0o750
 
@@ -45,7 +49,7 @@ def _own(folder: Folder, what: str, mode: int | None) -> None:
     current = stat.S_IMODE(st.st_mode)
     wanted = current & ~0o022 if mode is None else mode
     if current != wanted:
-        os.fchmod(folder.fd, wanted)
+        fs.fchmod(folder.fd, wanted)
 
 
 def open_home(settings: Settings) -> Folder:
@@ -78,3 +82,13 @@ def open_folders(settings: Settings, home: Folder) -> Folders:
             folder.close()
         raise
     return Folders(state, spool_folder, parts["segments"], parts["tmp"], parts["quarantine"])
+
+
+def descriptor_share(share: float) -> int:
+    """How many descriptors log files (LOG_FILES_SHARE) or spool segments (SEGMENTS_SHARE) may hold.
+
+    The rest is for folders, the state files, watchdog's inotify and the broker: a low
+    `ulimit -n` then costs reopening files, never a stall on EMFILE.
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(8, min(MAX_OPEN, int((soft if soft != resource.RLIM_INFINITY else 2 * MAX_OPEN) * share)))

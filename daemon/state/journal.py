@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import msgspec
 
+from apilog.core import fs
 from apilog.core.folder import Folder, UnsafePath
 
 from ..exceptions import StateDamaged
@@ -216,7 +217,7 @@ class Journal:
         # when its header can still be read, by `cut_torn` once the writer has seen its files untouched.
         self.torn = torn_header(raw, end) if end < len(raw) else None
         if end < len(raw) and self.torn is None:
-            os.ftruncate(self.fd, end)
+            fs.ftruncate(self.fd, end)
         self.size = end
         self.last_size = 0
         self.seq = max([checkpoint] + [batch.seq for batch, _ in records])
@@ -225,7 +226,7 @@ class Journal:
     def cut_torn(self) -> None:
         """The torn last record's files hold none of its bytes: it was never committed; cut it off."""
         if self.torn is not None:
-            os.ftruncate(self.fd, self.size)
+            fs.ftruncate(self.fd, self.size)
             self.torn = None
 
     def damaged(self, why: str) -> NoReturn:
@@ -248,11 +249,11 @@ class Journal:
         view = memoryview(record)
         try:
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[fs.write(self.fd, view):]
             if self.durable:
-                os.fdatasync(self.fd)
+                fs.fdatasync(self.fd)
         except BaseException:
-            os.ftruncate(self.fd, self.size)  # a half-written record must not precede the next one
+            fs.ftruncate(self.fd, self.size)  # a half-written record must not precede the next one
             raise
         self.seq = batch.seq
         self.size += len(record)
@@ -261,14 +262,14 @@ class Journal:
 
     def drop_last(self) -> None:
         """Take back the record appended last, none of whose effects happened (a rotation that failed)."""
-        os.ftruncate(self.fd, self.size - self.last_size)
+        fs.ftruncate(self.fd, self.size - self.last_size)
         self.size -= self.last_size
         self.seq -= 1
         self.last_size = 0
 
     def empty(self) -> None:
         """Every record is covered by a saved checkpoint: start the journal afresh."""
-        os.ftruncate(self.fd, 0)
+        fs.ftruncate(self.fd, 0)
         self.size = 0
 
     def close(self) -> None:

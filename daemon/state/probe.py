@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 
+from apilog.core import fs
 from apilog.core.folder import Folder, UnsafePath
 
 from .ledger import LIVED_NAME
@@ -78,14 +79,14 @@ class Probe:
         """About to handle `key`: if the process dies now, the next start blames it."""
         if self.armed and key != self._current:
             data = f"{self.crashes(key)}\n{key}\n".encode("utf-8", "surrogateescape")  # a name need not be UTF-8
-            os.pwrite(self._fd, data, 0)
-            os.ftruncate(self._fd, len(data))
+            fs.pwrite(self._fd, data, 0)
+            fs.ftruncate(self._fd, len(data))
             self._current = key
 
     def between(self) -> None:
         """No input is being handled now (the batch is being written): a crash now blames none."""
         if self._current is not None:
-            os.ftruncate(self._fd, 0)
+            fs.ftruncate(self._fd, 0)
             self._current = None
 
     def failed(self, key: str) -> None:
