@@ -19,7 +19,7 @@ WAIT_SECONDS = 30.0
 
 
 def log_samples() -> int:
-    """The examples of the README; returns how many calls were made."""
+    """Sample entries for a few users and streams; returns how many calls were made."""
     # Celery is loaded by the demo, not by every `apilog` command.
     from ._task import logger
 

@@ -255,7 +255,7 @@ def _read_toml(home: Path) -> dict[str, str]:
     return values
 
 
-# Defaults a machine nobody tuned can live with (README, "Limits"): journald's 10% and 15%, each at most 4 GiB.
+# Defaults a machine nobody tuned can live with (docs/operations.md, "Limits"): journald's 10% and 15%, each at most 4 GiB.
 _DEFAULT_MAX_USE, _DEFAULT_KEEP_FREE, _DEFAULT_SPOOL_MAX = "10%", "15%", "10%"
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {

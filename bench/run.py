@@ -334,7 +334,7 @@ def broker_round(kind: str, base: Path, n: int) -> tuple[dict[str, float], dict[
         server.kill()
 
 
-# ---------------------------------------------------------------- the limits (README, "Limits")
+# ---------------------------------------------------------------- the limits (docs/operations.md, "Limits")
 
 
 def flood_round(base: Path, flooded: bool) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The producer's spool writer under fork, a strict umask and a full disk (docs/reference.md, 8 D1-D5), via a real apilogd."""
+"""The producer's spool writer under fork, a strict umask and a full disk (docs/reference.md, D1-D5), via a real apilogd."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bounded (README, "Limits"): no flooding user, full disk or full spool takes the logs down; every drop is counted."""
+"""Bounded (docs/operations.md, "Limits"): no flood, full disk or full spool takes the logs down; every drop counted."""
 
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ def test_a_broker_outage_only_grows_the_spool(broker: RedisServer | RabbitServer
 
 
 def test_the_readmes_stock_worker_command_consumes_a_shard(broker: RedisServer | RabbitServer, tmp_path: Path) -> None:
-    """`celery -A apilog worker -Q apilog.0,apilog.1` as the README writes it, with APILOG_BROKER_URL and
+    """`celery -A apilog worker -Q apilog.0,apilog.1` as docs/many-hosts.md writes it, with APILOG_BROKER_URL and
     APILOG_SHARDS set: a stock worker runs the forwarded messages of its shards (at least once)."""
     app = Host(tmp_path, "app-1", broker.url, "forward").start()
     worker_home = Host(tmp_path, "worker", broker.url, "write")

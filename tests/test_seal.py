@@ -359,7 +359,7 @@ def test_a_seal_line_naming_a_path_outside_the_tree_is_never_followed(tree: tupl
 
 
 def test_the_key_on_disk_cannot_cut_the_end_of_a_past_epoch(sealed: tuple[Path, Path], tmp_path: Path) -> None:
-    """With today's key an intruder can add lines from now on (the README says so), but cannot hide that a past
+    """With today's key an intruder can add lines from now on (docs/sealing.md says so), but cannot hide that a past
     epoch's last lines are gone: each epoch ends with a line sealed by its own key, naming the next epoch."""
     home, key_file = sealed
     on_disk = json.loads((home / "state" / "seal.key").read_text())

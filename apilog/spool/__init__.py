@@ -1,7 +1,7 @@
 """The durable filesystem spool: producers append framed records to segment files, apilogd drains them.
 
 Who may do what (docs/reference.md, D8): the app's group may only add files to `segments/` and `tmp/`,
-and update the limits table in `limits/` (README, "Limits"); these carry the sticky bit so
+and update the limits table in `limits/` (docs/operations.md, "Limits"); these carry the sticky bit so
 nobody removes or renames a file they do not own; `spool/` itself and `quarantine/` are the
 daemon's alone.
 """

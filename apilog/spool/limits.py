@@ -162,7 +162,7 @@ class Limits:
 
         `limited`: the location is subject to the per-user rate (every one but the system's).
         The spool's byte counter is shared every SHARE_BYTES appended by this process, not on
-        every call: the budget may be passed by that much per producing process (README, "Limits").
+        every call: the budget may be passed by that much per producing process (docs/operations.md, "Limits").
         """
         with self._thread_lock:
             if not self._flock(False):

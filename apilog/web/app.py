@@ -34,7 +34,7 @@ STATS_FRESH = 30.0  # seconds after which a report is taken for a stopped daemon
 
 
 def _limits_now(settings: Settings) -> dict[str, Any]:
-    """Who apilogd limits right now and whether the log disk is full, from its last report (README, "Limits").
+    """Who apilogd limits right now and whether the log disk is full, from its last report (docs/operations.md, "Limits").
 
     Empty when the daemon's report is stale or not readable by this process (it runs as apilogd's
     user or in its group to see it).

@@ -82,7 +82,7 @@ class BatchWriter:
         # Compressions and removals the archiver's threads finished, sealed and journaled by the next batch.
         self.archive_ops: queue.SimpleQueue[tuple[str, int, str]] = queue.SimpleQueue()
         self._ops: list[tuple[str, int, str]] = []  # taken from archive_ops, not committed yet
-        # Limits (README, "Limits"): notes of dropped entries, and the tree's disk budget.
+        # Limits (docs/operations.md, "Limits"): notes of dropped entries, and the tree's disk budget.
         self.drop_notes = DropNotes(settings)
         self.budget = Budget(settings, self.tree.root_fd)
         self._marks: dict[str, int] = {}  # drop counters the notes waiting in self.notes account for

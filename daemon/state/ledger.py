@@ -26,7 +26,7 @@ from ..exceptions import StateDamaged
 DAMAGED = "damaged"  # suffix of a ledger set aside, until `apilogd repair` handles it
 REPAIRED = "repaired"
 REPAIR_HINT = "run `apilogd repair`, then start apilogd again"
-LIVED_NAME = "probe"  # made at a daemon's first start (daemon/_probe.py); its presence means one ran here
+LIVED_NAME = "probe"  # made at a daemon's first start (state/probe.py); its presence means one ran here
 
 
 def is_entry_id(value: object) -> bool:
