@@ -25,6 +25,14 @@ class UnsafePath(OSError):
     """A folder or file is not what it must be (a link, a FIFO, a hard link, another user's): not followed or used."""
 
 
+def regular_file(fd: int, what: str) -> int:
+    """`fd` if it is a regular file's (not a FIFO's, a device's or a folder's); closed and refused otherwise."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(errno.EINVAL, f"{what} is not a regular file")
+    return fd
+
+
 class Folder:
     """One open folder; every method names things inside it."""
 
@@ -96,11 +104,8 @@ class Folder:
 
     def open_regular(self, name: str, flags: int = os.O_RDONLY) -> int:
         """Open an existing regular file inside (no link, FIFO, socket or folder), without blocking."""
-        fd = fs.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(errno.EINVAL, f"{self.path / name} is not a regular file")
-        return fd
+        return regular_file(fs.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd),
+                            str(self.path / name))
 
     def open_plain(self, name: str, flags: int, mode: int) -> int:
         """Open, creating it with `mode` if missing, a plain file of our own; a link, FIFO, folder or hard link is refused."""

@@ -14,14 +14,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import fs
+from .folder import UnsafePath, regular_file
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
 GZIP_MAGIC = b"\x1f\x8b"  # how readers tell an archive's gzip bytes: under its plain name halfway through its switch to .gz
-
-
-class TreeError(OSError):
-    """An open inside the log tree met something it must not follow or create."""
 
 
 class LogTree:
@@ -30,7 +27,7 @@ class LogTree:
     def __init__(self, root: Path) -> None:
         self.root = root
         if root.exists() and not root.is_dir():
-            raise TreeError(errno.ENOTDIR, "the log folder is not a folder", str(root))
+            raise UnsafePath(errno.ENOTDIR, "the log folder is not a folder", str(root))
         if not root.is_dir():
             fs.makedirs(root, DIR_MODE)
             fs.chmod(root, DIR_MODE)
@@ -73,7 +70,7 @@ class LogTree:
         """Open a file that must already exist inside the tree."""
         if _openat2 is not None:
             try:
-                return _regular(_openat2(self._root_fd, relpath, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC),
+                return regular_file(_openat2(self._root_fd, relpath, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC),
                                 relpath)
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.EXDEV):
@@ -145,15 +142,15 @@ class LogTree:
             fd = fs.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise TreeError(errno.ELOOP, f"{relpath} is a symbolic link; not followed") from None
+                raise UnsafePath(errno.ELOOP, f"{relpath} is a symbolic link; not followed") from None
             raise
-        return _regular(fd, relpath)
+        return regular_file(fd, relpath)
 
     def _walk(self, dirs: list[str], *, create: bool) -> int:
         fd = self._root_fd
         for part in dirs:
             if part in ("", ".", ".."):
-                raise TreeError(errno.EINVAL, f"bad path component {part!r}")
+                raise UnsafePath(errno.EINVAL, f"bad path component {part!r}")
             if create:
                 try:
                     fs.mkdir(part, DIR_MODE, dir_fd=fd)
@@ -165,7 +162,7 @@ class LogTree:
                 nxt = fs.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise TreeError(exc.errno, f"{part!r} in the log tree is not a plain directory; not followed") from None
+                    raise UnsafePath(exc.errno, f"{part!r} in the log tree is not a plain directory; not followed") from None
                 raise
             finally:
                 self._close_dir(fd)
@@ -186,14 +183,6 @@ def _exists(name: str, dir_fd: int) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _regular(fd: int, relpath: str) -> int:
-    """`fd` if it is a regular file's (not a FIFO's, a device's or a folder's); closed and refused otherwise."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise TreeError(errno.EINVAL, f"{relpath} is not a regular file")
-    return fd
 
 
 class _OpenHow(ctypes.Structure):
