@@ -146,9 +146,9 @@ def _quantity(raw: str, units: Mapping[str, int], bare: int) -> int | None:
     return round(total) if text and total == round(total) else None
 
 
-def _int(minimum: int, *, units: Mapping[str, int] | None = None, per: int = 1,
-         like: str = "") -> Callable[[str, str], int]:
-    """A whole number at least `minimum`; with `units`, also a human quantity counted in `per` base units."""
+def _int(minimum: int, *, units: Mapping[str, int] | None = None, per: int = 1, like: str = "",
+         maximum: int = 2**62) -> Callable[[str, str], int]:
+    """A whole number from `minimum` to `maximum`; with `units`, also a human quantity counted in `per` base units."""
     def parse(name: str, raw: str) -> int:
         text = raw.strip()
         if re.fullmatch(r"[+-]?\d+", text):
@@ -161,6 +161,8 @@ def _int(minimum: int, *, units: Mapping[str, int] | None = None, per: int = 1,
             value = found // per
         if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}; got {value}")
+        if value > maximum:
+            raise ConfigError(f"{name} must be at most {maximum}; got {raw.strip()[:40]}")
         return value
 
     return parse
@@ -171,8 +173,8 @@ def _rate(name: str, raw: str) -> float:
         value = float(raw.strip().lower().removesuffix("/s"))
     except ValueError:
         raise ConfigError(f"{name} must be a number of entries a second such as 200 (0: no limit); got {raw!r}") from None
-    if not 0 <= value < 1e9:
-        raise ConfigError(f"{name} must be 0 (no limit) or a positive number of entries a second; got {raw!r}")
+    if value and not 0.001 <= value <= 1e9:
+        raise ConfigError(f"{name} must be 0 (no limit) or from 0.001 to 1e9 entries a second; got {raw!r}")
     return value
 
 
@@ -278,7 +280,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "APILOG_SEAL_EPOCH": _int(1, units=_DURATION_UNITS, like="a duration such as 15 min"),
     "APILOG_WEB_TOKEN": lambda name, raw: raw.strip() or None,
     "APILOG_USER_RATE": _rate,
-    "APILOG_USER_BURST": _int(1),
+    "APILOG_USER_BURST": _int(1, maximum=10**9),
     "APILOG_USER_QUOTA": _int(0, units=_SIZE_UNITS, like="a size such as 1 GB"),
     "APILOG_MAX_USE": _share(_DEFAULT_MAX_USE),
     "APILOG_KEEP_FREE": _share(_DEFAULT_KEEP_FREE),

@@ -6,14 +6,19 @@ a member of the group who cut the file would otherwise crash every app with SIGB
 
 - the bytes producers appended to the spool and the bytes apilogd drained from it (their
   difference is what waits, checked against APILOG_SPOOL_MAX before each append);
-- a GCRA token bucket per location (APILOG_USER_RATE, APILOG_USER_BURST), keyed by a salted
-  64-bit hash so that no crafted name can share another user's bucket;
+- per location, keyed by a salted 64-bit hash (no crafted name shares another's bucket), a
+  GCRA bucket of entries (APILOG_USER_RATE, APILOG_USER_BURST) and one of spool bytes (a
+  quarter of the spool's budget a minute): past half the spool's budget, a user who spent
+  half of either is dropped as "spool full" already, so one user's burst leaves room for
+  the others;
 - a counter per (location, stream, reason) of the entries dropped, which apilogd turns into
-  suppression notes and marks as noted.
+  suppression notes and marks as noted; a few slots are kept for "other users", so a full
+  counter table still counts.
 
-A process that cannot take the lock within a millisecond (a member of the group holding it)
-admits the entry uncounted rather than block the app; apilogd's recount of the spool
-corrects the byte counters.
+The table is input from every member of the app's group, so nothing here may hang, crash or
+lose an entry because of it: a lock not had within a millisecond, a table cut short, garbage
+or counters past any real value make `delay()` admit the entry uncounted; apilogd replaces a
+damaged table (every process notices the new one within a second) and recounts the spool.
 """
 
 from __future__ import annotations
@@ -44,25 +49,29 @@ if TYPE_CHECKING:
 TABLE_NAME = "table"
 FILE_MODE = 0o660  # producers of the group update it; its folder's sticky bit keeps it in place
 MAGIC = b"APLT"
-VERSION = 1
+VERSION = 2
 RATE_SLOTS = 8192  # buckets of locations active within a burst's time; a full bucket's slot is reused
 NOTE_SLOTS = 1024  # (location, stream, reason) counters not yet noted
+RESERVED = 8  # the last note slots: one "other users" counter per reason, used when the rest are taken
 PROBES = 16  # slots looked at for a key before the least useful one is taken over
 SHARE_BYTES = 64 * 1024  # a process adds its appends to the shared spool counter at least this often
-LOCK_TRIES = 20  # LOCK_NB attempts (with a pause between) before admitting uncounted
-OPEN_WAIT_TRIES = 500  # 10 ms waits for a table's creator to finish it
+LOCK_TRIES = 20  # LOCK_NB attempts (with a pause between) before giving up on the table for this call
+RECHECK_EVERY = 1.0  # seconds between looks at whether the table was replaced (by apilogd, after damage)
+RETRY_AFTER = 1.0  # seconds before a process that could not open the table tries again
 KEYS_KEPT = 4096  # locations whose bucket key a process remembers
+BYTES_WINDOW = 60.0  # a user's spool bytes bucket refills a quarter of the spool's budget in this time
+MAX_COUNT = 1 << 62  # no real counter gets near this: a larger one was written by someone else
 
 RATE_LIMIT, SPOOL_FULL = 1, 2  # reasons a producer drops an entry (apilogd adds its own)
 REASONS = {RATE_LIMIT: "rate limit", SPOOL_FULL: "spool full"}
 
 _HEADER = struct.Struct("<4sIII16sQQ")  # magic, version, rate slots, note slots, salt, appended, drained
-_RATE = struct.Struct("<Qd")  # key, theoretical arrival time (monotonic seconds)
-_PROBED = struct.Struct("<" + "Qd" * PROBES)  # the slots a key may live in, read at once
+_RATE = struct.Struct("<Qdd")  # key, arrival time of entries, arrival time of bytes (monotonic seconds)
+_PROBED = struct.Struct("<" + "Qdd" * PROBES)  # the slots a key may live in, read at once
 _COUNTERS = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
-# key, count, noted, last drop (wall clock), when last noted (wall clock), reason, stream, location
-_NOTE = struct.Struct("<QQQddB33s256s")
+# key, count, noted, first drop, last drop, when last noted (wall clock), reason, stream, location
+_NOTE = struct.Struct("<QQQdddB33s256s")
 _NOTE_SIZE = 384
 HEADER_SIZE = 64
 _APPENDED_AT = 4 + 4 + 4 + 4 + 16
@@ -70,7 +79,11 @@ _DRAINED_AT = _APPENDED_AT + 8
 _RATES_AT = HEADER_SIZE
 _NOTES_AT = _RATES_AT + RATE_SLOTS * _RATE.size
 TABLE_SIZE = _NOTES_AT + NOTE_SLOTS * _NOTE_SIZE
-OTHERS = ""  # the location of the catch-all counter used when every note slot is taken
+OTHERS = ""  # the location of the "other users" counters
+
+
+class TableDamaged(OSError):
+    """The table is cut short, or holds what apilog never writes: apilogd replaces it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,7 @@ class Dropped:
     key: int
     count: int
     noted: int
+    first: float  # when its first drop happened: with the count, it names a note (a retried note keeps its id)
     last: float
     noted_at: float
     reason: int
@@ -97,6 +111,19 @@ def _unfixed(raw: bytes) -> str:
     return raw[1:1 + raw[0]].decode("utf-8", "replace")
 
 
+def _read(fd: int, size: int, at: int) -> bytes:
+    raw = os.pread(fd, size, at)
+    if len(raw) != size:
+        raise TableDamaged(errno.EINVAL, f"the limits table is cut short (at byte {at})")
+    return raw
+
+
+def _count_value(value: int) -> int:
+    if value > MAX_COUNT:
+        raise TableDamaged(errno.EINVAL, f"the limits table holds a count no producer wrote ({value})")
+    return value
+
+
 class Limits:
     """One process's handle on the table: admits or drops each entry, and counts what it drops."""
 
@@ -106,54 +133,73 @@ class Limits:
         self.spool_max = spool_max
         self.path = folder / TABLE_NAME
         self._thread_lock = threading.Lock()  # flock excludes other processes, not this one's threads
-        self._fd = _open_table(self.path)
-        self._salt = _HEADER.unpack(os.pread(self._fd, _HEADER.size, 0))[4]
+        self._fd, self._ino, self._salt = -1, 0, b""
+        self._checked = 0.0  # when this process last looked whether the table was replaced
         self._keys: dict[str, int] = {}  # location -> its bucket's key (a hash a call spared)
         self._unshared = 0  # bytes this process appended that the shared counter does not hold yet
         self._seen_waiting = 0  # what waited in the spool when this process last looked
+        self._open()
         os.register_at_fork(after_in_child=self._reopen)  # a child must not share the parent's flock
         atexit.register(self.flush)
+
+    def _open(self) -> None:
+        """(Again) the table at its path; on failure this process goes on unlimited and tries again later."""
+        with contextlib.suppress(OSError):
+            if self._fd >= 0:
+                os.close(self._fd)
+        self._fd = -1
+        self._checked = time.monotonic()
+        with contextlib.suppress(OSError):
+            self._fd, self._ino, self._salt = open_table(self.path)
+        self._keys.clear()
 
     def _reopen(self) -> None:
         self._thread_lock = threading.Lock()
         self._unshared = 0  # the parent's to share
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        self._fd = -1
-        with contextlib.suppress(OSError):
-            self._fd = _open_table(self.path)
+        self._open()
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
+    def _current(self) -> bool:
+        """Whether the table is open, reopening it when apilogd replaced it (looked at once a second)."""
+        now = time.monotonic()
+        if now - self._checked >= (RECHECK_EVERY if self._fd >= 0 else RETRY_AFTER):
+            self._checked = now
+            try:
+                replaced = os.stat(self.path, follow_symlinks=False).st_ino != self._ino
+            except OSError:
+                replaced = True
+            if replaced or self._fd < 0:
+                self._open()
+        return self._fd >= 0
+
     def _key(self, *parts: str) -> int:
         digest = hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogateescape"), digest_size=8, key=self._salt)
         return int.from_bytes(digest.digest(), "little") or 1  # 0 marks a free slot
 
-    @contextlib.contextmanager
-    def locked(self, *, wait: bool = False) -> Iterator[bool]:
-        """Hold the table (True), or give up after about a millisecond (False) unless `wait`."""
-        with self._thread_lock:
-            held = self._flock(wait)
+    def _flock(self, tries: int = LOCK_TRIES) -> bool:
+        for _ in range(tries):
             try:
-                yield held
-            finally:
-                if held:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _flock(self, wait: bool) -> bool:
-        if self._fd < 0:
-            return False
-        for _ in range(LOCK_TRIES):
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 time.sleep(0.00005)
             else:
                 return True
         return False
+
+    @contextlib.contextmanager
+    def locked(self, tries: int = LOCK_TRIES) -> Iterator[bool]:
+        """Hold the table (True), or give up after `tries` short waits (False): a member of the group may hold it."""
+        with self._thread_lock:
+            held = self._current() and self._flock(tries)
+            try:
+                yield held
+            finally:
+                if held:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     # The producer's side: on every delay(), so written for speed (one lock, a few preads).
 
@@ -162,37 +208,40 @@ class Limits:
 
         `limited`: the location is subject to the per-user rate (every one but the system's).
         The spool's byte counter is shared every SHARE_BYTES appended by this process, not on
-        every call: the budget may be passed by that much per producing process (docs/operations.md, "Limits").
+        every call: the budget may be passed by that much per producing process.
         """
-        with self._thread_lock:
-            if not self._flock(False):
-                return 0
-            fd = self._fd
+        with self.locked() as held:
+            if not held:
+                return 0  # the table cannot be had now: admitted uncounted rather than stall the app
             try:
-                reason, crowded = 0, False
-                if self.spool_max:
-                    after = self._seen_waiting + self._unshared + size
-                    if self._unshared + size > SHARE_BYTES or after > self.spool_max // 2:
-                        self._share_appended()
-                        after = self._seen_waiting + size
-                    if after > self.spool_max:
-                        reason = SPOOL_FULL
-                    crowded = after > self.spool_max // 2
-                if not reason and limited and self.rate:
-                    reason = self._take_token(location, crowded)
-                if reason:
-                    now = time.time()
-                    for stream in streams:
-                        self._count(location, stream, reason, now)
-                    return reason
-                self._unshared += size
+                return self._admit(location, streams, size, limited)
+            except (OSError, struct.error, OverflowError, ValueError):  # a damaged table: never the app's problem
+                self._checked = 0.0  # look for apilogd's replacement at the next call
                 return 0
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _admit(self, location: str, streams: list[str], size: int, limited: bool) -> int:
+        reason, crowded = 0, False
+        if self.spool_max:
+            after = self._seen_waiting + self._unshared + size
+            if self._unshared + size > SHARE_BYTES or after > self.spool_max // 2:
+                self._share_appended()
+                after = self._seen_waiting + size
+            if after > self.spool_max:
+                reason = SPOOL_FULL
+            crowded = after > self.spool_max // 2
+        if not reason and limited and (self.rate or crowded):
+            reason = self._take_token(location, size, crowded)
+        if reason:
+            now = time.time()
+            for stream in streams:
+                self._count(location, stream, reason, now)
+            return reason
+        self._unshared += size
+        return 0
 
     def _share_appended(self) -> None:
         """Add this process's appends to the shared counter (the lock is held) and read what waits now."""
-        appended, drained = _COUNTERS.unpack(os.pread(self._fd, 16, _APPENDED_AT))
+        appended, drained = map(_count_value, _COUNTERS.unpack(_read(self._fd, 16, _APPENDED_AT)))
         if self._unshared:
             appended += self._unshared
             fs.pwrite(self._fd, _U64.pack(appended), _APPENDED_AT)
@@ -201,7 +250,7 @@ class Limits:
 
     def flush(self) -> None:
         """Share what this process appended (at exit): a table that cannot be written any more is recounted by apilogd."""
-        with self.locked() as held, contextlib.suppress(OSError):
+        with self.locked() as held, contextlib.suppress(OSError, struct.error, OverflowError, ValueError):
             if held and self._unshared:
                 self._share_appended()
 
@@ -210,11 +259,11 @@ class Limits:
         with self._thread_lock:
             self._unshared = max(0, self._unshared - size)
 
-    def _take_token(self, location: str, crowded: bool) -> int:
+    def _take_token(self, location: str, size: int, crowded: bool) -> int:
         """GCRA: 0 when the bucket has a token, which is charged; else why not. A full bucket's slot is free for anyone.
 
         `crowded`: the spool is more than half full; then a user who spent more than half its
-        burst is dropped as "spool full" already, so that one user's burst leaves room for the others.
+        burst of entries, or of spool bytes, is dropped as "spool full" already.
         """
         key = self._keys.get(location)
         if key is None:
@@ -222,76 +271,88 @@ class Limits:
                 self._keys.clear()
             key = self._keys[location] = self._key(location)
         now = time.monotonic()
-        interval = 1.0 / self.rate
+        interval = 1.0 / self.rate if self.rate else 0.0
         tau = self.burst * interval
+        per_byte = BYTES_WINDOW / max(1, self.spool_max // 4)
         at = _RATES_AT + (key % (RATE_SLOTS - PROBES)) * _RATE.size
-        index, tat = self._slot(os.pread(self._fd, _PROBED.size, at), key, now)
-        if tat > now + tau:  # a time from before a reboot
+        index, tat, bytes_tat = self._slot(_read(self._fd, _PROBED.size, at), key, now)
+        if not now - 1 <= tat <= now + tau + 1:  # a time from before a reboot, or someone else's
             tat = now
+        if not now - 1 <= bytes_tat <= now + 2 * BYTES_WINDOW + 1:
+            bytes_tat = now
         new = max(tat, now) + interval
-        if new - now > tau:
+        if self.rate and new - now > tau:
             return RATE_LIMIT
-        if crowded and tat - now > tau / 2:
+        if crowded and (tat - now > tau / 2 > 0 or bytes_tat - now > BYTES_WINDOW / 2):
             return SPOOL_FULL
-        fs.pwrite(self._fd, _RATE.pack(key, new), at + index * _RATE.size)
+        new_bytes = min(max(bytes_tat, now) + size * per_byte, now + 2 * BYTES_WINDOW)
+        fs.pwrite(self._fd, _RATE.pack(key, new, new_bytes), at + index * _RATE.size)
         return 0
 
     @staticmethod
-    def _slot(raw: bytes, key: int, now: float) -> tuple[int, float]:
-        """Where `key`'s bucket lives among the probed slots, and its time (`now` for a slot taken anew)."""
-        k, tat = _RATE.unpack_from(raw, 0)
+    def _slot(raw: bytes, key: int, now: float) -> tuple[int, float, float]:
+        """Where `key`'s buckets live among the probed slots, and their times (`now` for a slot taken anew)."""
+        k, tat, bytes_tat = _RATE.unpack_from(raw, 0)
         if k == key:
-            return 0, tat
+            return 0, tat, bytes_tat
         probed = _PROBED.unpack(raw)
-        keys = probed[0::2]
+        keys = probed[0::3]
         if key in keys:
             index = keys.index(key)
-            return index, probed[2 * index + 1]
-        # A free slot, or a bucket full again (as good as new); else the one closest to full is taken over.
-        index = next((i for i in range(PROBES) if keys[i] == 0 or probed[2 * i + 1] <= now),
-                     min(range(PROBES), key=lambda i: probed[2 * i + 1]))
-        return index, now
+            return index, probed[3 * index + 1], probed[3 * index + 2]
+        # A free slot, or buckets full again (as good as new); else the one closest to full is taken over.
+        index = next((i for i in range(PROBES) if keys[i] == 0 or max(probed[3 * i + 1], probed[3 * i + 2]) <= now),
+                     min(range(PROBES), key=lambda i: probed[3 * i + 1]))
+        return index, now, now
 
     def _count(self, location: str, stream: str, reason: int, now: float, n: int = 1) -> None:
+        """Count `n` drops; when every slot near the key is taken, in the reserved "other users" counter of the reason."""
         key = self._key(location, stream, str(reason))
-        first = key % (NOTE_SLOTS - PROBES)
-        raw = os.pread(self._fd, PROBES * _NOTE_SIZE, _NOTES_AT + first * _NOTE_SIZE)
+        first = key % (NOTE_SLOTS - PROBES - RESERVED)
+        raw = _read(self._fd, PROBES * _NOTE_SIZE, _NOTES_AT + first * _NOTE_SIZE)
         free = None
         for i in range(PROBES):
             found = _NOTE.unpack_from(raw, i * _NOTE_SIZE)
             if found[0] == key:
-                self._write_note(first + i, key, found[1] + n, found[2], now, found[4], reason, stream, location)
+                self._write_note(first + i, key, _count_value(found[1]) + n, found[2], found[3], now, found[5],
+                                 reason, stream, location)
                 return
             if found[0] == 0 and free is None:
                 free = first + i
         if free is not None:
-            self._write_note(free, key, n, 0, now, 0.0, reason, stream, location)
-        elif location != OTHERS:
-            self._count(OTHERS, stream, reason, now, n)  # every slot taken: counted among "other users", never lost
+            self._write_note(free, key, n, 0, now, now, 0.0, reason, stream, location)
+            return
+        slot = NOTE_SLOTS - 1 - reason % RESERVED  # every slot taken: among "other users", never lost
+        key = self._key(OTHERS, "", str(reason))
+        found = _NOTE.unpack(_read(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
+        if found[0] == key:
+            self._write_note(slot, key, _count_value(found[1]) + n, found[2], found[3], now, found[5], reason, "", OTHERS)
+        else:
+            self._write_note(slot, key, n, 0, now, now, 0.0, reason, "", OTHERS)
 
-    def _write_note(self, index: int, key: int, count: int, noted: int, last: float, noted_at: float,
+    def _write_note(self, index: int, key: int, count: int, noted: int, first: float, last: float, noted_at: float,
                     reason: int, stream: str, location: str) -> None:
-        raw = _NOTE.pack(key, count, noted, last, noted_at, reason, _fixed(stream, 33), _fixed(location, 256))
+        raw = _NOTE.pack(key, count, noted, first, last, noted_at, reason, _fixed(stream, 33), _fixed(location, 256))
         fs.pwrite(self._fd, raw, _NOTES_AT + index * _NOTE_SIZE)
 
-    # apilogd's side (it holds the lock with `wait=True` around these).
+    # apilogd's side (it holds the lock around these; each raises TableDamaged on a table it must replace).
 
     def counters(self) -> tuple[int, int]:
         """(appended, drained) spool bytes."""
-        appended, drained = _COUNTERS.unpack(os.pread(self._fd, 16, _APPENDED_AT))
+        appended, drained = map(_count_value, _COUNTERS.unpack(_read(self._fd, 16, _APPENDED_AT)))
         return appended, drained
 
     def set_drained(self, drained: int) -> None:
-        fs.pwrite(self._fd, _U64.pack(drained), _DRAINED_AT)
+        fs.pwrite(self._fd, _U64.pack(min(drained, MAX_COUNT)), _DRAINED_AT)
 
     def dropped(self) -> list[Dropped]:
         """Every counter in use."""
-        raw = os.pread(self._fd, NOTE_SLOTS * _NOTE_SIZE, _NOTES_AT)
+        raw = _read(self._fd, NOTE_SLOTS * _NOTE_SIZE, _NOTES_AT)
         found = []
         for index in range(NOTE_SLOTS):
-            key, count, noted, last, noted_at, reason, stream, location = _NOTE.unpack_from(raw, index * _NOTE_SIZE)
+            key, count, noted, first, last, noted_at, reason, stream, location = _NOTE.unpack_from(raw, index * _NOTE_SIZE)
             if key:
-                found.append(Dropped(index, key, count, noted, last, noted_at, reason,
+                found.append(Dropped(index, key, _count_value(count), min(noted, count), first, last, noted_at, reason,
                                      _unfixed(stream), _unfixed(location)))
         return found
 
@@ -301,88 +362,105 @@ class Limits:
 
     def mark_noted(self, slot: int, key: int, noted: int, when: float) -> None:
         """`noted` of the counter's entries are in a committed note now (never lowered: a redo marks again)."""
-        current = _NOTE.unpack(os.pread(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
+        current = _NOTE.unpack(_read(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
         if current[0] == key:
-            fs.pwrite(self._fd, _NOTE.pack(key, current[1], max(noted, current[2]), current[3], when, *current[5:]),
+            fs.pwrite(self._fd, _NOTE.pack(*current[:2], max(noted, current[2]), *current[3:5], when, *current[6:]),
                       _NOTES_AT + slot * _NOTE_SIZE)
 
     def free(self, slot: int, key: int) -> None:
         """Forget a counter whose every drop is noted (its episode ended)."""
-        current = _NOTE.unpack(os.pread(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
+        current = _NOTE.unpack(_read(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
         if current[0] == key and current[1] == current[2]:
             fs.pwrite(self._fd, bytes(_NOTE_SIZE), _NOTES_AT + slot * _NOTE_SIZE)
 
+    def replace(self, waiting: int) -> None:
+        """Put a fresh table in place of a damaged one (apilogd: its folder's owner may, sticky bit or not)."""
+        fd, tmp = _made(self.path, waiting)
+        try:
+            fs.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                fs.unlink(tmp)
+            raise
+        os.close(fd)
+        self._open()
 
-_opened: dict[tuple[Path, float, int, Share], Limits | None] = {}
+
+_opened: dict[tuple[Path, float, int, Share], Limits] = {}
+_said: set[str] = set()
 
 
 def limits_for(spool_dir: Path, rate: float, burst: int, spool_max: Share) -> Limits | None:
-    """This process's handle on the spool's table; None (nothing limited) when it cannot be opened or made."""
+    """This process's handle on the spool's table (which retries a table it cannot use); None without a spool."""
     key = (spool_dir, rate, burst, spool_max)
-    if key in _opened:
-        return _opened[key]
-    found = None
-    try:
-        dirs = ensure(spool_dir)
-        fs = os.statvfs(spool_dir)
-        found = Limits(dirs["limits"], rate=rate, burst=burst, spool_max=spool_max.of(fs.f_blocks * fs.f_frsize))
-    except OSError as exc:
-        print(f"apilog: entries are not limited: the limits table cannot be used ({exc})", file=sys.stderr)
-    _opened[key] = found
+    found = _opened.get(key)
+    if found is None:
+        try:
+            dirs = ensure(spool_dir)
+            size = os.statvfs(spool_dir)
+        except OSError as exc:
+            _say_once(f"apilog: entries are not limited: the spool cannot be used ({exc})")
+            return None
+        found = _opened[key] = Limits(dirs["limits"], rate=rate, burst=burst,
+                                      spool_max=spool_max.of(size.f_blocks * size.f_frsize))
     return found
 
 
-def _open_table(path: Path) -> int:
-    """Open the table, creating it (full size, allocated: a full disk never fails a later write) if missing."""
+def _say_once(text: str) -> None:
+    if text not in _said:
+        _said.add(text)
+        print(text, file=sys.stderr)
+
+
+def open_table(path: Path) -> tuple[int, int, bytes]:
+    """(descriptor, inode, salt) of the table, made (whole, then linked into place) if missing; OSError if unusable."""
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = fs.open(path, flags)
     except FileNotFoundError:
-        fd = _create(path, flags)
+        fd, tmp = _made(path, _waiting(path))
+        try:
+            fs.link(tmp, path)  # appears whole, or not at all; another process's table may have come first
+        except FileExistsError:
+            os.close(fd)
+            fd = fs.open(path, flags)
+        finally:
+            with contextlib.suppress(OSError):
+                fs.unlink(tmp)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size < TABLE_SIZE:
-            raise OSError(errno.EINVAL, f"{path} is not apilog's limits table")
-        # Its creator holds it locked until the header is written (a few ms; seconds on a loaded machine); a
-        # header still all zeros was opened between the creator's open and its lock.
-        for _ in range(OPEN_WAIT_TRIES):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                time.sleep(0.01)
-                continue
-            magic, version = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))[:2]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            if magic != bytes(4):
-                break
-            time.sleep(0.01)
-        else:
-            raise OSError(errno.EAGAIN, f"{path} was not made within {OPEN_WAIT_TRIES // 100} s")
+            raise TableDamaged(errno.EINVAL, f"{path} is not apilog's limits table (a link, or cut short)")
+        magic, version, *_, salt, _appended, _drained = _HEADER.unpack(_read(fd, _HEADER.size, 0))
         if magic != MAGIC or version != VERSION:
-            raise OSError(errno.EINVAL, f"{path} is not apilog's limits table (version {version})")
+            raise TableDamaged(errno.EINVAL, f"{path} is not apilog's limits table (version {version})")
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st.st_ino, salt
 
 
-def _create(path: Path, flags: int) -> int:
+def _waiting(path: Path) -> int:
+    """What already waits in the spool (all of its segments: a new table cannot tell what was drained)."""
     try:
-        fd = fs.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    except FileExistsError:
-        return fs.open(path, flags)
+        return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path.parent.parent / "segments")
+                   if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+def _made(path: Path, waiting: int) -> tuple[int, Path]:
+    """A new table beside `path` under a name of its own, whole (header written, room allocated): (descriptor, path)."""
+    tmp = path.with_name(f".{TABLE_NAME}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = fs.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         fs.fchmod(fd, FILE_MODE)  # not the umask's choice: every producer of the group writes it
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        fs.fallocate(fd, 0, TABLE_SIZE)
-        # What already waits in the spool counts against its budget from the first call on (apilogd recounts it).
-        waiting = sum(entry.stat(follow_symlinks=False).st_size for entry in os.scandir(path.parent.parent / "segments")
-                      if entry.is_file(follow_symlinks=False))
+        fs.fallocate(fd, 0, TABLE_SIZE)  # a full disk never fails a later write
         fs.pwrite(fd, _HEADER.pack(MAGIC, VERSION, RATE_SLOTS, NOTE_SLOTS, secrets.token_bytes(16), waiting, 0), 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            fs.unlink(path)
+            fs.unlink(tmp)
         raise
-    return fd
+    return fd, tmp

@@ -14,20 +14,26 @@ and the batch must wait in the spool.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import struct
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from apilog.core.entry import Entry
+from apilog.core.entry import Entry, internal
 from apilog.core.logfile import ARCHIVE, SYSTEM, USERS, decode_user, parse_archive_name
+from apilog.core.streams import INTERNAL
 from apilog.settings import Settings
-from apilog.spool.limits import OTHERS, RATE_LIMIT, REASONS, Dropped, Limits, limits_for
+from apilog.spool.limits import OTHERS, RATE_LIMIT, REASONS, Dropped, Limits, TableDamaged, limits_for
+
+from ..exceptions import describe, say
 
 LOOK_EVERY = 1.0  # seconds between looks at the drop counters
+DAEMON_LOCK_TRIES = 100  # about 5 ms: a member of the group holding the table's lock never stalls apilogd
 NOTE_EVERY = 60.0  # at most one note a minute per user, stream and reason while drops go on
 ENDED_AFTER = 2.0  # a counter with no new drop for this long has ended: its last note is written
 LIMITED_NOW = 10.0  # a user with a drop this recent is "limited now" in status and the web view
@@ -54,14 +60,24 @@ class LogDiskFull(OSError):
         super().__init__(errno.ENOSPC, f"log disk full: {_size(free)} free, {_size(floor)} kept free")
 
 
-def note_id(key: int, upto: int) -> str:
-    """The same id for the same note made again (after a crash, or a forwarder's retry): a writer keeps it once."""
-    raw = hashlib.blake2b(f"{key}:{upto}".encode(), digest_size=16).hexdigest()
+def note_id(key: int, first: float, upto: int) -> str:
+    """The same id for the same note made again (after a crash, or a forwarder's retry): a writer keeps it once.
+
+    A counter is named by its key and its first drop's time, so a later episode of the same
+    user, stream and reason (its counter freed and counted again) gets notes of its own.
+    """
+    raw = hashlib.blake2b(f"{key}:{first!r}:{upto}".encode(), digest_size=16).hexdigest()
     return f"{raw[:8]}-{raw[8:12]}-5{raw[13:16]}-a{raw[17:20]}-{raw[20:32]}"
 
 
 class DropNotes:
-    """Turns the limits table's drop counters into notes, and counts drops for metrics and status."""
+    """Turns the limits table's drop counters into notes, and counts drops for metrics and status.
+
+    The table is shared with every member of the app's group, so apilogd never waits for it:
+    what it owes the table (marks of committed notes, its own drops, the bytes it drained) is
+    kept here until the table can be had, and no note is made while a mark is owed (a note
+    made again would count its drops twice). A damaged table is replaced, and said in INTERNAL.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -71,6 +87,10 @@ class DropNotes:
         self._seen: dict[int, int] = {}  # counter key -> count already added to totals
         self.limited: list[dict[str, object]] = []  # who was limited lately, for status
         self._last_look = 0.0
+        self._marks: dict[str, int] = {}  # owed: counters noted by committed batches
+        self._drops: Counter[tuple[str, str, int]] = Counter()  # owed: the writer's own drops
+        self._drained = 0  # owed: spool bytes batches took
+        self._reports: list[Entry] = []  # INTERNAL notes about the table
 
     def why(self, reason: int) -> str:
         conf = self.settings
@@ -80,31 +100,83 @@ class DropNotes:
             return f"quota {_size(conf.user_quota)}"
         return REASON_NAMES.get(reason, "limit")
 
+    def _settle(self, waiting: int | None = None) -> bool:
+        """Pay what is owed to the table (and, given `waiting`, recount the spool); False when it cannot be had now."""
+        table = self.table
+        if table is None:
+            return False
+        try:
+            with table.locked(DAEMON_LOCK_TRIES) as held:
+                if not held:
+                    return False
+                now = time.time()
+                for slot_key, count in self._marks.items():
+                    slot, key = slot_key.split(":")
+                    table.mark_noted(int(slot), int(key), count, now)
+                self._marks = {}
+                for (location, stream, reason), n in self._drops.items():
+                    table.count(location, stream, reason, now, n)
+                self._drops.clear()
+                appended, drained = table.counters()
+                if waiting is not None:
+                    table.set_drained(max(0, appended - waiting))
+                elif self._drained:
+                    table.set_drained(drained + self._drained)
+                self._drained = 0
+        except (TableDamaged, struct.error, OverflowError, ValueError) as exc:
+            self._replace(exc, waiting)
+            return False
+        return True
+
+    def _replace(self, exc: Exception, waiting: int | None) -> None:
+        """A table someone damaged: a fresh one in its place (its counts are lost; they were not to be trusted)."""
+        assert self.table is not None  # noqa: S101 - only called on a table in use
+        try:
+            self.table.replace(waiting or 0)
+        except OSError as failure:
+            say(f"cannot replace the damaged limits table: {describe(failure)}")
+            return
+        self._marks = {}  # the counters they name are gone with the old table
+        self._seen.clear()
+        self._reports.append(internal("replaced a damaged limits table", {
+            "error": str(exc), "file": str(self.table.path),
+            "what_happens": "drops it counted and did not note yet are lost; counting starts afresh"}))
+
     def due(self, *, force: bool = False) -> tuple[list[Entry], dict[str, int]]:
         """The notes due now, and the marks that record them as noted ({"slot:key": count}), committed with them."""
         now = time.time()
+        reports, self._reports = self._reports, []
         if self.table is None or (not force and now - self._last_look < LOOK_EVERY):
-            return [], {}
+            return reports, {}
         self._last_look = now
-        with self.table.locked(wait=True):
-            counters = self.table.dropped()
-        notes, marks, limited = [], {}, []
+        if not self._settle():
+            return reports + self._reports, {}
+        try:
+            with self.table.locked(DAEMON_LOCK_TRIES) as held:
+                counters = self.table.dropped() if held else []
+        except (TableDamaged, struct.error, OverflowError, ValueError) as exc:
+            self._replace(exc, None)
+            return reports + self._reports, {}
+        notes, marks, limited, ended_free = reports, {}, [], []
         for item in counters:
             self._count(item)
             if now - item.last < LIMITED_NOW:
-                limited.append({"user": item.location or "(other users)", "stream": item.stream,
+                limited.append({"user": item.location or "(other users)", "stream": item.stream or INTERNAL,
                                 "reason": REASON_NAMES.get(item.reason, "limit"), "suppressed": item.count})
             new = item.count - item.noted
             ended = now - item.last >= ENDED_AFTER
             if new <= 0:
                 if ended:
-                    with self.table.locked(wait=True):
-                        self.table.free(item.slot, item.key)
-                    self._seen.pop(item.key, None)
+                    ended_free.append(item)
                 continue
             if ended or now - item.noted_at >= NOTE_EVERY or force:
                 notes.append(self._note(item, new))
                 marks[f"{item.slot}:{item.key}"] = item.count
+        if ended_free:
+            with contextlib.suppress(TableDamaged, struct.error), self.table.locked(DAEMON_LOCK_TRIES) as held:
+                for item in ended_free if held else []:
+                    self.table.free(item.slot, item.key)
+                    self._seen.pop(item.key, None)
         self.limited = limited
         return notes, marks
 
@@ -117,44 +189,33 @@ class DropNotes:
     def _note(self, item: Dropped, count: int) -> Entry:
         whose = "of other users" if item.location == OTHERS else (
             "of the system" if item.location == SYSTEM else "of this user")
-        return Entry(id=note_id(item.key, item.count), ts=time.time(), streams=[item.stream],
+        return Entry(id=note_id(item.key, item.first, item.count), ts=time.time(), streams=[item.stream or INTERNAL],
                      location=item.location or SYSTEM,
                      message=f"apilog suppressed {count:,} entries {whose}: {self.why(item.reason)}")
 
     def mark(self, marks: dict[str, int]) -> None:
         """The notes of `marks` are committed: their counts are noted (again after a redo: it only ever raises them)."""
-        if self.table is None or not marks:
-            return
-        now = time.time()
-        with self.table.locked(wait=True):
-            for slot_key, count in marks.items():
-                slot, key = slot_key.split(":")
-                self.table.mark_noted(int(slot), int(key), count, now)
+        if marks:
+            self._marks.update(marks)
+            self._settle()
 
     def dropped(self, counts: dict[tuple[str, str, int], int]) -> None:
         """The writer dropped these entries ((location, stream, reason) -> how many) for disk space."""
-        if self.table is None or not counts:
-            return
-        now = time.time()
-        with self.table.locked(wait=True):
-            for (location, stream, reason), n in counts.items():
-                self.table.count(location, stream, reason, now, n)
-        self._last_look = 0.0  # a first note at once
+        if counts and self.table is not None:
+            self._drops.update(counts)
+            self._settle()
+            self._last_look = 0.0  # a first note at once
 
     def drained(self, consumed: int) -> None:
         """A batch took `consumed` bytes of records out of the spool: what waits shrinks now, not at the next recount."""
-        if self.table is None or not consumed:
-            return
-        with self.table.locked(wait=True):
-            self.table.set_drained(self.table.counters()[1] + consumed)
+        if consumed and self.table is not None:
+            self._drained += consumed
+            self._settle()
 
     def recount(self, waiting: int | None) -> None:
         """What waits in the spool, measured: the producers' byte counter follows it (their budget is checked against it)."""
-        if self.table is None or waiting is None:
-            return
-        with self.table.locked(wait=True):
-            appended, _ = self.table.counters()
-            self.table.set_drained(max(0, appended - waiting))
+        if waiting is not None:
+            self._settle(waiting)
 
     def report(self) -> dict[str, object]:
         """The `limits` part of `apilogd status --json`."""
