@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from apilog.core.folder import Folder
 
-FAST = settings(max_examples=100, deadline=None)
+FAST = settings(max_examples=80, deadline=None)
+ON_DISK = settings(max_examples=50, deadline=None)  # each example opens a journal more than once
 
 # ---------------------------------------------------------------- what a batch may hold
 
@@ -141,9 +142,8 @@ def test_a_record_is_header_and_data_under_one_checksum(batch: dict[str, Any]) -
 @given(st.lists(batches(), max_size=2), batches())
 def test_a_record_cut_at_any_byte_is_torn_never_whole(before: list[dict[str, Any]], last: dict[str, Any]) -> None:
     """Cut anywhere, the last record is a torn tail: the records before it are read, it is not, and that is no damage."""
-    whole, _, _ = written(before)
-    full, made, _ = written([*before, last])
-    record = full[len(whole):]
+    full, made, starts = written([*before, last])
+    whole, record = full[:starts[-1]], full[starts[-1]:]
     head_len = HEADER.unpack_from(record)[1]
     for cut in range(1, len(record)):
         raw = whole + record[:cut]
@@ -154,13 +154,13 @@ def test_a_record_cut_at_any_byte_is_torn_never_whole(before: list[dict[str, Any
         assert torn_header(raw, end) == (made[-1] if cut >= HEADER.size + head_len else None), f"cut at byte {cut}"
 
 
-@FAST
+@ON_DISK
 @given(st.lists(batches(), max_size=2), batches(), st.data())
 def test_a_reopened_journal_never_redoes_a_torn_record(before: list[dict[str, Any]], last: dict[str, Any],
                                                        data: st.DataObject) -> None:
     """Reopened over a torn tail, the journal redoes the whole records only; the tail is cut, at once or by `cut_torn`."""
-    whole, made, _ = written(before)
-    full, _, _ = written([*before, last])
+    full, made, starts = written([*before, last])
+    whole, made = full[:starts[-1]], made[:-1]
     cut = data.draw(st.integers(len(whole) + 1, len(full) - 1), label="cut")
     with state_folder() as state:
         state.write_atomic(JOURNAL_NAME, full[:cut], durable=False)
@@ -184,9 +184,10 @@ def test_a_reopened_journal_never_redoes_a_torn_record(before: list[dict[str, An
 def test_a_torn_record_with_a_whole_one_after_it_is_damage(torn: dict[str, Any], after: dict[str, Any],
                                                            data: st.DataObject) -> None:
     """A crash only tears the last record: one torn in the middle means the journal was damaged, and is said so."""
-    record = record_of(torn)
+    both, _, starts = written([torn, after])
+    record = both[:starts[1]]
     cut = data.draw(st.integers(1, len(record) - 1), label="cut")
-    raw = record[:cut] + record_of(after)
+    raw = record[:cut] + both[starts[1]:]
     records, end, problem = scan(raw)
     assert (records, end) == ([], 0)
     assert problem is not None
@@ -250,7 +251,7 @@ def test_records_out_of_order_are_damage(drawn: list[dict[str, Any]], order: lis
 # ---------------------------------------------------------------- a damaged journal at start
 
 
-@FAST
+@ON_DISK
 @given(st.lists(batches(), min_size=2, max_size=2), st.data())
 def test_a_damaged_journal_is_set_aside_and_refused(drawn: list[dict[str, Any]], data: st.DataObject) -> None:
     """Opening a damaged journal raises StateDamaged naming it and the way out; its bytes are kept aside, and it stays refused."""

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from apilog.core.folder import Folder
 from apilog.spool.backlog import LEDGER_NAME
 
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=100, deadline=None)
 
 # What a sound ledger holds: segment names (any bytes but '/' and NUL, as the file system hands them over), sizes, ids.
 SEGMENTS = st.one_of(
