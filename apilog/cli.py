@@ -264,7 +264,9 @@ def web(host: str, port: int) -> None:
 def archive() -> None:
     """Rotate every live log file into archive/ now (gzipped off the write path)."""
     # Rotation has one owner, the daemon's code: `apilogd archive` asks the running daemon, or rotates offline.
-    done = subprocess.run([sys.executable, "-m", "apilogd", "archive"], check=False)
+    done = subprocess.run([sys.executable, "-m", "apilogd", "archive"], capture_output=True, text=True, check=False)
+    click.echo(done.stdout, nl=False)
+    click.echo(done.stderr, nl=False, err=True)
     raise SystemExit(done.returncode)
 
 
