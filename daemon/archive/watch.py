@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from pathlib import Path
@@ -19,6 +20,9 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from apilog.core.logfile import ARCHIVE
+
+# watchdog logs a warning when its thread stops while events arrive (each stop of a busy daemon): not ours to print.
+logging.getLogger("watchdog").setLevel(logging.ERROR)
 
 POLL_SECONDS = 2.0
 _EVENTS = [FileCreatedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
