@@ -70,7 +70,7 @@ def _since(value: str | None) -> float | None:
         return None
     try:
         return reading.since(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an age past the calendar's range
         raise click.BadParameter(f"{value!r}: give an ISO date/time or an age like 30m, 2h, 7d") from None
 
 

@@ -27,7 +27,7 @@ class LogTree:
     def __init__(self, root: Path) -> None:
         self.root = root
         if root.exists() and not root.is_dir():
-            raise UnsafePath(errno.ENOTDIR, "the log folder is not a folder", str(root))
+            raise NotADirectoryError(errno.ENOTDIR, "the log folder is not a folder", str(root))
         if not root.is_dir():
             fs.makedirs(root, DIR_MODE)
             fs.chmod(root, DIR_MODE)

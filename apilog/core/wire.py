@@ -158,6 +158,8 @@ def decode(payload: bytes) -> Entry:
         raise BadMessage(f"not an apilog task message: {exc}") from None
     except msgspec.DecodeError:
         raise BadMessage("not JSON") from None
+    except RecursionError:  # nested past what the decoder follows: forged (delay() cuts at 64 levels)
+        raise BadMessage("nested too deep") from None
     body: str | bytes = message.body
     if message.properties is not None and message.properties.body_encoding == "base64":
         try:
@@ -185,6 +187,8 @@ def decode_body(body: bytes | str, content_type: Any, headers: Any) -> Entry:
         raise BadMessage(f"body is not [[], {{'entry': ...}}, embed] with one apilog entry: {exc}") from None
     except msgspec.DecodeError:
         raise BadMessage("body is not JSON") from None
+    except RecursionError:
+        raise BadMessage("body nested too deep") from None
 
 
 def decode_entries(body: bytes | str, content_type: Any, headers: Any) -> list[Entry]:
@@ -196,6 +200,8 @@ def decode_entries(body: bytes | str, content_type: Any, headers: Any) -> list[E
         raise BadMessage(f"body is not [[], {{'entry' or 'entries': ...}}, embed] of apilog entries: {exc}") from None
     except msgspec.DecodeError:
         raise BadMessage("body is not JSON") from None
+    except RecursionError:
+        raise BadMessage("body nested too deep") from None
     if arguments.entries is not None:
         return arguments.entries
     if arguments.entry is None:
