@@ -248,6 +248,17 @@ def test_records_out_of_order_are_damage(drawn: list[dict[str, Any]], order: lis
     assert len(records) < len(drawn)
 
 
+@given(st.lists(batches(), min_size=3, max_size=6), st.data())
+@settings(max_examples=50, deadline=None)
+def test_a_record_removed_from_the_middle_is_damage(drawn: list[dict[str, Any]], data: st.DataObject) -> None:
+    """Every record whole and sound, but one cut out between two others: the gap in their numbers is damage."""
+    raw, _, starts = written(drawn)
+    gone = data.draw(st.integers(1, len(drawn) - 2))
+    bounds = [*starts, len(raw)]
+    records, _, problem = scan(raw[:bounds[gone]] + raw[bounds[gone + 1]:])
+    assert problem is not None and len(records) == gone
+
+
 # ---------------------------------------------------------------- a damaged journal at start
 
 

@@ -155,7 +155,7 @@ def scan(raw: bytes) -> tuple[list[tuple[Batch, bytes]], int, str | None]:
                 return records, at, f"{found} at byte {at}"
             return records, at, None
         batch, data, end = found
-        if batch.seq <= last:
+        if last and batch.seq != last + 1:  # a record removed from the middle leaves a gap: its batch would be lost
             return records, at, f"record {batch.seq} after record {last} at byte {at}"
         last, at = batch.seq, end
         records.append((batch, data))
