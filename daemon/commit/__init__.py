@@ -1,0 +1,1 @@
+"""The exactly-once path into the files: batches routed, journaled, appended and sealed; the limits; the forward role."""
