@@ -63,10 +63,18 @@ def test_producers_of_any_umask_and_unreadable_segments(site: Site) -> None:
         assert private.returncode == 0, private.stderr
         wait_for(lambda: (site.home / "logs/users/jon/INFO.log").exists(), what="the umask-077 entry")
         assert log_file(site.home, "users/jon/INFO.log") == "INFO:  umask 077\n"
+        # A producer's segment made 0600 before it is published (made unreadable after, the daemon may have it open
+        # already): written and locked as a producer does, then renamed into segments/.
         locked = site.app_logs(
-            "import os\nfrom apilog import logger\nlogger.delay('INFO', 'kim', 'hidden', timestamp=False)\n"
-            "seg = [n for n in os.listdir('spool/segments') if n.startswith(str(os.getpid()))][0]\n"
-            "os.chmod('spool/segments/' + seg, 0o600)\nimport time; time.sleep(3)")
+            "import fcntl, os, time\nfrom apilog import logger\nfrom apilog.core import wire\n"
+            "from apilog.core.entry import build\nfrom apilog.core.streams import Registry\n"
+            "from apilog.spool.frame import frame\nfrom pathlib import Path\n"
+            "entry, _ = build('INFO', 'kim', 'hidden', timestamp=False, registry=Registry(Path('.')),"
+            " timestamps_default=False, max_entry_bytes=65536)\n"
+            "name = f'{os.getpid()}-hidden.00000001.seg'\n"
+            "fd = os.open('spool/tmp/' + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, frame(wire.encode(entry)))\n"
+            "os.rename('spool/tmp/' + name, 'spool/segments/' + name)\ntime.sleep(3)")
         assert locked.returncode == 0, locked.stderr
         later = site.app_logs("from apilog import logger; logger.delay('INFO', 'lou', 'later', timestamp=False)")
         assert later.returncode == 0
