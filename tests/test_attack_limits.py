@@ -36,11 +36,13 @@ for line in sys.stdin:
     print(json.dumps(scope.get("out")), flush=True)
 """
 
-# A member of the group holding the table's lock (any open of the file may take a flock) until killed.
+# A member of the group holding the table's locks until killed: flock, and a record lock on the whole file (what
+# the producers' and apilogd's byte-range locks conflict with).
 HOLD_LOCK = """
 import fcntl, os, time
-fd = os.open("spool/limits/table", os.O_RDONLY)
+fd = os.open("spool/limits/table", os.O_RDWR)
 fcntl.flock(fd, fcntl.LOCK_EX)
+fcntl.lockf(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 time.sleep(600)
 """

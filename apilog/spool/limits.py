@@ -68,6 +68,8 @@ REASONS = {RATE_LIMIT: "rate limit", SPOOL_FULL: "spool full"}
 _HEADER = struct.Struct("<4sIII16sQQ")  # magic, version, rate slots, note slots, salt, appended, drained
 _RATE = struct.Struct("<Qdd")  # key, arrival time of entries, arrival time of bytes (monotonic seconds)
 _PROBED = struct.Struct("<" + "Qdd" * PROBES)  # the slots a key may live in, read at once
+_FLOCK = struct.Struct("hhqqi")  # Linux's struct flock: type, whence, start, length, pid (0 for an OFD lock)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _COUNTERS = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
 # key, count, noted, first drop, last drop, when last noted (wall clock), reason, stream, location
@@ -132,14 +134,14 @@ class Limits:
         self.burst = burst
         self.spool_max = spool_max
         self.path = folder / TABLE_NAME
-        self._thread_lock = threading.Lock()  # flock excludes other processes, not this one's threads
+        self._thread_lock = threading.Lock()  # file locks exclude other processes, not this one's threads
         self._fd, self._ino, self._salt = -1, 0, b""
         self._checked = 0.0  # when this process last looked whether the table was replaced
         self._keys: dict[str, int] = {}  # location -> its bucket's key (a hash a call spared)
         self._unshared = 0  # bytes this process appended that the shared counter does not hold yet
         self._seen_waiting = 0  # what waited in the spool when this process last looked
         self._open()
-        os.register_at_fork(after_in_child=self._reopen)  # a child must not share the parent's flock
+        os.register_at_fork(after_in_child=self._reopen)  # a child must not share the parent's locks
         atexit.register(self.flush)
 
     def _open(self) -> None:
@@ -180,28 +182,48 @@ class Limits:
         digest = hashlib.blake2b("\0".join(parts).encode("utf-8", "surrogateescape"), digest_size=8, key=self._salt)
         return int.from_bytes(digest.digest(), "little") or 1  # 0 marks a free slot
 
-    def _flock(self, tries: int = LOCK_TRIES) -> bool:
+    def _lock(self, start: int, length: int, tries: int = LOCK_TRIES) -> bool:
+        """Lock a range of the table (0, 0: all of it) for this open file, or give up after `tries` yields.
+
+        Byte-range locks (OFD: per open file, like flock): producers of different users, whose
+        buckets lie apart, never wait for each other; apilogd's whole-file lock excludes them all.
+        """
+        arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
         for _ in range(tries):
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                time.sleep(0.00005)
+                fcntl.fcntl(self._fd, _F_OFD_SETLK, arg)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                os.sched_yield()  # the holder needs microseconds: give it the core rather than sleep
             else:
                 return True
         return False
 
+    def _unlock(self, start: int, length: int) -> None:
+        fcntl.fcntl(self._fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
+
+    @contextlib.contextmanager
+    def _range(self, start: int, length: int) -> Iterator[bool]:
+        held = self._lock(start, length)
+        try:
+            yield held
+        finally:
+            if held:
+                self._unlock(start, length)
+
     @contextlib.contextmanager
     def locked(self, tries: int = LOCK_TRIES) -> Iterator[bool]:
-        """Hold the table (True), or give up after `tries` short waits (False): a member of the group may hold it."""
+        """Hold the whole table (True), or give up after `tries` yields (False): a member of the group may hold it."""
         with self._thread_lock:
-            held = self._current() and self._flock(tries)
+            held = self._current() and self._lock(0, 0, tries)
             try:
                 yield held
             finally:
                 if held:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    self._unlock(0, 0)
 
-    # The producer's side: on every delay(), so written for speed (one lock, a few preads).
+    # The producer's side: on every delay(), so written for speed (a range lock, a pread and a pwrite).
 
     def admit(self, location: str, streams: list[str], size: int, *, limited: bool) -> int:
         """0 when an entry of `size` spool bytes may be appended (and is counted as such), else the reason it is dropped.
@@ -210,9 +232,9 @@ class Limits:
         The spool's byte counter is shared every SHARE_BYTES appended by this process, not on
         every call: the budget may be passed by that much per producing process.
         """
-        with self.locked() as held:
-            if not held:
-                return 0  # the table cannot be had now: admitted uncounted rather than stall the app
+        with self._thread_lock:
+            if not self._current():
+                return 0
             try:
                 return self._admit(location, streams, size, limited)
             except (OSError, struct.error, OverflowError, ValueError):  # a damaged table: never the app's problem
@@ -220,12 +242,15 @@ class Limits:
                 return 0
 
     def _admit(self, location: str, streams: list[str], size: int, limited: bool) -> int:
+        """The checks, each under its range's lock; a lock not had in time admits the entry uncounted (never stalls)."""
         reason, crowded = 0, False
         if self.spool_max:
             after = self._seen_waiting + self._unshared + size
             if self._unshared + size > SHARE_BYTES or after > self.spool_max // 2:
-                self._share_appended()
-                after = self._seen_waiting + size
+                with self._range(0, HEADER_SIZE) as held:
+                    if held:
+                        self._share_appended()
+                        after = self._seen_waiting + size
             if after > self.spool_max:
                 reason = SPOOL_FULL
             crowded = after > self.spool_max // 2
@@ -233,8 +258,8 @@ class Limits:
             reason = self._take_token(location, size, crowded)
         if reason:
             now = time.time()
-            for stream in streams:
-                self._count(location, stream, reason, now)
+            if not all(self._count(location, stream, reason, now) for stream in streams):
+                return 0  # a drop that cannot be counted is not made
             return reason
         self._unshared += size
         return 0
@@ -250,9 +275,10 @@ class Limits:
 
     def flush(self) -> None:
         """Share what this process appended (at exit): a table that cannot be written any more is recounted by apilogd."""
-        with self.locked() as held, contextlib.suppress(OSError, struct.error, OverflowError, ValueError):
-            if held and self._unshared:
+        with self._thread_lock, contextlib.suppress(OSError, struct.error, OverflowError, ValueError):
+            if self._unshared and self._fd >= 0 and self._lock(0, HEADER_SIZE):
                 self._share_appended()
+                self._unlock(0, HEADER_SIZE)
 
     def unappend(self, size: int) -> None:
         """An admitted entry did not reach the spool after all: take its bytes back."""
@@ -270,11 +296,16 @@ class Limits:
             if len(self._keys) >= KEYS_KEPT:
                 self._keys.clear()
             key = self._keys[location] = self._key(location)
+        at = _RATES_AT + (key % (RATE_SLOTS - PROBES)) * _RATE.size
+        with self._range(at, _PROBED.size) as held:
+            return self._charge(at, key, size, crowded) if held else 0
+
+    def _charge(self, at: int, key: int, size: int, crowded: bool) -> int:
+        """The GCRA of `key`'s buckets, whose slots start at `at` (their range is locked)."""
         now = time.monotonic()
         interval = 1.0 / self.rate if self.rate else 0.0
         tau = self.burst * interval
         per_byte = BYTES_WINDOW / max(1, self.spool_max // 4)
-        at = _RATES_AT + (key % (RATE_SLOTS - PROBES)) * _RATE.size
         index, tat, bytes_tat = self._slot(_read(self._fd, _PROBED.size, at), key, now)
         if not now - 1 <= tat <= now + tau + 1:  # a time from before a reboot, or someone else's
             tat = now
@@ -305,30 +336,41 @@ class Limits:
                      min(range(PROBES), key=lambda i: probed[3 * i + 1]))
         return index, now, now
 
-    def _count(self, location: str, stream: str, reason: int, now: float, n: int = 1) -> None:
-        """Count `n` drops; when every slot near the key is taken, in the reserved "other users" counter of the reason."""
+    def _count(self, location: str, stream: str, reason: int, now: float, n: int = 1, *, lock: bool = True) -> bool:
+        """Count `n` drops (False: the counters could not be had); when every slot near the key is taken, in the
+        reserved "other users" counter of the reason. `lock`: take the counters' range (apilogd holds the whole table)."""
         key = self._key(location, stream, str(reason))
         first = key % (NOTE_SLOTS - PROBES - RESERVED)
-        raw = _read(self._fd, PROBES * _NOTE_SIZE, _NOTES_AT + first * _NOTE_SIZE)
-        free = None
-        for i in range(PROBES):
-            found = _NOTE.unpack_from(raw, i * _NOTE_SIZE)
-            if found[0] == key:
-                self._write_note(first + i, key, _count_value(found[1]) + n, found[2], found[3], now, found[5],
-                                 reason, stream, location)
-                return
-            if found[0] == 0 and free is None:
-                free = first + i
-        if free is not None:
-            self._write_note(free, key, n, 0, now, now, 0.0, reason, stream, location)
-            return
+        at = _NOTES_AT + first * _NOTE_SIZE
+        with self._range(at, PROBES * _NOTE_SIZE) if lock else contextlib.nullcontext(True) as held:
+            if not held:
+                return False
+            raw = _read(self._fd, PROBES * _NOTE_SIZE, at)
+            free = None
+            for i in range(PROBES):
+                found = _NOTE.unpack_from(raw, i * _NOTE_SIZE)
+                if found[0] == key:
+                    self._write_note(first + i, key, _count_value(found[1]) + n, found[2], found[3], now, found[5],
+                                     reason, stream, location)
+                    return True
+                if found[0] == 0 and free is None:
+                    free = first + i
+            if free is not None:
+                self._write_note(free, key, n, 0, now, now, 0.0, reason, stream, location)
+                return True
         slot = NOTE_SLOTS - 1 - reason % RESERVED  # every slot taken: among "other users", never lost
         key = self._key(OTHERS, "", str(reason))
-        found = _NOTE.unpack(_read(self._fd, _NOTE.size, _NOTES_AT + slot * _NOTE_SIZE))
-        if found[0] == key:
-            self._write_note(slot, key, _count_value(found[1]) + n, found[2], found[3], now, found[5], reason, "", OTHERS)
-        else:
-            self._write_note(slot, key, n, 0, now, now, 0.0, reason, "", OTHERS)
+        at = _NOTES_AT + slot * _NOTE_SIZE
+        with self._range(at, _NOTE_SIZE) if lock else contextlib.nullcontext(True) as held:
+            if not held:
+                return False
+            found = _NOTE.unpack(_read(self._fd, _NOTE.size, at))
+            if found[0] == key:
+                self._write_note(slot, key, _count_value(found[1]) + n, found[2], found[3], now, found[5], reason, "",
+                                 OTHERS)
+            else:
+                self._write_note(slot, key, n, 0, now, now, 0.0, reason, "", OTHERS)
+            return True
 
     def _write_note(self, index: int, key: int, count: int, noted: int, first: float, last: float, noted_at: float,
                     reason: int, stream: str, location: str) -> None:
@@ -358,7 +400,7 @@ class Limits:
 
     def count(self, location: str, stream: str, reason: int, now: float, n: int) -> None:
         """Count `n` entries apilogd itself dropped (for disk space), to be noted like the producers' drops."""
-        self._count(location, stream, reason, now, n)
+        self._count(location, stream, reason, now, n, lock=False)
 
     def mark_noted(self, slot: int, key: int, noted: int, when: float) -> None:
         """`noted` of the counter's entries are in a committed note now (never lowered: a redo marks again)."""
