@@ -82,8 +82,10 @@ def _crash_child(point: str) -> None:
     def half_then_die(relpath: str, data: bytes) -> None:
         calls["append"] += 1
         if (calls["append"] == 3) if point == "mid-append" else relpath.startswith("seals/"):
-            with open(Path(conf.log_dir) / relpath, "ab") as torn:
-                torn.write(data[: len(data) // 2])
+            target = Path(conf.log_dir) / relpath
+            target.parent.mkdir(parents=True, exist_ok=True)  # a new file (and folder) is made by its first append
+            with open(target, "ab") as torn:
+                torn.write(data[: len(data) // 2 + 1])  # past a line's end: a torn line
             _kill_self()
 
     def torn_record(*args: Any) -> None:

@@ -41,19 +41,23 @@ class Folder:
         self.path = path
 
     @classmethod
-    def at(cls, path: Path, *, create_mode: int | None = None) -> Folder:
-        """Open a configured folder (following the configured path itself), creating it with `create_mode`."""
+    def at(cls, path: Path, *, create_mode: int | None = None, durable: bool = False) -> Folder:
+        """Open a configured folder (following the configured path itself), creating it with `create_mode` (`durable`:
+        its parent synced, so that a power cut cannot take it away with what is then made in it)."""
         if create_mode is not None:
-            _make(path, create_mode)
+            _make(path, create_mode, durable)
         # The configured path itself is the admin's choice and may be a link; what is inside never is.
         return cls(fs.open(path, _DIR_FLAGS), path)
 
-    def sub(self, name: str, *, create_mode: int | None = None) -> Folder:
-        """A folder inside this one, never reached through a link; created with `create_mode` when missing."""
+    def sub(self, name: str, *, create_mode: int | None = None, durable: bool = False) -> Folder:
+        """A folder inside this one, never reached through a link; created with `create_mode` when missing (`durable`:
+        this folder synced then)."""
         if create_mode is not None:
             try:
                 fs.mkdir(name, create_mode, dir_fd=self.fd)
                 fs.chmod(name, create_mode, dir_fd=self.fd, follow_symlinks=False)
+                if durable:
+                    fs.fsync(self.fd)
             except FileExistsError:
                 pass
         try:
@@ -196,13 +200,24 @@ class Folder:
 
 
 
-def _make(path: Path, mode: int) -> None:
+def _make(path: Path, mode: int, durable: bool) -> None:
     """Create `path` with exactly `mode` (missing parents 0755), whatever the umask."""
     if path.is_dir():
         return
-    _make(path.parent, PARENT_MODE)
+    _make(path.parent, PARENT_MODE, durable)
     try:
         fs.mkdir(path, mode)
     except FileExistsError:
         return  # made meanwhile; opening it says whether it is a folder
     fs.chmod(path, mode)  # mkdir's mode passes through the umask
+    if durable:
+        sync_folder(path.parent)
+
+
+def sync_folder(path: Path) -> None:
+    """Make the names made, renamed or removed inside the folder `path` durable."""
+    fd = fs.open(path, _DIR_FLAGS)
+    try:
+        fs.fsync(fd)
+    finally:
+        os.close(fd)

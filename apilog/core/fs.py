@@ -104,15 +104,24 @@ def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
     _os_mkdir(path, mode, dir_fd=dir_fd)
 
 
-def makedirs(path: Path, mode: int) -> None:
-    """os.makedirs(path, mode, exist_ok=True), each missing folder made by `mkdir` here."""
+def makedirs(path: Path, mode: int, *, durable: bool = False) -> None:
+    """os.makedirs(path, mode, exist_ok=True), each missing folder made by `mkdir` here (`durable`: its parent fsynced)."""
     missing = []
     while not path.exists() and path != path.parent:
         missing.append(path)
         path = path.parent
     for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             mkdir(folder, mode)
+        except FileExistsError:
+            continue
+        if not durable:
+            continue
+        parent = _os_open(folder.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fsync(parent)
+        finally:
+            os.close(parent)
 
 
 def chmod(path: Any, mode: int, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> None:

@@ -24,12 +24,13 @@ GZIP_MAGIC = b"\x1f\x8b"  # how readers tell an archive's gzip bytes: under its 
 class LogTree:
     """Opens files below one root through directory descriptors, never following a link."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durable: bool = False) -> None:
+        """`durable`: a missing root is made durable (its parent synced); what is made below it, a syncfs makes durable."""
         self.root = root
         if root.exists() and not root.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "the log folder is not a folder", str(root))
         if not root.is_dir():
-            fs.makedirs(root, DIR_MODE)
+            fs.makedirs(root, DIR_MODE, durable=durable)
             fs.chmod(root, DIR_MODE)
         self._root_fd = fs.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.folders_created = 0  # counted so a flood of new user names can be reported

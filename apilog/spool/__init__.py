@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..core.folder import sync_folder
+
 SPOOL_MODE = 0o2750  # the group may enter, not change; setgid hands the group down
 DROP_MODE = 0o3770  # segments/ and tmp/: the group adds files; sticky: only a file's owner removes it
 QUARANTINE_MODE = 0o2750
@@ -25,8 +27,9 @@ def layout(spool_dir: Path) -> dict[str, Path]:
     return {name: spool_dir / name for name in MODES}
 
 
-def ensure(spool_dir: Path) -> dict[str, Path]:
-    """Create what is missing of the spool (the producer's side, by path); return its folders by role."""
+def ensure(spool_dir: Path, *, durable: bool = False) -> dict[str, Path]:
+    """Create what is missing of the spool (the producer's side, by path; `durable`: each new folder's parent synced, so
+    that a power cut cannot take it away with the segments then made in it); return its folders by role."""
     dirs = layout(spool_dir)
     for path, mode in ((spool_dir, SPOOL_MODE), *((dirs[name], MODES[name]) for name in MODES)):
         try:
@@ -37,4 +40,6 @@ def ensure(spool_dir: Path) -> dict[str, Path]:
         except FileExistsError:
             continue
         os.chmod(path, mode)  # mkdir's mode passes through the umask; the setgid and sticky bits too
+        if durable:
+            sync_folder(path.parent)
     return dirs

@@ -109,7 +109,7 @@ class SpoolWriter:
     def _roll(self) -> None:
         self._seal()
         if self._dirs is None:
-            self._dirs = ensure(self.spool_dir)
+            self._dirs = ensure(self.spool_dir, durable=self.fsync)
         self._seq += 1
         for _ in range(NAME_ATTEMPTS):
             try:

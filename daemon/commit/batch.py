@@ -59,7 +59,7 @@ class BatchWriter:
         self.ledger = Ledger(folders.state, durable=self.durable)
         self.journal = Journal(folders.state, durable=self.durable,
                                checkpoint=self.ledger.checkpoint if self.ledger.journaled else None)
-        self.tree = LogTree(settings.log_dir)
+        self.tree = LogTree(settings.log_dir, durable=self.durable)
         self.files = OpenFiles(self.tree, limit=descriptor_share(LOG_FILES_SHARE))
         self.registry = Registry(settings.home)
         self.internal_path = relative_path(INTERNAL, SYSTEM, settings.log_suffix)

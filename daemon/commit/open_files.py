@@ -33,15 +33,29 @@ class OpenFiles:
         if handle is not None:
             self._open.move_to_end(relpath)
             return handle
-        fd = self.tree.open_append(relpath)  # created 0640 (and its folders 0750) if missing
+        return self._keep(relpath, self.tree.open_append(relpath))  # created 0640 (and its folders 0750) if missing
+
+    def _keep(self, relpath: str, fd: int) -> list[int]:
         handle = self._open[relpath] = [fd, os.fstat(fd).st_size]
         while len(self._open) > self.limit:
             os.close(self._open.popitem(last=False)[1][0])
         return handle
 
     def size(self, relpath: str) -> int:
-        """The size of `relpath` after every append so far (opening it if need be)."""
-        return self._handle(relpath)[1]
+        """The size of `relpath` after every append so far; 0 for a missing file, which is not created here.
+
+        A batch measures its files before its journal record is durable: a file created then, and a
+        crash before the record, would leave an empty file no seal line names. `append` creates it.
+        """
+        handle = self._open.get(relpath)
+        if handle is not None:
+            self._open.move_to_end(relpath)
+            return handle[1]
+        try:
+            fd = self.tree.open_existing(relpath, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            return 0
+        return self._keep(relpath, fd)[1]
 
     def size_on_disk(self, relpath: str) -> int:
         """The size of `relpath`, 0 when it is missing or not a file apilogd could write (never created here)."""

@@ -60,6 +60,9 @@ class Sealer:
             self.next_epoch = None  # the old chain's: the new key starts at its epoch 0
             if damage or self.n:
                 self.note(f"{damage or 'the seal key was missing'}; a new key (id {self.id}) seals from here on")
+        elif self.n == 0 and not self.notes:
+            # No line anywhere: a first start saves its key before its first line is committed, and crashed between.
+            self._begin()
         if self.next_epoch is not None and self.next_epoch > seal.epoch_at(time.time(), self.t0, self.epoch_seconds) + 1:
             self.note(f"the last seal line names epoch {self.next_epoch}, after the clock's; not believed")
             self.next_epoch = None
@@ -93,8 +96,13 @@ class Sealer:
         verification = seal.VerificationKey(self.id, first, self.t0, epoch_seconds)
         self.state.write_atomic(VERIFY_NAME, verification.text().encode() + b"\n", mode=KEY_MODE, durable=self.durable)
         self._save_key()
+        self._begin()
+
+    def _begin(self) -> None:
+        """The chain's first line, to be committed next: it names the key and adopts every file already there."""
         whole, packed = self._adopted()
-        self.genesis = seal.Body(n=0, e=0, t=self.t0, w=whole, gz=packed, id=self.id, t0=self.t0, len=epoch_seconds)
+        self.genesis = seal.Body(n=0, e=self.epoch, t=self.t0, w=whole, gz=packed, id=self.id, t0=self.t0,
+                                 len=self.epoch_seconds)
 
     def _adopted(self) -> tuple[list[tuple[str, int, int, str]], list[tuple[str, int, str]]]:
         """Every file written before sealing began, sealed whole as it is now: (live files and plain archives, .gz archives)."""

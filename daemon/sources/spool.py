@@ -63,6 +63,7 @@ class SpoolSource:
         self.ledger = ledger
         self.durable = settings.fsync != "off"
         self.notes: list[Entry] = []
+        self._removed = False  # segments removed since the last checkpoint
         self._check_offsets()
         self.reader = SpoolReader(folders.segments, self.ledger.offsets, max_open=descriptor_share(SEGMENTS_SHARE))
         self.name = str(settings.spool_dir)
@@ -101,7 +102,14 @@ class SpoolSource:
         self.reader.close()
 
     def persist_acks(self) -> None:
-        """Nothing of its own to sync: the ledger is the spool's record of what was written."""
+        """Make the removal of drained segments durable before the ledger that forgets them is saved.
+
+        Else a power cut could bring a segment back that the ledger no longer names: read again from
+        its start, written twice. The log files' syncfs does not reach a spool on another file system.
+        """
+        if self._removed:
+            self.folders.segments.fsync()
+            self._removed = False
 
     def clean_up(self) -> None:
         """Tidy the spool's `tmp/`, quarantining anything with bytes in it."""
@@ -147,6 +155,7 @@ class SpoolSource:
         for name in self.reader.drained():
             self.reader.remove(name)
             self.ledger.forget(name)
+            self._removed = True
         while self.reader.vanished:
             self.ledger.forget(self.reader.vanished.pop())
 

@@ -54,7 +54,7 @@ def _own(folder: Folder, what: str, mode: int | None) -> None:
 
 def open_home(settings: Settings) -> Folder:
     """APILOG_HOME, created 0750 if missing, owned by us and writable by nobody else."""
-    home = Folder.at(settings.home, create_mode=HOME_MODE)
+    home = Folder.at(settings.home, create_mode=HOME_MODE, durable=settings.fsync != "off")
     try:
         _own(home, "APILOG_HOME", None)
     except BaseException:
@@ -68,7 +68,7 @@ def open_folders(settings: Settings, home: Folder) -> Folders:
     opened: list[Folder] = []
 
     def sub(parent: Folder, name: str, mode: int, what: str) -> Folder:
-        folder = parent.sub(name, create_mode=mode)
+        folder = parent.sub(name, create_mode=mode, durable=settings.fsync != "off")
         opened.append(folder)
         _own(folder, what, mode)
         return folder
