@@ -55,7 +55,9 @@ NOTE_SLOTS = 1024  # (location, stream, reason) counters not yet noted
 RESERVED = 8  # the last note slots: one "other users" counter per reason, used when the rest are taken
 PROBES = 16  # slots looked at for a key before the least useful one is taken over
 SHARE_BYTES = 64 * 1024  # a process adds its appends to the shared spool counter at least this often
-LOCK_TRIES = 20  # LOCK_NB attempts (with a pause between) before giving up on the table for this call
+LOCK_TRIES = 2000  # attempts at a lock of the table (yields, then short pauses) before giving up on it for this call
+LOCK_WAIT = 0.02  # seconds those attempts may take at most (a holder descheduled for a timeslice)
+LOCK_WAIT_MIN = 0.0005  # ... and at least, once locks are not had (a member of the group holds the table)
 RECHECK_EVERY = 1.0  # seconds between looks at whether the table was replaced (by apilogd, after damage)
 RETRY_AFTER = 1.0  # seconds before a process that could not open the table tries again
 KEYS_KEPT = 4096  # locations whose bucket key a process remembers
@@ -137,6 +139,7 @@ class Limits:
         self._thread_lock = threading.Lock()  # file locks exclude other processes, not this one's threads
         self._fd, self._ino, self._salt = -1, 0, b""
         self._checked = 0.0  # when this process last looked whether the table was replaced
+        self._patience = LOCK_WAIT  # how long a lock of the table is waited for now
         self._keys: dict[str, int] = {}  # location -> its bucket's key (a hash a call spared)
         self._unshared = 0  # bytes this process appended that the shared counter does not hold yet
         self._seen_waiting = 0  # what waited in the spool when this process last looked
@@ -189,15 +192,28 @@ class Limits:
         buckets lie apart, never wait for each other; apilogd's whole-file lock excludes them all.
         """
         arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
-        for _ in range(tries):
+        deadline = 0.0
+        for attempt in range(tries):
             try:
                 fcntl.fcntl(self._fd, _F_OFD_SETLK, arg)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                os.sched_yield()  # the holder needs microseconds: give it the core rather than sleep
             else:
+                self._patience = min(LOCK_WAIT, self._patience * 2)
                 return True
+            # A holder needs microseconds, unless the scheduler took its core (then a timeslice): yield first, then
+            # pause. Patience halves at each lock not had, so a member of the group holding it for good costs each
+            # call a fraction of a millisecond, and doubles back at each lock had.
+            now = time.monotonic()
+            deadline = deadline or now + self._patience * tries / LOCK_TRIES
+            if now > deadline:
+                break
+            if attempt < 8:
+                os.sched_yield()
+            else:
+                time.sleep(0.0001)
+        self._patience = max(LOCK_WAIT_MIN, self._patience / 4)
         return False
 
     def _unlock(self, start: int, length: int) -> None:

@@ -210,8 +210,8 @@ class BatchWriter:
         except Exception as exc:  # noqa: BLE001 - the batch is journaled: it reaches its files whatever the source says
             say(f"could not acknowledge a committed batch at {source.name} ({describe(exc)}); "
                 "it comes back and is recognised by its ids")
-        self._watch_for_bursts()
         self._apply(record, data, redo=False)
+        self._watch_for_bursts()  # after the appends: a batch makes its new users' folders as it applies
         self.budget.grew({relpath: len(chunk) for relpath, _, chunk in targets})
         source.drop_consumed()  # in the files, and the journal can bring it back: consumed input may go
         if time.monotonic() - self.journal_since >= CHECKPOINT_EVERY or self.journal.size >= CHECKPOINT_BYTES:

@@ -33,7 +33,7 @@ from apilog.spool.limits import OTHERS, RATE_LIMIT, REASONS, Dropped, Limits, Ta
 from ..exceptions import describe, say
 
 LOOK_EVERY = 1.0  # seconds between looks at the drop counters
-DAEMON_LOCK_TRIES = 100  # about 5 ms: a member of the group holding the table's lock never stalls apilogd
+DAEMON_LOCK_TRIES = 250  # at most 2.5 ms: a member of the group holding the table never stalls apilogd
 NOTE_EVERY = 60.0  # at most one note a minute per user, stream and reason while drops go on
 ENDED_AFTER = 2.0  # a counter with no new drop for this long has ended: its last note is written
 LIMITED_NOW = 10.0  # a user with a drop this recent is "limited now" in status and the web view
