@@ -163,11 +163,6 @@ class Limits:
         self._unshared = 0  # the parent's to share
         self._open()
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
     def _current(self) -> bool:
         """Whether the table is open, reopening it when apilogd replaced it (looked at once a second)."""
         now = time.monotonic()
