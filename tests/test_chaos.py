@@ -23,7 +23,7 @@ from apilog.core.tree import LogTree
 from apilog.reading import archives, read_text
 from apilog.spool.transport import writer_for
 
-from .utils import take_seal_key, wait_written
+from .utils import take_seal_key, wait_for, wait_written
 
 STREAMS = ("INFO", "LOGIN", "SECURITY ALERT")
 USERS = 64  # many files per batch: a long append window for the kills to land in
@@ -62,9 +62,16 @@ def run_chaos(home: Path, producers: int, per_producer: int, kills: int, seed: i
     control.start(conf)
     try:
         returned = _chaos(rng, home, conf, producers, per_producer, kills)
+        # Rotation runs between batches and catches up once the drain is idle, through the kills too.
+        wait_for(lambda: _rotated(home, conf.rotate_bytes), timeout=120, what="every file past the rotation size rotated")
     finally:
         control.stop(conf)
     return check_logs(home, returned, per_producer)  # with the daemon stopped: no rotation mid-check
+
+
+def _rotated(home: Path, rotate_bytes: int) -> bool:
+    """No live file holds more than APILOG_ROTATE_BYTES."""
+    return all(p.stat().st_size <= rotate_bytes for top in ("users", "system") for p in (home / "logs" / top).rglob("*.log"))
 
 
 def _chaos(rng: random.Random, home: Path, conf: settings.Settings, producers: int, per_producer: int,

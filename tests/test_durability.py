@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apilogd.archive.archiver import Archiver
 from apilogd.commit.batch import BatchWriter
 from apilogd.process import control
 from apilogd.sources import open_source
@@ -151,6 +152,35 @@ def test_crash_at_each_journal_step(home: Path, point: str) -> None:
     assert not list((home / "spool" / "segments").iterdir())
     verified = subprocess.run([sys.executable, "-m", "apilog", "verify"], capture_output=True, text=True)
     assert verified.returncode == 0, verified.stdout
+
+
+def test_a_file_a_crash_left_past_the_rotation_size_is_rotated_at_the_first_tick(home: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch committed by a killed run and redone at the next start counts as a batch for rotation: the files it
+    grew past APILOG_ROTATE_BYTES are rotated between the first batches, not at the first sweep seconds later
+    (a run killed right after its last batch used to leave them live until then)."""
+    monkeypatch.setenv("APILOG_ROTATE_BYTES", "100")
+    expected = _log_batch(60)  # 12 lines, about 170 bytes, in each of ten files
+    _seal_producer()
+    child = multiprocessing.get_context("fork").Process(target=_crash_child, args=("after-record",))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    conf = settings.load()
+    folders = open_folders(conf, open_home(conf))
+    writer = BatchWriter(conf, folders)  # redoes the killed run's batch, as apilogd's start does
+    archiver = Archiver(conf, writer)
+    try:
+        assert archiver.tick() == 10  # before any batch: what the redo grew
+    finally:
+        archiver.close()
+        writer.close()
+        folders.close()
+    files = {relpath for relpath, _ in expected}
+    archived = {str(p.relative_to(home / "logs" / "archive").parent / p.name.split(".", 1)[0]) + ".log"
+                for p in (home / "logs" / "archive").rglob("*.log")}
+    assert archived == files
+    assert not any((home / "logs" / relpath).exists() for relpath in files)
 
 
 def test_half_written_record_waits_for_a_live_producer(daemon: Path) -> None:

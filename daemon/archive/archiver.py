@@ -88,6 +88,7 @@ class Archiver:
         self._sweeper = threading.Thread(target=self._sweep_loop, name="apilog-sweep", daemon=True)
         self._sweeper.start()
         self._last_age_check = 0.0
+        self.after_batch()  # what the writer's start-up redo grew
 
     def close(self, *, wait: bool = False) -> None:
         """Stop watching and compressing: the compression in hand is finished and handed to the writer (`wait`: every

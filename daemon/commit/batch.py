@@ -21,6 +21,7 @@ from typing import Any
 from apilog.core.entry import Entry, internal
 from apilog.core.logfile import SYSTEM, relative_path
 from apilog.core.route import route
+from apilog.core.seal import SEALS
 from apilog.core.streams import INTERNAL, Registry
 from apilog.core.tree import LogTree
 from apilog.settings import Settings
@@ -138,6 +139,11 @@ class BatchWriter:
         redo = self.journal.to_redo
         for batch, data in redo:
             self._apply(batch, data)
+            # The archiver learns what the redo grew as it learns from a batch: a file a killed run filled
+            # past APILOG_ROTATE_BYTES is rotated at the first tick, not at the first sweep.
+            self.sizes.update((r, before + length) for r, before, length in batch.files if not r.startswith(SEALS + "/"))
+            for live, _archive in batch.renames:
+                self.sizes.pop(live, None)
             self.drop_notes.mark(batch.noted)
             self.ledger.advance(batch.advance)
             self.ledger.last_ids.extend(batch.ids)
